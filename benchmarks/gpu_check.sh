@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU lease, one script (well under 8 minutes on one H100/H200):
+#   1. install the package against the machine's torch/triton (no downloads),
+#   2. measure the card's ceilings (bf16 matmul rate, copy bandwidth),
+#   3. run the tests marked gpu (real Triton kernels on CUDA vs the float64 reference),
+#   4. run the attention benchmarks on the default GPU shapes,
+#   5. merge everything into $OUT/gpu_check.json and print a short table last.
+# Usage: OUT=/some/dir benchmarks/gpu_check.sh [--dry-run]
+# --dry-run (for a CPU machine) skips what needs CUDA and benchmarks one tiny shape.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+PY="${PYTHON:-python3}"
+status=0
+
+{
+  echo "== install"
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . -q || status=1
+  "$PY" -m dsr_kernels.cli info
+
+  if [[ $DRY_RUN == 0 ]]; then
+    echo "== ceilings"
+    timeout 60 "$PY" benchmarks/gpu_ceilings.py "$OUT/ceilings.json" || status=1
+  fi
+
+  echo "== gpu tests"
+  timeout 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests || status=1
+
+  echo "== benchmarks"
+  if [[ $DRY_RUN == 0 ]]; then
+    timeout 240 "$PY" -m dsr_kernels.cli bench --budget 0.4 --out "$OUT" \
+      --shapes dsr-dit-xl,dit-b,n1024,n4096,n4096-d128 --shape 256,16,256,80,36 || status=1
+  else
+    timeout 240 "$PY" -m dsr_kernels.cli bench --device cpu --budget 0.1 --out "$OUT" \
+      --shape 1,2,64,72,4 --modes fwd,bwd || status=1
+  fi
+
+  echo "== summary"
+  "$PY" benchmarks/gpu_summary.py "$OUT" || status=1
+} 2>&1 | tee "$OUT/gpu_check.log"
+exit $(( status | PIPESTATUS[0] ))

@@ -1,0 +1,45 @@
+"""Merge a gpu_check.sh run into one JSON and print the short table the lease ends with.
+
+python benchmarks/gpu_summary.py OUT_DIR
+"""
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    ceilings = json.loads((out / "ceilings.json").read_text()) if (out / "ceilings.json").exists() else {}
+    tests = {}
+    junit = out / "gpu-tests.xml"
+    if junit.exists():
+        suite = ET.parse(junit).getroot()
+        suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+        tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    benches = {}
+    for path in sorted(out.glob("attention-*.json")):
+        benches[path.stem] = json.loads(path.read_text())
+    summary = {"ceilings": ceilings, "gpu_tests": tests, "benchmarks": benches}
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    print(f"gpu tests: {tests}")
+    print(f"ceilings: {ceilings}")
+    peak = ceilings.get("bf16_matmul_tflops")
+    for name, data in benches.items():
+        print(f"\n{name} ({data['environment']['device_name']})")
+        for r in data["rows"]:
+            if "median_ms" not in r:
+                print(f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} ERROR {r.get('error', '')[:80]}")
+                continue
+            frac = f"{r['tflops'] / peak:6.1%} of matmul" if peak else ""
+            print(
+                f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} {r['median_ms']:9.3f} ms "
+                f"{r['tflops']:7.1f} TFLOP/s {frac}  x{r.get('speedup_vs_baseline') or 0:.2f} vs sdpa_cat  "
+                f"{r.get('peak_mem_mb', 0):9.1f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

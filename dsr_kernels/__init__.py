@@ -1,0 +1,19 @@
+"""dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
+
+from dsr_kernels.backends import BackendUnavailable, explain
+from dsr_kernels.modules.attention import RegisterAttention
+from dsr_kernels.ops.attention import attention
+from dsr_kernels.ops.attention_dropin import flash_attn_func, scaled_dot_product_attention
+from dsr_kernels.types import AttentionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionStats",
+    "BackendUnavailable",
+    "RegisterAttention",
+    "attention",
+    "explain",
+    "flash_attn_func",
+    "scaled_dot_product_attention",
+]

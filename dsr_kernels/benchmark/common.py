@@ -1,0 +1,187 @@
+"""Timing, peak memory and result files shared by the benchmarks.
+
+Times are medians with the 20th and 80th percentiles, taken with CUDA events on a GPU
+and ``time.perf_counter`` on the CPU, after warm-up. Peak memory is measured in a
+separate run: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water
+mark of the allocations PyTorch's profiler records (tensor memory, as on the GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_reps: int = 3,
+    max_reps: int = 50,
+    budget_s: float = 1.0,
+) -> list[float]:
+    """Per-call times in milliseconds: at least min_reps, up to max_reps or budget_s."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": qs[0], "p80_ms": qs[3], "reps": len(times)}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak tensor memory allocated while fn runs, above what was live before, in MiB."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's start/stop lines, which its C++ library prints to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """What produced a result: device, versions, date."""
+    import dsr_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "dsr_kernels": dsr_kernels.__version__,
+        "git_commit": _git_commit(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+
+
+def write_results(out_dir: str | os.PathLike, stem: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:
+    """``<stem>.json`` (environment + rows) and ``<stem>.csv`` (rows tagged with the environment)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    json_path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str) + "\n")
+    tags = {k: env[k] for k in ("date", "device_name", "torch", "triton", "dsr_kernels")}
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields + list(tags))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **tags})
+    return json_path, csv_path
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

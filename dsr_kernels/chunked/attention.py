@@ -1,0 +1,402 @@
+"""Backend ``"torch"`` of register attention: PyTorch ops on any device, O(chunk * Nk) memory.
+
+Two ways to get ``out`` and ``lse``:
+
+- On the CPU, without causal masking or attn_mask, the tokens and the registers are two
+  calls of PyTorch's own fused CPU flash-attention kernel (``aten::_scaled_dot_product_
+  flash_attention_for_cpu``, which returns the logsumexp), merged with the sink by their
+  log-sum-exps: out = sum_part exp(lse_part - lse) out_part. No K/V concatenation, no
+  [Nq, Nk] matrix, and SDPA's speed. The backward calls the matching backward kernel
+  with the merged output and lse, which is exactly FlashAttention's gradient of the
+  merged softmax.
+- Otherwise queries are processed in chunks whose logits [B, H, C, R + Nk] stay under a
+  fixed element budget; the backward recomputes the probabilities chunk by chunk from
+  the saved lse.
+
+The statistics are one more chunked sweep that reuses the final lse: log p = s - lse,
+so the entropy -sum p log p needs no log per element, and key_mass is a column sum.
+fp16/bf16 are computed in float32, float64 in float64.
+
+The functions write into outputs allocated by ``dsr_kernels.ops.attention`` so that all
+backends and the fake (meta) implementation agree on shapes and strides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one [B, H, C, R + Nk] logits block. A handful of such blocks are live at
+# once: 2**22 float32 elements (16 MiB each) keeps the working set near 100 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cpu_flash_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _uses_cpu_flash(q: Tensor, attn_mask: Tensor | None, causal_offset: int | None) -> bool:
+    return q.device.type == "cpu" and attn_mask is None and causal_offset is None and _cpu_flash is not None
+
+
+def _acc_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _chunks(q: Tensor, num_keys: int, chunk_elements: int | None):
+    B, H, Nq, _ = q.shape
+    C = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, B * H * num_keys))
+    for i0 in range(0, Nq, C):
+        yield i0, min(Nq, i0 + C)
+
+
+def _registers(q: Tensor, rk: Tensor | None, rv: Tensor | None, dtype: torch.dtype):
+    if rk is None:
+        return None, None
+    B, H, _, D = q.shape
+    return rk.to(dtype).expand(B, H, -1, D), rv.to(dtype).expand(B, H, -1, D)
+
+
+def _token_logits(
+    qc: Tensor,
+    row0: int,
+    k: Tensor,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    causal_offset: int | None,
+    scale: float,
+) -> Tensor:
+    """Masked logits of one query chunk qc [B, H, C, D] on the token keys: [B, H, C, Nk]."""
+    C, Nk = qc.shape[2], k.shape[2]
+    s = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    if causal_offset is not None:
+        i = torch.arange(row0, row0 + C, device=qc.device)[:, None]
+        causal = torch.arange(Nk, device=qc.device)[None, :] <= i + causal_offset
+        allowed = causal if allowed is None else allowed & causal
+    if attn_mask is not None:
+        am = attn_mask[:, :, row0 : row0 + C]
+        if am.dtype == torch.bool:
+            allowed = am if allowed is None else allowed & am
+        else:
+            s.add_(am)
+    if allowed is not None:
+        s.masked_fill_(~allowed, float("-inf"))
+    return s
+
+
+def _logits(qc, row0, k, rk, key_mask, attn_mask, causal_offset, scale) -> Tensor:
+    """[B, H, C, R + Nk] logits of one query chunk, registers first (never masked)."""
+    s = _token_logits(qc, row0, k, key_mask, attn_mask, causal_offset, scale)
+    if rk is None:
+        return s
+    return torch.cat([torch.matmul(qc, rk.transpose(-1, -2)).mul_(scale), s], dim=-1)
+
+
+def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """[B, Nk] bool -> additive [B, 1, 1, Nk] (what the CPU flash kernel takes)."""
+    if key_mask is None:
+        return None
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse) -> None:
+    acc = _acc_dtype(q)
+    bias = _key_mask_bias(key_mask, q.dtype)
+    o_tok, lse_tok = _cpu_flash(q, k, v, attn_mask=bias, scale=scale)
+    if key_mask is not None:  # the kernel reports lse = 0 for a row with every key masked
+        lse_tok = lse_tok.masked_fill(~key_mask.any(-1)[:, None, None], float("-inf"))
+    parts = [(o_tok, lse_tok.to(acc))]
+    if rk is not None:
+        rk_, rv_ = _registers(q, rk, rv, q.dtype)
+        o_reg, lse_reg = _cpu_flash(q, rk_, rv_, scale=scale)
+        parts.append((o_reg, lse_reg.to(acc)))
+    lses = [p[1] for p in parts]
+    if sinks is not None:
+        lses.append(sinks.to(acc)[None, :, None].expand_as(lses[0]))
+    total = torch.logsumexp(torch.stack(lses), dim=0)  # [B, H, Nq]; -inf if nothing attended
+    lse.copy_(total)
+    if len(parts) == 1 and sinks is None:
+        out.copy_(o_tok)
+        return
+    total_safe = total.masked_fill(torch.isneginf(total), 0.0)
+    # out = sum_part w_part * out_part, accumulated in place (in float32 for half inputs).
+    merged = out if out.dtype == acc else torch.empty_like(out, dtype=acc)
+    torch.mul(parts[0][0], torch.exp(parts[0][1] - total_safe)[..., None], out=merged)
+    for o, part_lse in parts[1:]:
+        merged.addcmul_(o, torch.exp(part_lse - total_safe)[..., None])
+    if merged is not out:
+        out.copy_(merged)
+
+
+def _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements):
+    acc = _acc_dtype(q)
+    k_, v_ = k.to(acc), v.to(acc)
+    rk_, rv_ = _registers(q, rk, rv, acc)
+    R = 0 if rk is None else rk_.shape[2]
+    sink = None if sinks is None else sinks.to(acc)[None, :, None]  # [1, H, 1]
+    for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
+        s = _logits(q[:, :, i0:i1].to(acc), i0, k_, rk_, key_mask, attn_mask, causal_offset, scale)
+        m = s.amax(-1)  # [B, H, C]
+        if sink is not None:
+            m = torch.maximum(m, sink)
+        m = m.masked_fill(torch.isinf(m), 0.0)  # rows with nothing to attend: keep exp() finite
+        p = s.sub_(m[..., None]).exp_()  # unnormalised
+        denom = p.sum(-1)
+        if sink is not None:
+            denom = denom + torch.exp(sink - m)
+        lse[:, :, i0:i1] = m + torch.log(denom)  # log(0) = -inf where nothing is attended
+        p.mul_(torch.where(denom > 0, denom.reciprocal(), 0.0)[..., None])
+        o = torch.matmul(p[..., R:], v_)
+        if rv_ is not None:
+            o += torch.matmul(p[..., :R], rv_)
+        out[:, :, i0:i1] = o
+
+
+def _stats_sweep(
+    q,
+    k,
+    rk,
+    sinks,
+    key_mask,
+    attn_mask,
+    num_prefix_tokens,
+    scale,
+    causal_offset,
+    lse,
+    entropy,
+    register_share,
+    key_mass,
+    chunk_elements,
+) -> None:
+    """entropy, register_share and key_mass from the final lse, chunk by chunk.
+
+    log p = s - lse directly, so the entropy -sum p log p takes no log per element.
+    """
+    acc = _acc_dtype(q)
+    k_ = k.to(acc)
+    rk_, _ = _registers(q, rk, rk, acc)
+    R = 0 if rk is None else rk_.shape[2]
+    masked = key_mask is not None or attn_mask is not None or causal_offset is not None
+    tiny = torch.finfo(acc).min
+    key_mass.zero_()
+    for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
+        qc = q[:, :, i0:i1].to(acc)
+        lse_c = lse[:, :, i0:i1].to(acc)
+        # Rows with lse = -inf attend nothing: subtracting +inf gives them p = 0.
+        lse_c = lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]
+        ent = torch.zeros_like(lse_c[..., 0])
+        share = torch.zeros_like(ent)
+        parts = [(R, torch.matmul(qc, rk_.transpose(-1, -2)).mul_(scale))] if R else []
+        parts.append((num_prefix_tokens, _token_logits(qc, i0, k_, key_mask, attn_mask, causal_offset, scale)))
+        col = 0
+        for n_register_cols, log_p in parts:
+            log_p.sub_(lse_c)
+            if masked:
+                log_p.clamp_(min=tiny)  # p = 0 entries: 0 * finite, not 0 * -inf
+            p = torch.exp(log_p)
+            ent -= torch.linalg.vecdot(p, log_p)
+            if n_register_cols:
+                share += p[..., :n_register_cols].sum(-1)
+            key_mass[..., col : col + p.shape[-1]] += p.sum(2)
+            col += p.shape[-1]
+        if sinks is not None:
+            log_p_sink = (sinks.to(acc)[None, :, None] - lse_c[..., 0]).clamp(min=tiny)
+            ent -= torch.exp(log_p_sink) * log_p_sink
+        entropy[:, :, i0:i1] = ent
+        register_share[:, :, i0:i1] = share
+
+
+def attention_fwd_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    num_prefix_tokens: int,
+    scale: float,
+    causal_offset: int | None,
+    return_stats: bool,
+    out: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    register_share: Tensor,
+    key_mass: Tensor,
+    *,
+    chunk_elements: int | None = None,
+) -> None:
+    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics."""
+    if _uses_cpu_flash(q, attn_mask, causal_offset):
+        _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
+    else:
+        _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements)
+    if return_stats:
+        _stats_sweep(
+            q,
+            k,
+            rk,
+            sinks,
+            key_mask,
+            attn_mask,
+            num_prefix_tokens,
+            scale,
+            causal_offset,
+            lse,
+            entropy,
+            register_share,
+            key_mass,
+            chunk_elements,
+        )
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _sink_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
+    """d sinks_h = -sum_{b,i} p_sink,bhi * delta_bhi, with p_sink = exp(sinks - lse)."""
+    p_sink = torch.exp(sinks.to(delta.dtype)[None, :, None] - lse.to(delta.dtype))
+    return -(p_sink * delta).sum((0, 2))
+
+
+def _store_register_grads(rk: Tensor, drk_b: Tensor, drv_b: Tensor, drk: Tensor, drv: Tensor) -> None:
+    if rk.dim() == 3:  # shared across the batch: sum the per-sample gradients
+        drk_b, drv_b = drk_b.sum(0), drv_b.sum(0)
+    drk.copy_(drk_b)
+    drv.copy_(drv_b)
+
+
+def _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv) -> None:
+    # The kernel computes P = exp(s - lse) and delta = rowsum(dO * out) from what it is
+    # given: passing the merged out and lse yields the merged softmax's gradient. Rows
+    # with lse = -inf get +inf instead, so that their P is 0 rather than inf.
+    lse_ = lse.masked_fill(torch.isneginf(lse), float("inf"))  # float64 for float64 inputs
+    bias = _key_mask_bias(key_mask, q.dtype)
+    dq_tok, dk_, dv_ = _cpu_flash_bwd(dout, q, k, v, out, lse_, 0.0, False, attn_mask=bias, scale=scale)
+    dk.copy_(dk_)
+    dv.copy_(dv_)
+    if rk is None:
+        dq.copy_(dq_tok)
+        return
+    rk_, rv_ = _registers(q, rk, rv, q.dtype)
+    dq_reg, drk_b, drv_b = _cpu_flash_bwd(dout, q, rk_, rv_, out, lse_, 0.0, False, scale=scale)
+    if dq.dtype == dq_tok.dtype:
+        torch.add(dq_tok, dq_reg, out=dq)
+    else:
+        dq.copy_(dq_tok.to(_acc_dtype(q)) + dq_reg)
+    _store_register_grads(rk, drk_b, drv_b, drk, drv)
+
+
+def _bwd_chunked(
+    dout,
+    q,
+    k,
+    v,
+    rk,
+    rv,
+    key_mask,
+    attn_mask,
+    lse,
+    delta,
+    scale,
+    causal_offset,
+    dq,
+    dk,
+    dv,
+    drk,
+    drv,
+    chunk_elements,
+) -> None:
+    acc = delta.dtype
+    k_, v_ = k.to(acc), v.to(acc)
+    rk_, rv_ = _registers(q, rk, rv, acc)
+    R = 0 if rk is None else rk_.shape[2]
+    dk_, dv_ = torch.zeros_like(k_), torch.zeros_like(v_)
+    drk_b = drv_b = None
+    if rk is not None:
+        drk_b, drv_b = torch.zeros_like(rk_), torch.zeros_like(rv_)
+    for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
+        qc, doc = q[:, :, i0:i1].to(acc), dout[:, :, i0:i1].to(acc)
+        lse_c, delta_c = lse[:, :, i0:i1].to(acc), delta[:, :, i0:i1]
+        p = _logits(qc, i0, k_, rk_, key_mask, attn_mask, causal_offset, scale)
+        p.sub_(lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]).exp_()
+        dp = torch.matmul(doc, v_.transpose(-1, -2))  # [B, H, C, Nk]
+        if rv_ is not None:
+            dp = torch.cat([torch.matmul(doc, rv_.transpose(-1, -2)), dp], dim=-1)
+        ds = dp.sub_(delta_c[..., None]).mul_(p)  # dS = P * (dP - delta)
+        dq_c = torch.matmul(ds[..., R:], k_)
+        dk_ += torch.matmul(ds[..., R:].transpose(-1, -2), qc)
+        dv_ += torch.matmul(p[..., R:].transpose(-1, -2), doc)
+        if rk_ is not None:
+            dq_c += torch.matmul(ds[..., :R], rk_)
+            drk_b += torch.matmul(ds[..., :R].transpose(-1, -2), qc)
+            drv_b += torch.matmul(p[..., :R].transpose(-1, -2), doc)
+        dq[:, :, i0:i1] = dq_c.mul_(scale)
+    dk.copy_(dk_.mul_(scale))
+    dv.copy_(dv_)
+    if rk is not None:
+        _store_register_grads(rk, drk_b.mul_(scale), drv_b, drk, drv)
+
+
+def attention_bwd_chunked(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal_offset: int | None,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    drk: Tensor | None,
+    drv: Tensor | None,
+    dsinks: Tensor | None,
+    *,
+    chunk_elements: int | None = None,
+) -> None:
+    """Fills dq, dk, dv (and drk, drv, dsinks when present) from the saved out and lse.
+
+    dS = P * (dO V^T - delta) with delta = rowsum(dO * O); dQ = dS K scale,
+    dK = dS^T Q scale, dV = P^T dO; d sink_h = -sum_{b,i} p_sink * delta.
+    """
+    acc = _acc_dtype(q)
+    if _uses_cpu_flash(q, attn_mask, causal_offset):
+        _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv)
+        if sinks is not None:
+            dsinks.copy_(_sink_grad(sinks, lse, (dout.to(acc) * out.to(acc)).sum(-1)))
+        return
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, Nq]
+    _bwd_chunked(
+        dout,
+        q,
+        k,
+        v,
+        rk,
+        rv,
+        key_mask,
+        attn_mask,
+        lse,
+        delta,
+        scale,
+        causal_offset,
+        dq,
+        dk,
+        dv,
+        drk,
+        drv,
+        chunk_elements,
+    )
+    if sinks is not None:
+        dsinks.copy_(_sink_grad(sinks, lse, delta))

@@ -1,0 +1,102 @@
+"""``dsr-kernels``: the command line.
+
+dsr-kernels bench          # attention benchmark on the current device, defaults
+dsr-kernels bench --help   # shapes, providers, modes, output folder
+dsr-kernels info           # versions and which backend runs where, and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+
+import torch
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dsr_kernels.benchmark import attention as bench
+    from dsr_kernels.benchmark.common import write_results
+
+    device = _device(args.device)
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[args.dtype]
+    shapes = bench.parse_shapes(args.shapes, args.shape, device=device)
+    providers = args.providers.split(",") if args.providers else None
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in bench.MODES]
+    if bad:
+        raise SystemExit(f"dsr-kernels bench: unknown mode(s) {bad}; expected some of {bench.MODES}")
+    print(f"dsr-kernels bench: attention on {device} ({dtype}), {len(shapes)} shapes, modes {modes}", flush=True)
+    env, rows = bench.run(
+        device=device,
+        dtype=dtype,
+        shapes=shapes,
+        providers=providers,
+        modes=modes,
+        memory=not args.no_memory,
+        budget_s=args.budget,
+        log=lambda line: print(line, flush=True),
+    )
+    bench.print_report(env, rows)
+    stem = f"attention-{_dt.date.today().isoformat()}-{device.type}"
+    json_path, csv_path = write_results(args.out, stem, env, rows)
+    print(f"\nwrote {json_path} and {csv_path}")
+    return 0
+
+
+def _info(_: argparse.Namespace) -> int:
+    import dsr_kernels
+    from dsr_kernels.benchmark.common import environment
+
+    device = _device("auto")
+    for key, value in environment(device).items():
+        print(f"{key:>16}: {value}")
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for backend, reason in dsr_kernels.explain("attention", dev).items():
+            print(f"attention[{dev}] {backend:>9}: {reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dsr-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="what registers and statistics cost in attention, against PyTorch")
+    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    b.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    b.add_argument("--shapes", default=None, help="comma-separated default shape names (all when omitted)")
+    b.add_argument("--shape", action="append", default=[], metavar="B,H,N,D,R", help="a custom shape (repeatable)")
+    b.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
+    b.add_argument("--modes", default="fwd,bwd,full", help="comma-separated from fwd,bwd,full")
+    b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per measurement")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    b.add_argument("--out", default="dsr-bench-results", help="folder for the JSON and CSV results")
+    b.set_defaults(func=_bench)
+
+    i = sub.add_parser("info", help="versions, devices and backend availability")
+    i.set_defaults(func=_info)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,854 @@
+"""Triton kernels of register attention (backend ``"triton"``).
+
+Forward: one pass of online softmax (FlashAttention-2, Dao 2023) over the register block
+and then the token blocks. Alongside the running max m, denominator l and output
+accumulator it keeps, per query, t = sum_j p~_j (s_j - m) (rescaled like l), from which
+the entropy is log(l) - t / l, and the unnormalised register mass. A second launch,
+key-block-major, re-reads q and the saved lse to sum p_ij over queries for each key
+(key_mass) without atomics and without materialising [Nq, Nk].
+
+Backward: FlashAttention-2: delta = rowsum(dO * O) (and the sink gradient) in a
+preprocessing launch, then dK/dV by key block and dQ by query block. Register keys get
+their own key blocks; when registers are shared across the batch the per-sample
+gradients are summed afterwards in PyTorch, so no path uses atomics and the backward is
+deterministic.
+
+All logits are kept in log2 units (scaled by log2(e)) so that exp2 is used throughout.
+Head dims that are not powers of two are split into two power-of-two column blocks
+(72 = 64 + 16 with 8 masked columns) instead of padding to the next power of two.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dsr_kernels.backends import triton_interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# "split" | "pad" | "auto": how a head dim that is not a power of two is tiled.
+HEAD_SPLIT = os.environ.get("DSR_ATTN_HEAD_SPLIT", "auto")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
+    ptrs = BASE + rows[:, None] * stride_row + offs_d[None, :]
+    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(BASE, x, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
+    ptrs = BASE + rows[:, None] * stride_row + offs_d[None, :]
+    tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation."""
+    if DOT_PRECISION == "upcast":
+        # Triton's CPU interpreter multiplies bfloat16 bit patterns as if they were
+        # integers; bf16 x bf16 products are exact in float32, so upcasting first gives
+        # what the tensor cores compute.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _qk(a0, a1, b0, b1, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a [M, D] @ b[N, D]^T over the (one or two) head-dim column blocks."""
+    s = _mma(a0, tl.trans(b0), DOT_PRECISION)
+    if SPLIT_D:
+        s += _mma(a1, tl.trans(b1), DOT_PRECISION)
+    return s
+
+
+@triton.jit
+def _mask_logits(
+    s, rows, cols, n_keys, b64, h64, NQ,
+    KEY_MASK, stride_kmb, stride_kmn,
+    ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+    CAUSAL_OFFSET,
+    IS_REGISTER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """-inf where key `cols` may not be attended by query `rows`; adds a float bias."""
+    valid = cols < n_keys
+    keep = valid[None, :]
+    if not IS_REGISTER:
+        if HAS_KEY_MASK:
+            km = tl.load(KEY_MASK + b64 * stride_kmb + cols * stride_kmn, mask=valid, other=0)
+            keep = keep & (km[None, :] != 0)
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + CAUSAL_OFFSET)
+        if MASK_KIND != 0:
+            am_ptrs = (
+                ATTN_MASK + b64 * stride_amb + h64 * stride_amh
+                + rows[:, None].to(tl.int64) * stride_amm + cols[None, :] * stride_amn
+            )
+            am_in = (rows[:, None] < NQ) & valid[None, :]
+            if MASK_KIND == 1:  # boolean: True = may attend
+                keep = keep & (tl.load(am_ptrs, mask=am_in, other=0) != 0)
+            else:  # additive float bias, natural-log units
+                s = s + tl.load(am_ptrs, mask=am_in, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_tile(
+    acc0, acc1, m_i, l_i, t_i, r_i,
+    q0, q1, K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
+    rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+    KEY_MASK, stride_kmb, stride_kmn,
+    ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+    CAUSAL_OFFSET,
+    IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k1 = k0
+    if SPLIT_D:
+        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+    s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
+    s = _mask_logits(
+        s, rows, cols, n_keys, b64, h64, NQ,
+        KEY_MASK, stride_kmb, stride_kmn,
+        ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+        CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+    )
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing attendable yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    p_sum = tl.sum(p, 1)
+    if RETURN_STATS:
+        # t = sum p~ (s - m): shift by the change of m, rescale, add this block.
+        # (where() first: no -inf * 0 even in the lanes that are thrown away)
+        shift = (tl.where(l_i > 0.0, m_i, m_use) - m_use) * l_i
+        t_i = alpha * (t_i + shift) + tl.sum(p * tl.where(p > 0.0, s - m_use[:, None], 0.0), 1)
+        r_i = r_i * alpha
+        if IS_REGISTER:
+            r_i += p_sum
+        else:
+            if start_n < NUM_PREFIX:
+                r_i += tl.sum(tl.where(cols[None, :] < NUM_PREFIX, p, 0.0), 1)
+    l_i = l_i * alpha + p_sum
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    acc0 = acc0 * alpha[:, None] + _mma(p.to(v0.dtype), v0, DOT_PRECISION)
+    if SPLIT_D:
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+        acc1 = acc1 * alpha[:, None] + _mma(p.to(v1.dtype), v1, DOT_PRECISION)
+    return acc0, acc1, m_new, l_i, t_i, r_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, RK, RV, SINKS, KEY_MASK, ATTN_MASK,
+    OUT, LSE, ENTROPY, REG_SHARE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_rkb, stride_rkh, stride_rkn,
+    stride_rvb, stride_rvh, stride_rvn,
+    stride_kmb, stride_kmn,
+    stride_amb, stride_amh, stride_amm, stride_amn,
+    stride_ob, stride_oh, stride_om,
+    H, NQ, NK, R, NUM_PREFIX, CAUSAL_OFFSET, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out_i = sum_j softmax_j(s_ij) v_j over [registers ; tokens] (+ sink), s = q k^T scale."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+    q1 = q0
+    if SPLIT_D:
+        q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+
+    # The sink is one more outcome with logit sinks[h]: start the running softmax on it.
+    if HAS_SINKS:
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h64).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    t_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+
+    rk_base = RK + b64 * stride_rkb + h64 * stride_rkh
+    rv_base = RV + b64 * stride_rvb + h64 * stride_rvh
+    for start_n in range(0, R, BLOCK_N):
+        acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
+            acc0, acc1, m_i, l_i, t_i, r_i,
+            q0, q1, rk_base, rv_base, stride_rkn, stride_rvn, start_n, R,
+            rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+            RETURN_STATS, DOT_PRECISION,
+        )
+
+    hi = NK
+    if IS_CAUSAL:  # key j is visible to query i iff j <= i + CAUSAL_OFFSET
+        hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    for start_n in range(0, hi, BLOCK_N):
+        acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
+            acc0, acc1, m_i, l_i, t_i, r_i,
+            q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, NK,
+            rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+            RETURN_STATS, DOT_PRECISION,
+        )
+
+    # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
+    alive = l_i > 0.0
+    l_safe = tl.where(alive, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    o_base = OUT + b64 * stride_ob + h64 * stride_oh
+    _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d0, HEAD_DIM)
+    if SPLIT_D:
+        _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d1, HEAD_DIM)
+    row_ok = rows < NQ
+    stat_offs = bh.to(tl.int64) * NQ + rows
+    log2_l = tl.log2(l_safe)
+    tl.store(LSE + stat_offs, tl.where(alive, (m_i + log2_l) * 0.6931471805599453, float("-inf")), mask=row_ok)
+    if RETURN_STATS:
+        tl.store(ENTROPY + stat_offs, tl.where(alive, (log2_l - t_i * inv_l) * 0.6931471805599453, 0.0), mask=row_ok)
+        tl.store(REG_SHARE + stat_offs, r_i * inv_l, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- key mass
+
+
+@triton.jit
+def _key_mass_tile(
+    Q, LSE, K_BASE, stride_kn, start_n, n_keys, bh, b64, h64,
+    stride_qb, stride_qh, stride_qm, NQ, qk_scale,
+    KEY_MASK, stride_kmb, stride_kmn,
+    ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k1 = k0
+    if SPLIT_D:
+        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    mass = tl.zeros([BLOCK_N], tl.float32)
+    lo = 0
+    if not IS_REGISTER:
+        if IS_CAUSAL:  # queries i < j - offset cannot see key j
+            lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, NQ, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+        q1 = q0
+        if SPLIT_D:
+            q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+        # Rows past NQ or with lse = -inf contribute exp2(s - inf) = 0.
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
+        s = _mask_logits(
+            s, rows, cols, n_keys, b64, h64, NQ,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+            CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+        )
+        mass += tl.sum(tl.exp2(s - lse2[:, None]), 0)
+    return mass
+
+
+@triton.jit
+def _attn_key_mass_kernel(
+    Q, K, RK, LSE, KEY_MASK, ATTN_MASK, KEY_MASS,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_rkb, stride_rkh, stride_rkn,
+    stride_kmb, stride_kmn,
+    stride_amb, stride_amh, stride_amm, stride_amn,
+    H, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """key_mass[b, h, j] = sum_i exp(s_ij - lse_i): one program per key block, no atomics."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    out_base = KEY_MASS + bh.to(tl.int64) * (R + NK)
+    if pid_n < N_REG_BLOCKS:
+        start_n = pid_n * BLOCK_N
+        mass = _key_mass_tile(
+            Q, LSE, RK + b64 * stride_rkb + h64 * stride_rkh, stride_rkn, start_n, R,
+            bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tl.store(out_base + cols, mass, mask=cols < R)
+    else:
+        start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
+        mass = _key_mass_tile(
+            Q, LSE, K + b64 * stride_kb + h64 * stride_kh, stride_kn, start_n, NK,
+            bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tl.store(out_base + R + cols, mass, mask=cols < NK)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    OUT, DOUT, LSE, SINKS, DELTA, DSINK_PARTIAL,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, NQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """delta_i = sum_d dO_id O_id; with sinks, partial sums of -p_sink,i * delta_i."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    o_base = OUT + b64 * stride_ob + h64 * stride_oh
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    o = _load_tile(o_base, rows, NQ, stride_om, offs_d0, HEAD_DIM).to(tl.float32)
+    do = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if SPLIT_D:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        o = _load_tile(o_base, rows, NQ, stride_om, offs_d1, HEAD_DIM).to(tl.float32)
+        do = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    stat_offs = bh.to(tl.int64) * NQ + rows
+    tl.store(DELTA + stat_offs, delta, mask=rows < NQ)
+    if HAS_SINKS:
+        lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
+        p_sink = tl.exp(tl.load(SINKS + h64).to(tl.float32) - lse)
+        tl.store(DSINK_PARTIAL + bh.to(tl.int64) * tl.num_programs(0) + pid_m, -tl.sum(p_sink * delta, 0))
+
+
+@triton.jit
+def _dkdv_tile(
+    Q, DOUT, LSE, DELTA, K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
+    bh, b64, h64,
+    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    NQ, qk_scale,
+    KEY_MASK, stride_kmb, stride_kmn,
+    ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    k1 = k0
+    v1 = v0
+    if SPLIT_D:
+        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    lo = 0
+    if not IS_REGISTER:
+        if IS_CAUSAL:
+            lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, NQ, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+        do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
+        q1 = q0
+        do1 = do0
+        if SPLIT_D:
+            q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+            do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
+        stat_offs = bh.to(tl.int64) * NQ + rows
+        lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + stat_offs, mask=rows < NQ, other=0.0)
+        s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
+        s = _mask_logits(
+            s, rows, cols, n_keys, b64, h64, NQ,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+            CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+        )
+        p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        pt = tl.trans(p.to(do0.dtype))
+        dv0 += _mma(pt, do0, DOT_PRECISION)
+        dp = _qk(do0, do1, v0, v1, SPLIT_D, DOT_PRECISION)
+        if SPLIT_D:
+            dv1 += _mma(pt, do1, DOT_PRECISION)
+        dst = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
+        dk0 += _mma(dst, q0, DOT_PRECISION)
+        if SPLIT_D:
+            dk1 += _mma(dst, q1, DOT_PRECISION)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK,
+    DK, DV, DRK, DRV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_rkb, stride_rkh, stride_rkn,
+    stride_rvb, stride_rvh, stride_rvn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_kmb, stride_kmn,
+    stride_amb, stride_amh, stride_amm, stride_amn,
+    H, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dV_j = sum_i p_ij dO_i, dK_j = scale sum_i p_ij (dO_i . v_j - delta_i) q_i.
+
+    Register key blocks write float32 per-sample gradients DRK/DRV [B, H, R, D].
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    if pid_n < N_REG_BLOCKS:
+        start_n = pid_n * BLOCK_N
+        dk0, dk1, dv0, dv1 = _dkdv_tile(
+            Q, DOUT, LSE, DELTA,
+            RK + b64 * stride_rkb + h64 * stride_rkh, RV + b64 * stride_rvb + h64 * stride_rvh,
+            stride_rkn, stride_rvn, start_n, R, bh, b64, h64,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+        cols = start_n + tl.arange(0, BLOCK_N)
+        # DRK/DRV are contiguous float32 [B, H, R, HEAD_DIM].
+        base = bh.to(tl.int64) * R * HEAD_DIM
+        _store_tile(DRK + base, dk0 * sm_scale, cols, R, HEAD_DIM, offs_d0, HEAD_DIM)
+        _store_tile(DRV + base, dv0, cols, R, HEAD_DIM, offs_d0, HEAD_DIM)
+        if SPLIT_D:
+            _store_tile(DRK + base, dk1 * sm_scale, cols, R, HEAD_DIM, offs_d1, HEAD_DIM)
+            _store_tile(DRV + base, dv1, cols, R, HEAD_DIM, offs_d1, HEAD_DIM)
+    else:
+        start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
+        dk0, dk1, dv0, dv1 = _dkdv_tile(
+            Q, DOUT, LSE, DELTA,
+            K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
+            stride_kn, stride_vn, start_n, NK, bh, b64, h64,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+        cols = start_n + tl.arange(0, BLOCK_N)
+        dk_base = DK + b64 * stride_dkb + h64 * stride_dkh
+        dv_base = DV + b64 * stride_dvb + h64 * stride_dvh
+        _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM)
+        _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_d0, HEAD_DIM)
+        if SPLIT_D:
+            _store_tile(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d1, HEAD_DIM)
+            _store_tile(dv_base, dv1.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_d1, HEAD_DIM)
+
+
+@triton.jit
+def _dq_tile(
+    dq0, dq1, q0, q1, do0, do1, lse2, delta,
+    K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
+    rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+    KEY_MASK, stride_kmb, stride_kmn,
+    ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    k1 = k0
+    v1 = v0
+    if SPLIT_D:
+        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+    s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
+    s = _mask_logits(
+        s, rows, cols, n_keys, b64, h64, NQ,
+        KEY_MASK, stride_kmb, stride_kmn,
+        ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+        CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
+    )
+    p = tl.exp2(s - lse2[:, None])
+    dp = _qk(do0, do1, v0, v1, SPLIT_D, DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 += _mma(ds, k0, DOT_PRECISION)
+    if SPLIT_D:
+        dq1 += _mma(ds, k1, DOT_PRECISION)
+    return dq0, dq1
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_rkb, stride_rkh, stride_rkn,
+    stride_rvb, stride_rvh, stride_rvn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_kmb, stride_kmn,
+    stride_amb, stride_amh, stride_amm, stride_amn,
+    H, NQ, NK, R, CAUSAL_OFFSET, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ_i = scale sum_j p_ij (dO_i . v_j - delta_i) k_j over registers and tokens."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+    do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
+    q1 = q0
+    do1 = do0
+    if SPLIT_D:
+        q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+        do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
+    stat_offs = bh.to(tl.int64) * NQ + rows
+    lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + stat_offs, mask=rows < NQ, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+
+    rk_base = RK + b64 * stride_rkb + h64 * stride_rkh
+    rv_base = RV + b64 * stride_rvb + h64 * stride_rvh
+    for start_n in range(0, R, BLOCK_N):
+        dq0, dq1 = _dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta,
+            rk_base, rv_base, stride_rkn, stride_rvn, start_n, R,
+            rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+    hi = NK
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    for start_n in range(0, hi, BLOCK_N):
+        dq0, dq1 = _dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta,
+            k_base, v_base, stride_kn, stride_vn, start_n, NK,
+            rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+            KEY_MASK, stride_kmb, stride_kmn,
+            ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+        )
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
+    _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM)
+    if SPLIT_D:
+        _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d1, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    block_d0: int
+    block_d1: int
+    split_d: bool
+
+
+def _tiling(head_dim: int, mode: str | None = None) -> _Tiling:
+    """Power-of-two column blocks covering head_dim: 72 -> 64 + 16, 80 -> 64 + 16, 96 -> 64 + 32."""
+    mode = HEAD_SPLIT if mode is None else mode
+    full = max(16, triton.next_power_of_2(head_dim))
+    if mode != "pad" and full > 16 and full != head_dim:
+        d0 = full // 2
+        d1 = max(16, triton.next_power_of_2(head_dim - d0))
+        if d0 + d1 < full:
+            return _Tiling(d0, d1, True)
+    # Unused second block: 16 columns the kernels never touch (SPLIT_D is False).
+    return _Tiling(full, 16, False)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: full-precision products, so that the kernel matches eager float32
+    # (tf32 would add ~1e-3 relative error); fp16/bf16 use the tensor cores as is.
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return "upcast"
+    return "tf32"
+
+
+def _fwd_config(tiling: _Tiling, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and dQ launches."""
+    width = tiling.block_d0 + (tiling.block_d1 if tiling.split_d else 0)
+    if dtype == torch.float32:
+        return (64, 32, 4, 2) if width <= 128 else (32, 32, 4, 1)
+    if width <= 64:
+        return 128, 64, 4, 3
+    if width <= 128:
+        return 128, 64, 8, 2
+    return 64, 32, 4, 2
+
+
+def _bwd_config(tiling: _Tiling, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the key-block-major launches."""
+    width = tiling.block_d0 + (tiling.block_d1 if tiling.split_d else 0)
+    if dtype == torch.float32:
+        return (32, 32, 4, 1) if width > 64 else (32, 64, 4, 2)
+    if width <= 128:
+        return 64, 64, 4, 2
+    return 32, 32, 4, 1
+
+
+def _reg_strides(rk: Tensor | None) -> tuple[int, int, int]:
+    if rk is None:
+        return 0, 0, 0
+    if rk.dim() == 3:  # [H, R, D] shared across the batch
+        return 0, rk.stride(0), rk.stride(1)
+    return rk.stride(0), rk.stride(1), rk.stride(2)
+
+
+def _mask_args(q: Tensor, key_mask: Tensor | None, attn_mask: Tensor | None):
+    """Pointers, strides and flags for the two optional masks (q stands in for absent ones)."""
+    km = key_mask if key_mask is not None else q
+    km_strides = (key_mask.stride(0), key_mask.stride(1)) if key_mask is not None else (0, 0)
+    if attn_mask is None:
+        return km, km_strides, q, (0, 0, 0, 0), 0
+    kind = 1 if attn_mask.dtype == torch.bool else 2
+    return km, km_strides, attn_mask, tuple(attn_mask.stride()), kind
+
+
+def attention_fwd_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    num_prefix_tokens: int,
+    scale: float,
+    causal_offset: int | None,
+    return_stats: bool,
+    out: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    register_share: Tensor,
+    key_mass: Tensor,
+) -> None:
+    """Fills out, lse and (with return_stats) the statistics; see chunked.attention for the contract."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    R = 0 if rk is None else rk.shape[-2]
+    tiling = _tiling(D)
+    prec = _dot_precision(q.dtype)
+    km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
+    flags = dict(
+        HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
+        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec,
+    )
+    causal = 0 if causal_offset is None else causal_offset
+    qk_scale = scale * LOG2E
+    rk_, rv_ = (rk, rv) if rk is not None else (q, q)
+    block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
+    stats_dst = (entropy, register_share) if return_stats else (lse, lse)
+    _attn_fwd_kernel[(triton.cdiv(NQ, block_m), B * H)](
+        q, k, v, rk_, rv_, sinks if sinks is not None else q, km, am,
+        out, lse, *stats_dst,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *_reg_strides(rk), *_reg_strides(rv),
+        *km_strides, *am_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        H, NQ, NK, R, num_prefix_tokens, causal, qk_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=sinks is not None,
+        RETURN_STATS=return_stats, num_warps=warps, num_stages=stages, **flags,
+    )
+    if not return_stats:
+        return
+    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
+    n_reg_blocks = triton.cdiv(R, block_n)
+    _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
+        q, k, rk_, lse, km, am, key_mass,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        *_reg_strides(rk), *km_strides, *am_strides,
+        H, NQ, NK, R, n_reg_blocks, causal, qk_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+    )
+
+
+def attention_bwd_triton(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal_offset: int | None,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    drk: Tensor | None,
+    drv: Tensor | None,
+    dsinks: Tensor | None,
+) -> None:
+    """Fills dq, dk, dv (and drk, drv, dsinks when present)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    R = 0 if rk is None else rk.shape[-2]
+    tiling = _tiling(D)
+    prec = _dot_precision(q.dtype)
+    km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
+    flags = dict(
+        HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
+        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec,
+    )
+    causal = 0 if causal_offset is None else causal_offset
+    qk_scale = scale * LOG2E
+    rk_, rv_ = (rk, rv) if rk is not None else (q, q)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+
+    pre_m = 64
+    delta = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
+    n_pre = triton.cdiv(NQ, pre_m)
+    dsink_partial = torch.empty(B * H, n_pre, dtype=torch.float32, device=q.device) if sinks is not None else delta
+    _attn_bwd_preprocess_kernel[(n_pre, B * H)](
+        out, dout, lse, sinks if sinks is not None else q, delta, dsink_partial,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        H, NQ,
+        HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        BLOCK_M=pre_m, HAS_SINKS=sinks is not None,
+    )
+    if sinks is not None:
+        dsinks.copy_(dsink_partial.view(B, H, n_pre).sum((0, 2)))
+
+    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
+    n_reg_blocks = triton.cdiv(R, block_n)
+    if R:
+        drk_buf = torch.empty(B, H, R, D, dtype=torch.float32, device=q.device)
+        drv_buf = torch.empty_like(drk_buf)
+    else:
+        drk_buf = drv_buf = delta
+    _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
+        q, k, v, rk_, rv_, dout, lse, delta, km, am,
+        dk, dv, drk_buf, drv_buf,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *_reg_strides(rk), *_reg_strides(rv),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        *km_strides, *am_strides,
+        H, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+    )
+    if R:
+        if rk.dim() == 3:  # shared registers: sum the per-sample gradients over the batch
+            drk_buf, drv_buf = drk_buf.sum(0), drv_buf.sum(0)
+        drk.copy_(drk_buf)
+        drv.copy_(drv_buf)
+
+    block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
+    _attn_bwd_dq_kernel[(triton.cdiv(NQ, block_m), B * H)](
+        q, k, v, rk_, rv_, dout, lse, delta, km, am, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *_reg_strides(rk), *_reg_strides(rv),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *km_strides, *am_strides,
+        H, NQ, NK, R, causal, qk_scale, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+    )

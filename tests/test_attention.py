@@ -1,0 +1,654 @@
+"""dsr_kernels.attention: every backend against the float64 reference.
+
+On a CPU machine the Triton kernels run in Triton's interpreter (conftest switches it
+on); tests marked ``gpu`` run them for real on CUDA. Shapes are small but awkward: not
+multiples of any block size, head dims that are not powers of two, R = 0 / 1 / 36 / 65.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dsr_kernels
+from dsr_kernels import AttentionStats, BackendUnavailable, attention
+from dsr_kernels.backends import triton_interpreting
+from dsr_kernels.ops import attention as attention_ops
+from dsr_kernels.reference.attention import attention_ref
+from utils import assert_close, assert_within_eager_error
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 1
+    H: int = 2
+    Nq: int = 113
+    Nk: int = 113
+    D: int = 64
+    R: int = 0
+    per_sample_registers: bool = False
+    sinks: bool = False
+    key_mask: bool = False
+    causal: bool = False
+    attn_mask: str | None = None  # None | "bool" | "float"
+    prefix: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def __str__(self) -> str:
+        parts = [f"B{self.B}H{self.H}", f"q{self.Nq}k{self.Nk}", f"d{self.D}", f"r{self.R}"]
+        parts += [n for n in ("per_sample_registers", "sinks", "key_mask", "causal") if getattr(self, n)]
+        parts += [f"{self.attn_mask}_mask"] if self.attn_mask else []
+        parts += [f"prefix{self.prefix}"] if self.prefix else []
+        return "-".join(parts + [str(self.dtype).replace("torch.", "")])
+
+
+# Each value named in the issue appears at least once; combinations are spread so that
+# the interpreter run stays short.
+CASES = [
+    Case(Nq=292, Nk=292, D=72, R=36, prefix=0),  # DSR DiT-XL: 256 + 36, head dim 72
+    Case(Nq=257, Nk=257, D=64, dtype=torch.bfloat16),
+    Case(
+        B=2,
+        Nq=113,
+        Nk=113,
+        D=80,
+        R=4,
+        per_sample_registers=True,
+        sinks=True,
+        key_mask=True,
+        prefix=3,
+        dtype=torch.float16,
+    ),
+    Case(Nq=7, Nk=7, D=16, R=1, sinks=True, causal=True),
+    Case(B=2, H=1, Nq=1, Nk=1, D=128),
+    Case(Nq=1, Nk=113, D=72, R=36, per_sample_registers=True, key_mask=True, dtype=torch.bfloat16),
+    Case(H=3, Nq=113, Nk=257, D=128, R=4, sinks=True, causal=True, dtype=torch.bfloat16),
+    Case(Nq=257, Nk=113, D=96, R=1, key_mask=True, causal=True, dtype=torch.float16),
+    Case(Nq=113, Nk=7, D=80, causal=True),  # bottom-right causal: early queries see nothing
+    Case(B=2, Nq=113, Nk=113, D=72, R=4, attn_mask="float", prefix=5),
+    Case(B=2, Nq=7, Nk=292, D=80, attn_mask="bool", sinks=True, dtype=torch.bfloat16),
+    Case(H=1, Nq=64, Nk=71, D=256, R=4, dtype=torch.float16),
+    Case(H=1, Nq=65, Nk=64, D=160, R=1, sinks=True, dtype=torch.bfloat16),
+    Case(Nq=33, Nk=40, D=40, R=65, per_sample_registers=True, prefix=40),
+    Case(B=2, Nq=50, Nk=50, D=64, R=36, key_mask=True, dtype=torch.float16),
+]
+
+
+def make_inputs(case: Case, device: str = "cpu") -> dict:
+    g = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
+
+    B, H, D = case.B, case.H, case.D
+    inputs = dict(q=rand(B, H, case.Nq, D), k=rand(B, H, case.Nk, D), v=rand(B, H, case.Nk, D))
+    if case.R:
+        shape = (B, H, case.R, D) if case.per_sample_registers else (H, case.R, D)
+        # Large register keys: registers take a real share of the attention, as they do.
+        inputs["kv_registers"] = (rand(*shape, scale=2.0), rand(*shape))
+    if case.sinks:
+        inputs["sinks"] = (torch.randn(H, generator=g) + 1.0).to(device)
+    if case.key_mask:
+        km = torch.rand(B, case.Nk, generator=g) > 0.3
+        km[-1] = False  # the last sample attends registers (or nothing) only
+        inputs["key_mask"] = km.to(device)
+    if case.attn_mask == "bool":
+        inputs["attn_mask"] = (torch.rand(B, 1, case.Nq, case.Nk, generator=g) > 0.5).to(device)
+    elif case.attn_mask == "float":
+        inputs["attn_mask"] = (torch.randn(1, H, case.Nq, case.Nk, generator=g) * 2).to(device)
+    return inputs
+
+
+def differentiable(inputs: dict) -> list[str]:
+    names = ["q", "k", "v"] + (["rk", "rv"] if "kv_registers" in inputs else [])
+    return names + (["sinks"] if "sinks" in inputs else [])
+
+
+def leaves(inputs: dict, dtype: torch.dtype | None) -> tuple[dict, list[torch.Tensor]]:
+    """Fresh leaf copies (optionally cast) and the list of tensors to differentiate."""
+    out, wrt = dict(inputs), []
+
+    def leaf(t):
+        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        t.requires_grad_(True)
+        wrt.append(t)
+        return t
+
+    for name in ("q", "k", "v"):
+        out[name] = leaf(inputs[name])
+    if "kv_registers" in inputs:
+        out["kv_registers"] = tuple(leaf(t) for t in inputs["kv_registers"])
+    if "sinks" in inputs:
+        out["sinks"] = leaf(inputs["sinks"])
+    return out, wrt
+
+
+def run_reference(case: Case, inputs: dict, dout: torch.Tensor, compute_dtype: torch.dtype):
+    """Reference (float64) or eager-at-dtype results and gradients."""
+    kw, wrt = leaves(inputs, torch.float64 if compute_dtype == torch.float64 else None)
+    causal_offset = case.Nk - case.Nq if case.causal else None
+    out, stats = attention_ref(
+        **kw, causal_offset=causal_offset, num_prefix_tokens=case.prefix, compute_dtype=compute_dtype
+    )
+    grads = torch.autograd.grad(out, wrt, dout.to(out.dtype))
+    return out, stats, grads
+
+
+def check_case(case: Case, backend: str, device: str = "cpu") -> None:
+    inputs = make_inputs(case, device)
+    dout = torch.randn(case.B, case.H, case.Nq, case.D, device=device).to(case.dtype)
+
+    kw, wrt = leaves(inputs, None)
+    out, stats = attention(**kw, causal=case.causal, num_prefix_tokens=case.prefix, return_stats=True, backend=backend)
+    assert out.dtype == case.dtype and out.shape == (case.B, case.H, case.Nq, case.D)
+    assert all(s.dtype == torch.float32 and not s.requires_grad for s in stats)
+    grads = torch.autograd.grad(out, wrt, dout)
+
+    cpu = {k: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu()) for k, v in inputs.items()}
+    ref_out, ref_stats, ref_grads = run_reference(case, cpu, dout.cpu(), torch.float64)
+    eager_out, eager_stats, eager_grads = run_reference(case, cpu, dout.cpu(), case.dtype)
+
+    assert_within_eager_error("out", out, ref_out, eager_out, case.dtype)
+    for name, got, ref, eager in zip(AttentionStats._fields, stats, ref_stats, eager_stats, strict=True):
+        assert_within_eager_error(name, got, ref, eager, case.dtype)
+    for name, got, ref, eager in zip(differentiable(inputs), grads, ref_grads, eager_grads, strict=True):
+        assert got.shape == ref.shape and got.dtype == wrt[differentiable(inputs).index(name)].dtype
+        assert_within_eager_error(f"d{name}", got, ref, eager, case.dtype)
+
+
+requires_interpreter = pytest.mark.skipif(
+    not triton_interpreting(),
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (unset because a GPU is present: "
+    "the gpu-marked tests run these cases on CUDA)",
+)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_matches_reference(case):
+    check_case(case, "triton")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_matches_reference(case):
+    check_case(case, "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_cuda_matches_reference(case):
+    check_case(case, "triton", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cuda_auto_and_torch(backend):
+    check_case(Case(B=2, Nq=292, Nk=292, D=72, R=36, sinks=True, dtype=torch.bfloat16), backend, device="cuda")
+
+
+def test_torch_backend_chunks_match_single_chunk(monkeypatch):
+    """The chunked path gives the same answer whatever the chunk size."""
+    case = Case(B=2, Nq=113, Nk=257, D=72, R=36, sinks=True, key_mask=True, causal=True, prefix=4)
+    inputs = make_inputs(case)
+    full, stats_full = attention(**inputs, causal=True, num_prefix_tokens=4, return_stats=True, backend="torch")
+    from dsr_kernels.chunked import attention as chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 2 * 7 * (36 + 257))  # 7-row chunks
+    small, stats_small = attention(**inputs, causal=True, num_prefix_tokens=4, return_stats=True, backend="torch")
+    # Only the float32 summation order differs: a few ulps.
+    eps = torch.finfo(torch.float32).eps
+    assert_close("out", small, full, atol=8 * eps, rtol=8 * eps)
+    for name, a, b in zip(AttentionStats._fields, stats_small, stats_full, strict=True):
+        assert_close(name, a, b, atol=8 * eps, rtol=8 * eps)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@requires_interpreter
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    Nq=st.integers(1, 80),
+    Nk=st.integers(1, 80),
+    D=st.sampled_from([16, 24, 40, 64, 72, 80]),
+    R=st.sampled_from([0, 1, 4, 17]),
+    per_sample=st.booleans(),
+    sinks=st.booleans(),
+    key_mask=st.booleans(),
+    causal=st.booleans(),
+    attn_mask=st.sampled_from([None, "bool", "float"]),
+    prefix_frac=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_triton_random_shapes_and_options(
+    B, H, Nq, Nk, D, R, per_sample, sinks, key_mask, causal, attn_mask, prefix_frac, dtype
+):
+    case = Case(
+        B=B,
+        H=H,
+        Nq=Nq,
+        Nk=Nk,
+        D=D,
+        R=R,
+        per_sample_registers=per_sample,
+        sinks=sinks,
+        key_mask=key_mask,
+        causal=causal,
+        attn_mask=attn_mask,
+        prefix=int(prefix_frac * Nk),
+        dtype=dtype,
+    )
+    check_case(case, "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=requires_interpreter)])
+def test_probability_is_conserved(backend):
+    """sum_j key_mass + sum_i p_sink = number of queries that can attend anything."""
+    case = Case(B=2, H=2, Nq=40, Nk=57, D=72, R=4, sinks=True, key_mask=True)
+    inputs = make_inputs(case)
+    _, stats = attention(**inputs, return_stats=True, backend=backend)
+    p_sink = torch.exp(inputs["sinks"][None, :, None] - stats.lse)
+    total = stats.key_mass.sum(-1) + p_sink.sum(-1)
+    assert_close("total probability", total, torch.full_like(total, case.Nq), atol=1e-4)
+    assert torch.all(stats.register_share <= 1 + 1e-6) and torch.all(stats.entropy >= -1e-6)
+    assert torch.all(stats.entropy <= math.log(case.R + case.Nk + 1) + 1e-5)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=requires_interpreter)])
+def test_query_with_nothing_to_attend(backend):
+    """No attendable key, no register, no sink: out 0, lse -inf, never NaN (grads too)."""
+    q, k, v = (torch.randn(2, 2, 9, 24, requires_grad=True) for _ in range(3))
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1] = False
+    out, stats = attention(q, k, v, key_mask=key_mask, return_stats=True, backend=backend)
+    assert torch.all(out[1] == 0) and torch.all(torch.isneginf(stats.lse[1]))
+    assert torch.isfinite(stats.lse[0]).all() and not torch.isnan(out).any()
+    assert torch.all(stats.entropy[1] == 0) and torch.all(stats.key_mass[1] == 0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[1] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_nan_in_one_query_row_stays_in_that_row(backend):
+    q, k, v = (torch.randn(1, 2, 70, 72) for _ in range(3))
+    q[0, 1, 33, 5] = float("nan")
+    rk = torch.randn(2, 3, 72)
+    out = attention(q, k, v, kv_registers=(rk, rk), backend=backend)
+    nan_rows = torch.isnan(out).any(-1)
+    expected = torch.zeros_like(nan_rows)
+    expected[0, 1, 33] = True
+    assert torch.equal(nan_rows, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_packed_qkv_views_are_read_in_place(backend):
+    """q/k/v as strided views of one [B, N, 3, H, D] projection output, no copy made."""
+    B, N, H, D = 2, 37, 3, 80
+    qkv = torch.randn(B, N, 3, H, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    out = attention(q, k, v, backend=backend)
+    expected = attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend)
+    assert_close("out", out, expected, atol=1e-6)
+    # out is written in [B, N, H, D] memory order: reshaping for the projection is free.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@requires_interpreter
+def test_triton_path_builds_no_concatenated_tensor():
+    """The Triton forward and backward launch kernels only: no torch.cat, no copies of inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    case = Case(Nq=40, Nk=57, D=72, R=36, sinks=True)
+    x = make_inputs(case)
+    rk, rv = x["kv_registers"]
+    outs = attention_ops._alloc_fwd(x["q"], x["k"], rk, True)
+
+    def forbidden(ops):  # (the interpreter itself moves data with new_empty / set_)
+        return [op for op in ops if any(w in op for w in ("cat", "clone", "contiguous", "_to_copy", "stack"))]
+
+    with Record() as rec:
+        attention_fwd_triton(x["q"], x["k"], x["v"], rk, rv, x["sinks"], None, None, 0, 0.1, None, True, *outs)
+    assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
+    grads = attention_ops._alloc_bwd(x["q"], x["k"], rk, x["sinks"])
+    with Record() as rec:
+        attention_bwd_triton(
+            torch.randn_like(outs[0]),
+            x["q"],
+            x["k"],
+            x["v"],
+            rk,
+            rv,
+            x["sinks"],
+            None,
+            None,
+            outs[0],
+            outs[1],
+            0.1,
+            None,
+            *grads,
+        )
+    assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_registers_equal_concatenated_keys(backend):
+    """kv_registers behave exactly like R keys/values concatenated in front of k/v."""
+    B, H, N, D, R = 2, 2, 31, 64, 5
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    rk, rv = torch.randn(H, R, D), torch.randn(H, R, D)
+    out, stats = attention(q, k, v, kv_registers=(rk, rv), return_stats=True, backend=backend)
+    k_cat = torch.cat([rk.expand(B, -1, -1, -1), k], dim=2)
+    v_cat = torch.cat([rv.expand(B, -1, -1, -1), v], dim=2)
+    out_cat, stats_cat = attention(q, k_cat, v_cat, num_prefix_tokens=R, return_stats=True, backend=backend)
+    assert_close("out", out, out_cat, atol=2e-6)
+    for name, a, b in zip(AttentionStats._fields, stats, stats_cat, strict=True):
+        assert_close(name, a, b, atol=2e-5)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k_cat, v_cat)
+    assert_close("out vs torch sdpa", out, expected, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def test_reference_gradcheck_float64():
+    B, H, Nq, Nk, D, R = 1, 2, 5, 6, 8, 3
+    args = [
+        torch.randn(*s, dtype=torch.float64, requires_grad=True)
+        for s in ((B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), (H, R, D), (H, R, D), (H,))
+    ]
+    key_mask = torch.tensor([[True, False, True, True, False, True]])
+
+    def f(q, k, v, rk, rv, sinks):
+        return attention_ref(q, k, v, kv_registers=(rk, rv), sinks=sinks, key_mask=key_mask, causal_offset=1)[0]
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("path", ["chunked", "cpu_flash"])
+def test_torch_backend_gradcheck_float64(path):
+    """The torch backend's hand-written backwards, checked numerically in float64.
+
+    "chunked" (causal + additive mask) recomputes probabilities chunk by chunk;
+    "cpu_flash" (key_mask only) merges two calls of PyTorch's CPU flash kernel.
+    """
+    from dsr_kernels.chunked.attention import _uses_cpu_flash
+
+    B, H, Nq, Nk, D, R = 2, 2, 5, 6, 8, 3
+    args = [
+        torch.randn(*s, dtype=torch.float64, requires_grad=True)
+        for s in ((B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), (H, R, D), (H, R, D), (H,))
+    ]
+    if path == "chunked":
+        options = dict(attn_mask=torch.randn(1, H, Nq, Nk, dtype=torch.float64), causal=True)
+    else:
+        options = dict(key_mask=torch.tensor([[True, False, True, True, False, True]] * B))
+    assert _uses_cpu_flash(args[0], options.get("attn_mask"), 0 if options.get("causal") else None) == (
+        path == "cpu_flash"
+    )
+
+    def f(q, k, v, rk, rv, sinks):
+        return attention(q, k, v, kv_registers=(rk, rv), sinks=sinks, backend="torch", **options)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_shared_register_gradients_are_summed_over_batch():
+    B, H, N, D, R = 3, 2, 11, 16, 4
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    rk = torch.randn(H, R, D, requires_grad=True)
+    rv = torch.randn(H, R, D, requires_grad=True)
+    attention(q, k, v, kv_registers=(rk, rv), backend="torch").square().sum().backward()
+    rk_b = rk.detach()[None].repeat(B, 1, 1, 1).requires_grad_()
+    rv_b = rv.detach()[None].repeat(B, 1, 1, 1).requires_grad_()
+    attention(q, k, v, kv_registers=(rk_b, rv_b), backend="torch").square().sum().backward()
+    assert_close("drk", rk.grad, rk_b.grad.sum(0), atol=1e-5)
+    assert_close("drv", rv.grad, rv_b.grad.sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_opcheck(backend):
+    q, k, v = (torch.randn(1, 2, 19, 24) for _ in range(3))
+    rk, rv = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+    sinks = torch.randn(2)
+    key_mask = torch.rand(1, 19) > 0.2
+    for t in (q, k, v, rk, rv, sinks):
+        t.requires_grad_(True)
+    args = (q, k, v, rk, rv, sinks, key_mask, None, 2, 0.2, 0, True, backend)
+    torch.library.opcheck(torch.ops.dsr_kernels.attention_fwd.default, args)
+    out, lse = torch.ops.dsr_kernels.attention_fwd(*args)[:2]
+    bwd_args = (
+        torch.randn_like(out),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        rk.detach(),
+        rv.detach(),
+        sinks.detach(),
+        key_mask,
+        None,
+        out.detach(),
+        lse.detach(),
+        0.2,
+        0,
+        backend,
+    )
+    torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_module():
+    """A module calling attention compiles with fullgraph=True (no graph break) and matches eager."""
+    torch._dynamo.reset()
+    model = dsr_kernels.RegisterAttention(48, 4, num_kv_registers=3, sinks=True, backend="torch")
+    x = torch.randn(2, 13, 48)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    out = compiled(x)
+    assert_close("compiled out", out, model(x), atol=1e-5)
+    out.sum().backward()
+    assert model.register_k.grad is not None and model.sinks.grad is not None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _good():
+    return dict(
+        q=torch.randn(2, 3, 10, 16),
+        k=torch.randn(2, 3, 12, 16),
+        v=torch.randn(2, 3, 12, 16),
+    )
+
+
+BAD_INPUTS = [
+    ("q rank", lambda a: a.update(q=torch.randn(3, 10, 16)), ValueError, ["'q'", "4-D", "[3, 10, 16]"]),
+    ("k batch", lambda a: a.update(k=torch.randn(1, 3, 12, 16)), ValueError, ["'k'", "B=2", "[1, 3, 12, 16]"]),
+    ("k heads", lambda a: a.update(k=torch.randn(2, 4, 12, 16)), ValueError, ["'k'", "H=3", "[2, 4, 12, 16]"]),
+    ("k head dim", lambda a: a.update(k=torch.randn(2, 3, 12, 8)), ValueError, ["'k'", "D=16", "[2, 3, 12, 8]"]),
+    (
+        "v shape",
+        lambda a: a.update(v=torch.randn(2, 3, 11, 16)),
+        ValueError,
+        ["'v'", "[2, 3, 12, 16]", "[2, 3, 11, 16]"],
+    ),
+    ("k dtype", lambda a: a.update(k=a["k"].half()), TypeError, ["'k'", "torch.float32", "torch.float16"]),
+    ("q dtype", lambda a: a.update(q=a["q"].int()), TypeError, ["'q'", "torch.int32"]),
+    ("not a tensor", lambda a: a.update(v=[1.0]), TypeError, ["'v'", "list"]),
+    (
+        "D > 256",
+        lambda a: a.update(q=torch.randn(1, 1, 4, 257), k=torch.randn(1, 1, 4, 257), v=torch.randn(1, 1, 4, 257)),
+        ValueError,
+        ["256", "D=257"],
+    ),
+    (
+        "last dim strided",
+        lambda a: a.update(q=torch.randn(2, 3, 10, 32)[..., ::2]),
+        ValueError,
+        ["'q'", "contiguous", "strides"],
+    ),
+    (
+        "registers rank",
+        lambda a: a.update(kv_registers=(torch.randn(4, 16), torch.randn(4, 16))),
+        ValueError,
+        ["kv_registers[0]", "[H=3, R, D=16]", "[4, 16]"],
+    ),
+    (
+        "registers heads",
+        lambda a: a.update(kv_registers=(torch.randn(2, 4, 16), torch.randn(2, 4, 16))),
+        ValueError,
+        ["kv_registers[0]", "H=3", "[2, 4, 16]"],
+    ),
+    (
+        "registers batch",
+        lambda a: a.update(kv_registers=(torch.randn(3, 3, 4, 16),) * 2),
+        ValueError,
+        ["kv_registers[0]", "B=2", "[3, 3, 4, 16]"],
+    ),
+    (
+        "registers mismatch",
+        lambda a: a.update(kv_registers=(torch.randn(3, 4, 16), torch.randn(3, 5, 16))),
+        ValueError,
+        ["kv_registers", "[3, 4, 16]", "[3, 5, 16]"],
+    ),
+    (
+        "registers dtype",
+        lambda a: a.update(kv_registers=(torch.randn(3, 4, 16).double(),) * 2),
+        TypeError,
+        ["kv_registers[0]", "torch.float64"],
+    ),
+    (
+        "registers not a pair",
+        lambda a: a.update(kv_registers=torch.randn(3, 4, 16)),
+        TypeError,
+        ["kv_registers", "pair"],
+    ),
+    ("sinks length", lambda a: a.update(sinks=torch.randn(4)), ValueError, ["'sinks'", "[H=3]", "[4]"]),
+    ("sinks dtype", lambda a: a.update(sinks=torch.ones(3, dtype=torch.long)), TypeError, ["'sinks'", "torch.int64"]),
+    (
+        "key_mask shape",
+        lambda a: a.update(key_mask=torch.ones(2, 10, dtype=torch.bool)),
+        ValueError,
+        ["'key_mask'", "[B=2, Nk=12]", "[2, 10]"],
+    ),
+    (
+        "key_mask dtype",
+        lambda a: a.update(key_mask=torch.ones(2, 12)),
+        TypeError,
+        ["'key_mask'", "bool", "torch.float32"],
+    ),
+    (
+        "attn_mask shape",
+        lambda a: a.update(attn_mask=torch.ones(2, 3, 10, 5, dtype=torch.bool)),
+        ValueError,
+        ["'attn_mask'", "Nk=12", "[2, 3, 10, 5]"],
+    ),
+    (
+        "attn_mask dtype",
+        lambda a: a.update(attn_mask=torch.ones(10, 12, dtype=torch.int32)),
+        TypeError,
+        ["'attn_mask'", "torch.int32"],
+    ),
+    ("prefix negative", lambda a: a.update(num_prefix_tokens=-1), ValueError, ["'num_prefix_tokens'", "Nk=12", "-1"]),
+    ("prefix too large", lambda a: a.update(num_prefix_tokens=13), ValueError, ["'num_prefix_tokens'", "Nk=12", "13"]),
+    ("scale nan", lambda a: a.update(scale=float("nan")), ValueError, ["'scale'", "nan"]),
+    ("unknown backend", lambda a: a.update(backend="cudnn"), ValueError, ["'backend'", "'cudnn'"]),
+    ("empty", lambda a: a.update(q=torch.randn(2, 3, 0, 16)), ValueError, ["empty"]),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, words", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_before_launch(monkeypatch, mutate, exc, words):
+    def no_launch(*_):
+        raise AssertionError("a kernel was launched before validation failed")
+
+    monkeypatch.setattr(attention_ops, "_fwd_impl", no_launch)
+    monkeypatch.setattr(attention_ops, "attention_ref", no_launch)
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc) as info:
+        attention(**args)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.gpu
+def test_device_mismatch_raises():
+    args = _good()
+    args["k"] = args["k"].cuda()
+    with pytest.raises(ValueError, match="'k' is on cuda"):
+        attention(**args)
+
+
+def test_device_mismatch_raises_on_meta():
+    """Device mismatch, checked with the meta device so that it runs without a GPU."""
+    args = _good()
+    args["v"] = args["v"].to("meta")
+    with pytest.raises(ValueError, match="'v' is on meta"):
+        attention(**args)
+    args = _good()
+    args["sinks"] = torch.zeros(3, device="meta")
+    with pytest.raises(ValueError, match="'sinks' is on meta"):
+        attention(**args)
+
+
+def test_explicit_triton_without_cuda_or_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        attention(**_good(), backend="triton")
+
+
+def test_triton_rejects_float64():
+    if not triton_interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    args = {k: v.double() for k, v in _good().items()}
+    with pytest.raises(TypeError, match="float64"):
+        attention(**args, backend="triton")
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch):
+    seen = []
+    real = attention_ops._fwd_impl
+    monkeypatch.setattr(attention_ops, "_fwd_impl", lambda b: seen.append(b) or real(b))
+    attention(**_good())
+    assert seen == ["torch"]
+    assert dsr_kernels.explain("attention", "cpu")["torch"] == "available"
+
+
+def test_attn_mask_requiring_grad_is_refused():
+    args = _good()
+    args["attn_mask"] = torch.zeros(10, 12, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        attention(**args)
+
+
+def test_scale_and_defaults_match_sdpa():
+    args = _good()
+    out = attention(**args, scale=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(args["q"], args["k"], args["v"], scale=0.3)
+    assert_close("out", out, expected, atol=2e-6)
+    out = attention(**args)
+    expected = torch.nn.functional.scaled_dot_product_attention(args["q"], args["k"], args["v"])
+    assert_close("out", out, expected, atol=2e-6)

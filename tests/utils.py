@@ -1,0 +1,69 @@
+"""Assertion helpers shared by the tests.
+
+Tolerances follow FlashAttention's rule: the error of a kernel against a float64
+reference may be at most twice the error of the same computation done in eager PyTorch
+at the kernel's dtype, plus a small absolute term of a few units in the last place of
+that dtype at the scale of the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _fmt_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+
+
+def assert_close(name: str, got: Tensor, ref: Tensor, *, atol: float, rtol: float = 0.0) -> None:
+    """allclose that says where and how often it fails, and treats NaN/inf exactly."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    g, r = got.detach().double().cpu(), ref.detach().double().cpu()
+    nan_g, nan_r = torch.isnan(g), torch.isnan(r)
+    assert torch.equal(nan_g, nan_r), (
+        f"{name}: NaN where the reference has none at {int((nan_g & ~nan_r).sum())} places, "
+        f"missing NaN at {int((nan_r & ~nan_g).sum())} places"
+    )
+    inf_g, inf_r = torch.isinf(g), torch.isinf(r)
+    assert torch.equal(inf_g, inf_r) and torch.equal(g[inf_g], r[inf_r]), f"{name}: infinities differ"
+    finite = ~(nan_r | inf_r)
+    err = (g - r).abs().where(finite, 0.0)
+    bound = atol + rtol * r.abs().where(finite, 0.0)
+    bad = err > bound
+    if bad.any():
+        worst = int(torch.argmax(err - bound))
+        idx = _fmt_index(worst, g.shape)
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {g.numel()} elements out of tolerance "
+            f"(atol={atol:.3g}, rtol={rtol:.3g}); worst at {idx}: got {g.flatten()[worst]:.6g}, "
+            f"reference {r.flatten()[worst]:.6g}, |err| {err.flatten()[worst]:.3g}"
+        )
+
+
+def max_abs_err(got: Tensor, ref: Tensor) -> float:
+    g, r = got.detach().double().cpu(), ref.detach().double().cpu()
+    finite = torch.isfinite(r) & torch.isfinite(g)
+    if not finite.any():
+        return 0.0
+    return float((g - r).abs()[finite].max())
+
+
+def ulp_atol(ref: Tensor, dtype: torch.dtype, ulps: float = 2.0) -> float:
+    """A few units in the last place of ``dtype``, plus the float32 accumulation floor.
+
+    Both at the magnitude of ``ref`` (at least 1). The kernels accumulate in float32 in
+    an order of their own (FlashAttention's delta = rowsum(dO * O) against dP = dO V^T,
+    say), so where eager PyTorch happens to be exact (a single key: dq = 0 exactly) they
+    may still differ by a few float32 ulps; 8 float32 ulps is 1e-6 at magnitude 1.
+    """
+    r = ref.detach().double()
+    r = r[torch.isfinite(r)]
+    scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
+    return (ulps * torch.finfo(dtype).eps + 8 * torch.finfo(torch.float32).eps) * scale
+
+
+def assert_within_eager_error(name: str, got: Tensor, ref: Tensor, eager: Tensor, dtype: torch.dtype) -> None:
+    """|got - ref| <= 2 |eager - ref|_max + a few ulps of dtype, elementwise."""
+    atol = 2.0 * max_abs_err(eager, ref) + ulp_atol(ref, dtype)
+    assert_close(name, got, ref, atol=atol)
