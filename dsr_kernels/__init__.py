@@ -1,19 +1,26 @@
 """dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
 
+from dsr_kernels import outliers
 from dsr_kernels.backends import BackendUnavailable, explain
 from dsr_kernels.modules.attention import RegisterAttention
+from dsr_kernels.modules.norm_modulate import NormModulate
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.ops.attention_dropin import flash_attn_func, scaled_dot_product_attention
-from dsr_kernels.types import AttentionStats
+from dsr_kernels.ops.norm_modulate import norm_modulate
+from dsr_kernels.types import AttentionStats, NormModulateResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStats",
     "BackendUnavailable",
+    "NormModulate",
+    "NormModulateResult",
     "RegisterAttention",
     "attention",
     "explain",
     "flash_attn_func",
+    "norm_modulate",
+    "outliers",
     "scaled_dot_product_attention",
 ]

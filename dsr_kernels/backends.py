@@ -68,6 +68,10 @@ def attention_unavailable_reason(backend: str, device: torch.device) -> str | No
 def explain(op: str = "attention", device: str | torch.device = "cpu") -> dict[str, str]:
     """Each backend of ``op`` on ``device`` mapped to "available" or the reason it is not."""
     device = torch.device(device)
-    if op != "attention":
-        raise ValueError(f"explain(): unknown op {op!r}; expected 'attention'")
-    return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
+    if op == "attention":
+        return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
+    if op == "norm_modulate":
+        from dsr_kernels.ops.norm_modulate import explain_norm_modulate
+
+        return explain_norm_modulate(device)
+    raise ValueError(f"explain(): unknown op {op!r}; expected 'attention' or 'norm_modulate'")

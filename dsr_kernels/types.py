@@ -27,3 +27,19 @@ class AttentionStats(NamedTuple):
     entropy: Tensor
     register_share: Tensor
     key_mass: Tensor
+
+
+class NormModulateResult(NamedTuple):
+    """Result of :func:`dsr_kernels.norm_modulate`.
+
+    - ``out`` [B, T, D] in x's dtype: the normalised and modulated tokens, T = R + N with
+      registers (registers first), else T = N.
+    - ``residual`` [B, R + N, D] in x's dtype: the residual stream with the registers in
+      front (None without registers).
+    - ``norms`` [B, T] float32: the L2 norm of each input token before normalisation
+      (None unless ``return_norms=True``); registers included.
+    """
+
+    out: Tensor
+    residual: Tensor | None
+    norms: Tensor | None

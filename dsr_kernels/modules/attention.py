@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dsr_kernels import outliers
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.types import AttentionStats
 
@@ -85,6 +86,8 @@ class RegisterAttention(nn.Module):
         kv_registers = None
         if self.register_k is not None:
             kv_registers = (self.register_k.to(q.dtype), self.register_v.to(q.dtype))
+        recording = outliers.active_layer(self)
+        want_stats = return_stats or recording is not None
         result = attention(
             q,
             k,
@@ -95,10 +98,13 @@ class RegisterAttention(nn.Module):
             attn_mask=attn_mask,
             num_prefix_tokens=num_prefix_tokens,
             scale=self.scale,
-            return_stats=return_stats,
+            return_stats=want_stats,
             backend=self.backend,
         )
-        out, stats = result if return_stats else (result, None)
+        out, stats = result if want_stats else (result, None)
+        if recording is not None:
+            report, layer = recording
+            report.record_attention(layer, stats, self.num_kv_registers)
         x = self.proj(out.transpose(1, 2).reshape(B, N, C))  # free when out is [B, N, H, hd] memory
         return (x, stats) if return_stats else x
 
