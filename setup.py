@@ -23,7 +23,7 @@ def _extensions():
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
     sources = ["csrc/ops.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or 20).
-    cxx = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in the translation unit
+    cxx = ["-O3", "-fopenmp"]  # at::parallel_for (and `omp simd`) are OpenMP in the translation unit
     kwargs = dict(include_dirs=[os.path.abspath("csrc/include")], extra_link_args=["-fopenmp"])
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

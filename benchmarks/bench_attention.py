@@ -53,4 +53,4 @@ def test_attention(benchmark, shape, provider, mode):
 if __name__ == "__main__":
     from dsr_kernels.cli import main
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--op", "attention", *sys.argv[1:]]))

@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def main(out_dir: str) -> None:
-    out = Path(out_dir)
+def main(runs_dir: str, out_dir: str) -> None:
+    runs, out = Path(runs_dir), Path(out_dir)
     ceilings = json.loads((out / "ceilings.json").read_text()) if (out / "ceilings.json").exists() else {}
     tests = {}
     junit = out / "gpu-tests.xml"
@@ -19,27 +19,30 @@ def main(out_dir: str) -> None:
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
         tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     benches = {}
-    for path in sorted(out.glob("attention-*.json")):
-        benches[path.stem] = json.loads(path.read_text())
+    for path in sorted(runs.rglob("*.json")):
+        benches[str(path.relative_to(runs).with_suffix(""))] = json.loads(path.read_text())
     summary = {"ceilings": ceilings, "gpu_tests": tests, "benchmarks": benches}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     print(f"gpu tests: {tests}")
     print(f"ceilings: {ceilings}")
     peak = ceilings.get("bf16_matmul_tflops")
+    bw = ceilings.get("copy_tb_per_s")
     for name, data in benches.items():
         print(f"\n{name} ({data['environment']['device_name']})")
         for r in data["rows"]:
             if "median_ms" not in r:
                 print(f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} ERROR {r.get('error', '')[:80]}")
                 continue
-            frac = f"{r['tflops'] / peak:6.1%} of matmul" if peak else ""
+            if "tflops" in r:
+                rate = f"{r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
+            else:
+                rate = f"{r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
             print(
-                f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} {r['median_ms']:9.3f} ms "
-                f"{r['tflops']:7.1f} TFLOP/s {frac}  x{r.get('speedup_vs_baseline') or 0:.2f} vs sdpa_cat  "
-                f"{r.get('peak_mem_mb', 0):9.1f} MiB"
+                f"  {r['shape']:<24} {r['mode']:<4} {r['provider']:<18} {r['median_ms']:9.3f} ms {rate}  "
+                f"x{r.get('speedup_vs_baseline') or 0:.2f} vs baseline  {r.get('peak_mem_mb', 0):9.1f} MiB"
             )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

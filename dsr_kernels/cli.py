@@ -21,9 +21,11 @@ def _device(name: str) -> torch.device:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dsr_kernels.benchmark import attention as bench
+    from dsr_kernels.benchmark import attention, norm_modulate
     from dsr_kernels.benchmark.common import write_results
 
+    suites = {"attention": attention, "norm_modulate": norm_modulate}
+    ops = list(suites) if args.op == "all" else [args.op]
     device = _device(args.device)
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -31,28 +33,50 @@ def _bench(args: argparse.Namespace) -> int:
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[args.dtype]
-    shapes = bench.parse_shapes(args.shapes, args.shape, device=device)
-    providers = args.providers.split(",") if args.providers else None
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()] if args.shapes else None
+    if args.shape and len(ops) != 1:
+        raise SystemExit("dsr-kernels bench: --shape needs one --op (attention: B,H,N,D,R; norm_modulate: B,N,D,R)")
+    known = {s.name for op in ops for s in suites[op].default_shapes(device)}
+    if names and set(names) - known:
+        raise SystemExit(f"dsr-kernels bench: unknown shape(s) {sorted(set(names) - known)}; known: {sorted(known)}")
     modes = args.modes.split(",")
-    bad = [m for m in modes if m not in bench.MODES]
-    if bad:
-        raise SystemExit(f"dsr-kernels bench: unknown mode(s) {bad}; expected some of {bench.MODES}")
-    print(f"dsr-kernels bench: attention on {device} ({dtype}), {len(shapes)} shapes, modes {modes}", flush=True)
-    env, rows = bench.run(
-        device=device,
-        dtype=dtype,
-        shapes=shapes,
-        providers=providers,
-        modes=modes,
-        memory=not args.no_memory,
-        budget_s=args.budget,
-        log=lambda line: print(line, flush=True),
-    )
-    bench.print_report(env, rows)
-    stem = f"attention-{_dt.date.today().isoformat()}-{device.type}"
-    json_path, csv_path = write_results(args.out, stem, env, rows)
-    print(f"\nwrote {json_path} and {csv_path}")
+    for op in ops:
+        suite = suites[op]
+        bad = [m for m in modes if m not in suite.MODES]
+        if bad:
+            raise SystemExit(f"dsr-kernels bench: unknown mode(s) {bad}; expected some of {suite.MODES}")
+        shapes = [s for s in suite.default_shapes(device) if names is None or s.name in names]
+        shapes += [_custom_shape(suite, spec) for spec in args.shape]
+        if args.shape and names is None:
+            shapes = shapes[len(suite.default_shapes(device)) :]
+        if not shapes:
+            continue
+        providers = args.providers.split(",") if args.providers else None
+        print(f"dsr-kernels bench: {op} on {device} ({dtype}), {len(shapes)} shapes, modes {modes}", flush=True)
+        env, rows = suite.run(
+            device=device,
+            dtype=dtype,
+            shapes=shapes,
+            providers=providers,
+            modes=modes,
+            memory=not args.no_memory,
+            budget_s=args.budget,
+            log=lambda line: print(line, flush=True),
+        )
+        suite.print_report(env, rows)
+        json_path, csv_path = write_results(args.out, f"{op}-{_dt.date.today().isoformat()}-{device.type}", env, rows)
+        print(f"\nwrote {json_path} and {csv_path}\n", flush=True)
     return 0
+
+
+def _custom_shape(suite, spec: str):
+    parts = spec.split(",")
+    fields = [f for f in suite.default_shapes(torch.device("cpu"))[0].__dataclass_fields__ if f not in ("name", "kind")]
+    if len(parts) != len(fields) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"dsr-kernels bench: --shape expects {','.join(fields)} (positive integers), got {spec!r}")
+    values = dict(zip(fields, (int(p) for p in parts), strict=True))
+    name = "".join(f"{k}{v}" for k, v in values.items())
+    return type(suite.default_shapes(torch.device("cpu"))[0])(name=name, **values)
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -74,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="what registers and statistics cost in attention, against PyTorch")
+    b = sub.add_parser("bench", help="what registers and statistics cost, against PyTorch, on this device")
+    b.add_argument("--op", default="all", choices=["all", "attention", "norm_modulate"])
     b.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     b.add_argument(
         "--dtype",
@@ -83,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
     b.add_argument("--shapes", default=None, help="comma-separated default shape names (all when omitted)")
-    b.add_argument("--shape", action="append", default=[], metavar="B,H,N,D,R", help="a custom shape (repeatable)")
+    b.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a custom shape (repeatable, one --op): attention B,H,N,D,R; norm_modulate B,N,D,R",
+    )
     b.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
     b.add_argument("--modes", default="fwd,bwd,full", help="comma-separated from fwd,bwd,full")
     b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per measurement")

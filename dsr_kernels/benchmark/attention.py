@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dsr_kernels.benchmark.common import environment, format_table, measure_ms, peak_memory_mb, summarize
+from dsr_kernels.benchmark.common import environment, format_table, run_suite
 from dsr_kernels.ops.attention import attention
 
 BASELINE = "torch_sdpa_cat"
@@ -183,41 +183,22 @@ def run(
     log: Callable[[str], None] = print,
 ) -> tuple[dict, list[dict]]:
     """Measures every provider x mode x shape; returns (environment, rows)."""
-    shapes = list(shapes or default_shapes(device))
-    providers = list(providers or available_providers(device))
-    if BASELINE not in providers:
-        providers.insert(0, BASELINE)
-    rows: list[dict] = []
-    for shape in shapes:
-        for mode in modes:
-            inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd")
-            base_ms = None
-            for name in [BASELINE] + [p for p in providers if p != BASELINE]:
-                row = {
-                    "op": "attention",
-                    **asdict(shape),
-                    "shape": shape.name,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "provider": name,
-                    "mode": mode,
-                }
-                row.pop("name")
-                try:
-                    fn = mode_fn(name, mode, inputs)
-                    row.update(summarize(measure_ms(fn, device, budget_s=budget_s)))
-                    if memory:
-                        row["peak_mem_mb"] = peak_memory_mb(fn, device)
-                    row["tflops"] = shape.flops(mode) / (row["median_ms"] * 1e-3) / 1e12
-                    if name == BASELINE:
-                        base_ms = row["median_ms"]
-                    row["speedup_vs_baseline"] = base_ms / row["median_ms"] if base_ms else None
-                except Exception as exc:  # a provider that cannot run here is reported, not hidden
-                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                rows.append(row)
-                log(format_table([row], _COLUMNS).splitlines()[1])
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    rows = run_suite(
+        op="attention",
+        device=device,
+        dtype=dtype,
+        shapes=list(shapes or default_shapes(device)),
+        providers=list(providers or available_providers(device)),
+        modes=modes,
+        baseline=BASELINE,
+        make_inputs=make_inputs,
+        mode_fn=mode_fn,
+        work=lambda shape, mode: {"flops": shape.flops(mode)},
+        memory=memory,
+        budget_s=budget_s,
+        log=log,
+        columns=_COLUMNS,
+    )
     return environment(device), rows
 
 
@@ -263,20 +244,3 @@ def print_report(env: dict, rows: list[dict], log: Callable[[str], None] = print
     log("")
     for line in targets(rows):
         log(line)
-
-
-def parse_shapes(names: str | None, custom: Sequence[str] = (), *, device: torch.device) -> list[AttentionShape]:
-    """Default shapes by name ("dsr-dit-xl,n1024"; all when empty) plus custom "B,H,N,D,R" ones."""
-    defaults = {s.name: s for s in default_shapes(device)}
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else ([] if custom else list(defaults))
-    unknown = [n for n in chosen if n not in defaults]
-    if unknown:
-        raise ValueError(f"unknown shape name(s) {unknown}; expected some of {sorted(defaults)}")
-    shapes = [defaults[n] for n in chosen]
-    for spec in custom:
-        parts = spec.split(",")
-        if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shape expects five positive integers B,H,N,D,R, got {spec!r}")
-        B, H, N, D, R = (int(p) for p in parts)
-        shapes.append(AttentionShape(f"B{B}H{H}N{N}D{D}R{R}", B, H, N, D, R))
-    return shapes

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -153,6 +154,9 @@ def environment(device: torch.device) -> dict[str, object]:
         "dsr_kernels": dsr_kernels.__version__,
         "git_commit": _git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # PyTorch's CPU allocator: with THP_MEM_ALLOC_ENABLE=1 large tensors use huge pages,
+        # which removes most first-touch page faults (a large share of CPU timings).
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 
@@ -185,3 +189,66 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def run_suite(
+    *,
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: Sequence,
+    providers: Sequence[str],
+    modes: Sequence[str],
+    baseline: str,
+    make_inputs: Callable,
+    mode_fn: Callable,
+    work: Callable,
+    memory: bool,
+    budget_s: float,
+    log: Callable[[str], None],
+    columns: Sequence[str],
+) -> list[dict]:
+    """Every provider x mode x shape, the baseline first so that ratios use this run's numbers.
+
+    make_inputs(shape, device, dtype, requires_grad) -> inputs; mode_fn(provider, mode,
+    inputs) -> a callable to time; work(shape, mode) -> {"flops": ..., "bytes": ...}
+    (either may be absent) for the achieved TFLOP/s and GB/s.
+    """
+    providers = [baseline] + [p for p in providers if p != baseline]
+    rows: list[dict] = []
+    for shape in shapes:
+        for mode in modes:
+            inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd")
+            base_ms = None
+            for name in providers:
+                fields = asdict(shape)
+                row = {
+                    "op": op,
+                    "shape": fields.pop("name"),
+                    **fields,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "provider": name,
+                    "mode": mode,
+                }
+                try:
+                    fn = mode_fn(name, mode, inputs)
+                    row.update(summarize(measure_ms(fn, device, budget_s=budget_s)))
+                    if memory:
+                        row["peak_mem_mb"] = peak_memory_mb(fn, device)
+                    seconds = row["median_ms"] * 1e-3
+                    amount = work(shape, mode)
+                    if "flops" in amount:
+                        row["tflops"] = amount["flops"] / seconds / 1e12
+                    if "bytes" in amount:
+                        row["gb_per_s"] = amount["bytes"] / seconds / 1e9
+                    if name == baseline:
+                        base_ms = row["median_ms"]
+                    row["speedup_vs_baseline"] = base_ms / row["median_ms"] if base_ms else None
+                except Exception as exc:  # a provider that cannot run here is reported, not hidden
+                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                rows.append(row)
+                log(format_table([row], columns).splitlines()[1])
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
