@@ -20,6 +20,7 @@ from dsr_kernels import AttentionStats, BackendUnavailable, attention
 from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.ops import attention as attention_ops
 from dsr_kernels.reference.attention import attention_ref
+from dsr_kernels.rope import rope_1d_tables
 from utils import assert_close, assert_within_eager_error
 
 
@@ -37,6 +38,7 @@ class Case:
     causal: bool = False
     attn_mask: str | None = None  # None | "bool" | "float"
     prefix: int = 0
+    rope: str | None = None  # None | "interleaved" | "half" (self-attention only)
     dtype: torch.dtype = torch.float32
 
     def __str__(self) -> str:
@@ -44,6 +46,7 @@ class Case:
         parts += [n for n in ("per_sample_registers", "sinks", "key_mask", "causal") if getattr(self, n)]
         parts += [f"{self.attn_mask}_mask"] if self.attn_mask else []
         parts += [f"prefix{self.prefix}"] if self.prefix else []
+        parts += [f"rope_{self.rope}"] if self.rope else []
         return "-".join(parts + [str(self.dtype).replace("torch.", "")])
 
 
@@ -76,6 +79,10 @@ CASES = [
     Case(H=1, Nq=65, Nk=64, D=160, R=1, sinks=True, dtype=torch.bfloat16),
     Case(Nq=33, Nk=40, D=40, R=65, per_sample_registers=True, prefix=40),
     Case(B=2, Nq=50, Nk=50, D=64, R=36, key_mask=True, dtype=torch.float16),
+    # In-kernel RoPE: LightningDiT after register_start (36 in-sequence registers, not rotated).
+    Case(Nq=292, Nk=292, D=72, prefix=36, rope="interleaved", dtype=torch.bfloat16),
+    Case(Nq=113, Nk=113, D=80, R=4, sinks=True, rope="half", causal=True),
+    Case(B=2, Nq=57, Nk=57, D=64, R=1, key_mask=True, rope="interleaved", dtype=torch.float16),
 ]
 
 
@@ -101,7 +108,17 @@ def make_inputs(case: Case, device: str = "cpu") -> dict:
         inputs["attn_mask"] = (torch.rand(B, 1, case.Nq, case.Nk, generator=g) > 0.5).to(device)
     elif case.attn_mask == "float":
         inputs["attn_mask"] = (torch.randn(1, H, case.Nq, case.Nk, generator=g) * 2).to(device)
+    if case.rope:
+        inputs["rope"] = rope_tables(case.Nq, D, case.rope, identity_rows=case.prefix, device=device)
+        inputs["rope_style"] = case.rope
     return inputs
+
+
+def rope_tables(n: int, d: int, style: str, *, identity_rows: int = 0, device="cpu"):
+    """1D rotary tables whose first rows leave their tokens unrotated (registers)."""
+    cos, sin = rope_1d_tables(n, d, style=style, theta=100.0)
+    cos[:identity_rows], sin[:identity_rows] = 1.0, 0.0
+    return cos.to(device), sin.to(device)
 
 
 def differentiable(inputs: dict) -> list[str]:
@@ -149,7 +166,10 @@ def check_case(case: Case, backend: str, device: str = "cpu") -> None:
     assert all(s.dtype == torch.float32 and not s.requires_grad for s in stats)
     grads = torch.autograd.grad(out, wrt, dout)
 
-    cpu = {k: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu()) for k, v in inputs.items()}
+    cpu = {
+        k: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu() if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
     ref_out, ref_stats, ref_grads = run_reference(case, cpu, dout.cpu(), torch.float64)
     eager_out, eager_stats, eager_grads = run_reference(case, cpu, dout.cpu(), case.dtype)
 
@@ -417,6 +437,19 @@ def test_torch_backend_gradcheck_float64(path):
     assert torch.autograd.gradcheck(f, args)
 
 
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_rope_gradcheck_float64(style):
+    """The transpose rotation of the rope backward, checked numerically (torch backend, float64)."""
+    B, H, N, D = 1, 2, 6, 8
+    args = [torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    rope = tuple(t.double() for t in rope_tables(N, D, style, identity_rows=2))
+
+    def f(q, k, v):
+        return attention(q, k, v, rope=rope, rope_style=style, causal=True, backend="torch")
+
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_shared_register_gradients_are_summed_over_batch():
     B, H, N, D, R = 3, 2, 11, 16, 4
     q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
@@ -436,28 +469,27 @@ def test_opcheck(backend):
     rk, rv = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
     sinks = torch.randn(2)
     key_mask = torch.rand(1, 19) > 0.2
+    cos, sin = rope_tables(19, 24, "interleaved", identity_rows=2)
     for t in (q, k, v, rk, rv, sinks):
         t.requires_grad_(True)
-    args = (q, k, v, rk, rv, sinks, key_mask, None, 2, 0.2, 0, True, backend)
-    torch.library.opcheck(torch.ops.dsr_kernels.attention_fwd.default, args)
-    out, lse = torch.ops.dsr_kernels.attention_fwd(*args)[:2]
-    bwd_args = (
-        torch.randn_like(out),
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        rk.detach(),
-        rv.detach(),
-        sinks.detach(),
-        key_mask,
-        None,
-        out.detach(),
-        lse.detach(),
-        0.2,
-        0,
-        backend,
-    )
-    torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd.default, bwd_args)
+    for rope in ((None, None, 0), (cos, sin, 1)):
+        args = (q, k, v, rk, rv, sinks, key_mask, None, 2, 0.2, 0, *rope, True, backend)
+        torch.library.opcheck(torch.ops.dsr_kernels.attention_fwd.default, args)
+        out, lse = torch.ops.dsr_kernels.attention_fwd(*args)[:2]
+        detached = [t.detach() for t in (q, k, v, rk, rv, sinks)]
+        bwd_args = (
+            torch.randn_like(out),
+            *detached,
+            key_mask,
+            None,
+            out.detach(),
+            lse.detach(),
+            0.2,
+            0,
+            *rope,
+            backend,
+        )
+        torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd.default, bwd_args)
 
 
 def test_torch_compile_fullgraph_module():
@@ -576,6 +608,22 @@ BAD_INPUTS = [
     ("scale nan", lambda a: a.update(scale=float("nan")), ValueError, ["'scale'", "nan"]),
     ("unknown backend", lambda a: a.update(backend="cudnn"), ValueError, ["'backend'", "'cudnn'"]),
     ("empty", lambda a: a.update(q=torch.randn(2, 3, 0, 16)), ValueError, ["empty"]),
+    (
+        "rope cross-attention",
+        lambda a: a.update(rope=(torch.ones(10, 16), torch.zeros(10, 16))),
+        ValueError,
+        ["'rope'", "Nq=10, Nk=12"],
+    ),
+    (
+        "rope table shape",
+        lambda a: a.update(
+            k=torch.randn(2, 3, 10, 16), v=torch.randn(2, 3, 10, 16), rope=(torch.ones(10, 8), torch.zeros(10, 8))
+        ),
+        ValueError,
+        ["'rope[0]'", "[N=10, D=16]", "[10, 8]"],
+    ),
+    ("rope not a pair", lambda a: a.update(rope=torch.ones(10, 16)), TypeError, ["'rope'", "pair"]),
+    ("rope style", lambda a: a.update(rope_style="neox"), ValueError, ["'rope_style'", "'neox'"]),
 ]
 
 

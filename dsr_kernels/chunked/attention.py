@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dsr_kernels.rope import apply_rope, apply_rope_transpose
+
 # Elements of one [B, H, C, R + Nk] logits block. A handful of such blocks are live at
 # once: 2**22 float32 elements (16 MiB each) keeps the working set near 100 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -90,6 +92,13 @@ def _logits(qc, row0, k, rk, key_mask, attn_mask, causal_offset, scale) -> Tenso
     if rk is None:
         return s
     return torch.cat([torch.matmul(qc, rk.transpose(-1, -2)).mul_(scale), s], dim=-1)
+
+
+def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, style: str) -> tuple[Tensor, Tensor]:
+    """q and k rotated in the accumulation type, rounded back to their dtype (as the kernels do)."""
+    acc = _acc_dtype(q)
+    cos, sin = cos.to(acc), sin.to(acc)
+    return (apply_rope(q.to(acc), cos, sin, style).to(q.dtype), apply_rope(k.to(acc), cos, sin, style).to(k.dtype))
 
 
 def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -229,9 +238,17 @@ def attention_fwd_chunked(
     register_share: Tensor,
     key_mass: Tensor,
     *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
     chunk_elements: int | None = None,
 ) -> None:
-    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics."""
+    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics.
+
+    With rope tables, q and the token keys are rotated first (the registers are not).
+    """
+    if rope_cos is not None:
+        q, k = _rotated(q, k, rope_cos, rope_sin, rope_style)
     if _uses_cpu_flash(q, attn_mask, causal_offset):
         _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
     else:
@@ -364,14 +381,47 @@ def attention_bwd_chunked(
     drv: Tensor | None,
     dsinks: Tensor | None,
     *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
     chunk_elements: int | None = None,
 ) -> None:
     """Fills dq, dk, dv (and drk, drv, dsinks when present) from the saved out and lse.
 
     dS = P * (dO V^T - delta) with delta = rowsum(dO * O); dQ = dS K scale,
-    dK = dS^T Q scale, dV = P^T dO; d sink_h = -sum_{b,i} p_sink * delta.
+    dK = dS^T Q scale, dV = P^T dO; d sink_h = -sum_{b,i} p_sink * delta. With rope the
+    gradients of the rotated q and k are rotated back (the transpose of the rotation).
     """
     acc = _acc_dtype(q)
+    if rope_cos is not None:
+        q_rot, k_rot = _rotated(q, k, rope_cos, rope_sin, rope_style)
+        dq_rot, dk_rot = torch.empty_like(dq, dtype=acc), torch.empty_like(dk, dtype=acc)
+        attention_bwd_chunked(
+            dout,
+            q_rot,
+            k_rot,
+            v,
+            rk,
+            rv,
+            sinks,
+            key_mask,
+            attn_mask,
+            out,
+            lse,
+            scale,
+            causal_offset,
+            dq_rot,
+            dk_rot,
+            dv,
+            drk,
+            drv,
+            dsinks,
+            chunk_elements=chunk_elements,
+        )
+        cos, sin = rope_cos.to(acc), rope_sin.to(acc)
+        dq.copy_(apply_rope_transpose(dq_rot, cos, sin, rope_style))
+        dk.copy_(apply_rope_transpose(dk_rot, cos, sin, rope_style))
+        return
     if _uses_cpu_flash(q, attn_mask, causal_offset):
         _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv)
         if sinks is not None:

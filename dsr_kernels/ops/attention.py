@@ -19,6 +19,7 @@ from torch import Tensor
 from dsr_kernels.backends import ATTENTION_BACKENDS, BackendUnavailable, attention_unavailable_reason
 from dsr_kernels.chunked.attention import attention_bwd_chunked, attention_fwd_chunked
 from dsr_kernels.reference.attention import attention_ref
+from dsr_kernels.rope import ROPE_STYLES
 from dsr_kernels.types import AttentionStats
 
 MAX_HEAD_DIM = 256
@@ -154,6 +155,30 @@ def _check_attention_args(
     return attn_mask
 
 
+def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
+    if rope_style not in ROPE_STYLES:
+        raise ValueError(f"{fn}(): argument 'rope_style' must be one of {ROPE_STYLES}, got {rope_style!r}")
+    if rope is None:
+        return
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise TypeError(f"{fn}(): argument 'rope' must be a pair (cos, sin), got {type(rope).__name__}")
+    Nq, D, Nk = q.shape[2], q.shape[3], k.shape[2]
+    if Nq != Nk:
+        raise ValueError(f"{fn}(): argument 'rope' needs self-attention (Nq == Nk), got Nq={Nq}, Nk={Nk}")
+    if D % 2:
+        raise ValueError(f"{fn}(): argument 'rope' needs an even head dim, got D={D}")
+    for name, t in (("rope[0]", rope[0]), ("rope[1]", rope[1])):
+        _check_tensor(fn, name, t)
+        if tuple(t.shape) != (Nq, D):
+            raise ValueError(f"{fn}(): argument '{name}' must have shape [N={Nq}, D={D}], got {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}(): argument '{name}' must be floating, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{fn}(): gradients with respect to '{name}' (the rope tables) are not supported")
+
+
 def _resolve_backend(fn: str, backend: str, q: Tensor) -> str:
     if backend == "auto":
         if q.device.type == "cuda" and q.dtype in _KERNEL_DTYPES:
@@ -226,34 +251,105 @@ def _bwd_impl(backend: str):
 
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, "
-    "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, bool return_stats, "
-    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, Tensor? rope_cos, "
+    "Tensor? rope_sin, int rope_style, bool return_stats, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
     "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
-    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? rope_cos, Tensor? rope_sin, int rope_style, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+# rope_style in the schemas: an index into ROPE_STYLES (the op signature takes no enum).
+
+
+def _rope_kwargs(rope_cos, rope_sin, rope_style: int) -> dict:
+    if rope_cos is None:
+        return {}
+    return dict(rope_cos=rope_cos, rope_sin=rope_sin, rope_style=ROPE_STYLES[rope_style])
 
 
 @torch.library.custom_op("dsr_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _attention_fwd_op(
-    q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset, return_stats, backend
+    q,
+    k,
+    v,
+    rk,
+    rv,
+    sinks,
+    key_mask,
+    attn_mask,
+    num_prefix_tokens,
+    scale,
+    causal_offset,
+    rope_cos,
+    rope_sin,
+    rope_style,
+    return_stats,
+    backend,
 ):
     outputs = _alloc_fwd(q, k, rk, return_stats)
     _fwd_impl(backend)(
-        q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset, return_stats, *outputs
+        q,
+        k,
+        v,
+        rk,
+        rv,
+        sinks,
+        key_mask,
+        attn_mask,
+        num_prefix_tokens,
+        scale,
+        causal_offset,
+        return_stats,
+        *outputs,
+        **_rope_kwargs(rope_cos, rope_sin, rope_style),
     )
     return outputs
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset, return_stats, backend):
+def _(
+    q,
+    k,
+    v,
+    rk,
+    rv,
+    sinks,
+    key_mask,
+    attn_mask,
+    num_prefix_tokens,
+    scale,
+    causal_offset,
+    rope_cos,
+    rope_sin,
+    rope_style,
+    return_stats,
+    backend,
+):
     return _alloc_fwd(q, k, rk, return_stats)
 
 
 @torch.library.custom_op("dsr_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _attention_bwd_op(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal_offset, backend):
+def _attention_bwd_op(
+    dout,
+    q,
+    k,
+    v,
+    rk,
+    rv,
+    sinks,
+    key_mask,
+    attn_mask,
+    out,
+    lse,
+    scale,
+    causal_offset,
+    rope_cos,
+    rope_sin,
+    rope_style,
+    backend,
+):
     grads = _alloc_bwd(q, k, rk, sinks)
     dq, dk, dv, drk, drv, dsinks = grads
     _bwd_impl(backend)(
@@ -276,42 +372,64 @@ def _attention_bwd_op(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, ls
         drk if rk is not None else None,
         drv if rk is not None else None,
         dsinks if sinks is not None else None,
+        **_rope_kwargs(rope_cos, rope_sin, rope_style),
     )
     return grads
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal_offset, backend):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    rk,
+    rv,
+    sinks,
+    key_mask,
+    attn_mask,
+    out,
+    lse,
+    scale,
+    causal_offset,
+    rope_cos,
+    rope_sin,
+    rope_style,
+    backend,
+):
     return _alloc_bwd(q, k, rk, sinks)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rk, rv, sinks, key_mask, attn_mask, _, scale, causal_offset, _, backend = inputs
-    ctx.save_for_backward(q, k, v, rk, rv, sinks, key_mask, attn_mask, output[0], output[1])
-    ctx.scale, ctx.causal_offset, ctx.backend = scale, causal_offset, backend
+    q, k, v, rk, rv, sinks, key_mask, attn_mask, _, scale, causal_offset, cos, sin, style, _, backend = inputs
+    ctx.save_for_backward(q, k, v, rk, rv, sinks, key_mask, attn_mask, cos, sin, output[0], output[1])
+    ctx.scale, ctx.causal_offset, ctx.rope_style, ctx.backend = scale, causal_offset, style, backend
 
 
 def _backward(ctx, dout, *_stat_grads):
-    q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse = ctx.saved_tensors
+    q, k, v, rk, rv, sinks, key_mask, attn_mask, cos, sin, out, lse = ctx.saved_tensors
     dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_bwd(
-        dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, ctx.scale, ctx.causal_offset, ctx.backend
+        dout,
+        q,
+        k,
+        v,
+        rk,
+        rv,
+        sinks,
+        key_mask,
+        attn_mask,
+        out,
+        lse,
+        ctx.scale,
+        ctx.causal_offset,
+        cos,
+        sin,
+        ctx.rope_style,
+        ctx.backend,
     )
     has_reg, has_sink = rk is not None, sinks is not None
-    return (
-        dq,
-        dk,
-        dv,
-        drk if has_reg else None,
-        drv if has_reg else None,
-        dsinks if has_sink else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grads = (dq, dk, dv, drk if has_reg else None, drv if has_reg else None, dsinks if has_sink else None)
+    return grads + (None,) * 10  # masks, sizes, scale, causal, rope tables (not differentiable), flags
 
 
 torch.library.register_autograd("dsr_kernels::attention_fwd", _backward, setup_context=_setup_context)
@@ -335,6 +453,8 @@ def _attention(
     scale: float | None,
     return_stats: bool,
     backend: str,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rope_style: str = "interleaved",
 ) -> tuple[Tensor, AttentionStats]:
     """Validated dispatch shared by ``attention`` and the drop-in interfaces.
 
@@ -342,6 +462,7 @@ def _attention(
     j <= i + Nk - Nq) or "top_left" (torch SDPA: iff j <= i).
     """
     attn_mask = _check_attention_args(fn, q, k, v, kv_registers, sinks, key_mask, attn_mask, num_prefix_tokens, scale)
+    _check_rope(fn, q, k, rope, rope_style)
     causal_offset = {None: None, "top_left": 0, "bottom_right": k.shape[2] - q.shape[2]}[causal]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _resolve_backend(fn, backend, q)
@@ -357,8 +478,14 @@ def _attention(
             causal_offset=causal_offset,
             num_prefix_tokens=num_prefix_tokens,
             scale=scale,
+            rope=rope,
+            rope_style=rope_style,
         )
     rk, rv = kv_registers if kv_registers is not None else (None, None)
+    cos = sin = None
+    if rope is not None:  # tables in the accumulation type, [N, D] contiguous (a few KiB)
+        table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cos, sin = (t.to(table_dtype).contiguous() for t in rope)
     out, lse, entropy, register_share, key_mass = torch.ops.dsr_kernels.attention_fwd(
         q,
         k,
@@ -371,6 +498,9 @@ def _attention(
         num_prefix_tokens,
         scale,
         causal_offset,
+        cos,
+        sin,
+        ROPE_STYLES.index(rope_style),
         return_stats,
         backend,
     )
@@ -391,6 +521,8 @@ def attention(
     num_prefix_tokens: int = 0,
     scale: float | None = None,
     return_stats: bool = False,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rope_style: str = "interleaved",
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, AttentionStats]:
     """Softmax attention over [registers ; tokens] (+ sink), with outlier statistics.
@@ -420,6 +552,11 @@ def attention(
         scale: logit scale, default 1 / sqrt(D).
         return_stats: also return :class:`AttentionStats` (lse, entropy,
             register_share [B, H, Nq] and key_mass [B, H, R + Nk], float32).
+        rope: (cos, sin) rotary tables [N, D] (self-attention, N = Nq = Nk), applied
+            inside the kernels to q and the token keys (never to kv_registers); rows of
+            cos 1, sin 0 leave a token unrotated (``dsr_kernels.rope``).
+        rope_style: "interleaved" (pairs 2i, 2i + 1: EVA, LightningDiT, JiT) or "half"
+            (pairs i, i + D/2).
         backend: "auto" (Triton for CUDA tensors, else "torch"), "triton", "torch"
             (chunked PyTorch, memory O(chunk * Nk)) or "reference" (float64, materialises
             the probabilities). An explicit backend that cannot run raises.
@@ -447,5 +584,7 @@ def attention(
         scale=scale,
         return_stats=return_stats,
         backend=backend,
+        rope=rope,
+        rope_style=rope_style,
     )
     return (out, stats) if return_stats else out

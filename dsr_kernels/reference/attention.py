@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dsr_kernels.rope import apply_rope
 from dsr_kernels.types import AttentionStats
 
 
@@ -25,6 +26,8 @@ def attention_ref(
     causal_offset: int | None = None,
     num_prefix_tokens: int = 0,
     scale: float | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rope_style: str = "interleaved",
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, AttentionStats]:
     """Attention over [registers ; tokens] with an optional sink, and its statistics.
@@ -33,6 +36,8 @@ def attention_ref(
     [B, H, R, D]; sinks [H]; key_mask [B, Nk] bool (True = may be attended); attn_mask
     bool or additive float, broadcastable to [B, H, Nq, Nk], applied to token keys only;
     causal_offset: when not None, token key j is visible to query i iff j <= i + offset.
+    rope: (cos, sin) tables [N, D] (N = Nq = Nk) rotating q and the token keys
+    (``dsr_kernels.rope.apply_rope``); the register keys are not rotated.
 
     Registers are never masked. The sink adds exp(sinks[h]) to the softmax denominator
     and is one outcome of the distribution, with no value vector.
@@ -46,6 +51,9 @@ def attention_ref(
     scale = D**-0.5 if scale is None else scale
     cd = compute_dtype
     q_, k_, v_ = q.to(cd), k.to(cd), v.to(cd)
+    if rope is not None:
+        cos, sin = (t.to(cd) for t in rope)
+        q_, k_ = apply_rope(q_, cos, sin, rope_style), apply_rope(k_, cos, sin, rope_style)
 
     token_logits = (q_ @ k_.transpose(-1, -2)) * scale  # [B, H, Nq, Nk]
     allowed = torch.ones(B, H, Nq, Nk, dtype=torch.bool, device=q.device)

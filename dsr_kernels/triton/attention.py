@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsr_kernels.backends import triton_interpreting
+from dsr_kernels.rope import apply_rope_transpose
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -44,6 +45,32 @@ HEAD_SPLIT = os.environ.get("DSR_ATTN_HEAD_SPLIT", "auto")
 def _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
     ptrs = BASE + rows[:, None] * stride_row + offs_d[None, :]
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _load_qk(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, COS, SIN,
+             ROPE: tl.constexpr, IS_REGISTER: tl.constexpr):
+    """A q or k tile, rotated when ROPE (1 interleaved pairs, 2 half pairs) for token rows.
+
+    rope(x)[d] = x[d] cos[n, d] + sign[d] x[partner(d)] sin[n, d] (dsr_kernels.rope), in
+    float32, rounded back to x's dtype for the tensor cores. Register keys never rotate.
+    """
+    x = _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM)
+    if ROPE != 0 and not IS_REGISTER:
+        if ROPE == 1:
+            first = (offs_d % 2) == 0
+            partner = offs_d ^ 1
+        else:
+            first = offs_d < HEAD_DIM // 2
+            partner = tl.where(first, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        xp = _load_tile(BASE, rows, n_rows, stride_row, partner, HEAD_DIM)
+        in_tab = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+        tab = rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        c = tl.load(COS + tab, mask=in_tab, other=1.0)
+        s = tl.load(SIN + tab, mask=in_tab, other=0.0)
+        sign = tl.where(first, -1.0, 1.0)
+        x = (x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * s).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -114,15 +141,17 @@ def _fwd_tile(
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
     CAUSAL_OFFSET,
+    COS, SIN,
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     k1 = k0
     if SPLIT_D:
-        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
     s = _mask_logits(
         s, rows, cols, n_keys, b64, h64, NQ,
@@ -157,7 +186,7 @@ def _fwd_tile(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, RK, RV, SINKS, KEY_MASK, ATTN_MASK,
+    Q, K, V, RK, RV, SINKS, KEY_MASK, ATTN_MASK, COS, SIN,
     OUT, LSE, ENTROPY, REG_SHARE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -172,6 +201,7 @@ def _attn_fwd_kernel(
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """out_i = sum_j softmax_j(s_ij) v_j over [registers ; tokens] (+ sink), s = q k^T scale."""
     pid_m = tl.program_id(0)
@@ -183,10 +213,10 @@ def _attn_fwd_kernel(
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
 
     q_base = Q + b64 * stride_qb + h64 * stride_qh
-    q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
     q1 = q0
     if SPLIT_D:
-        q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
 
     # The sink is one more outcome with logit sinks[h]: start the running softmax on it.
     if HAS_SINKS:
@@ -209,8 +239,9 @@ def _attn_fwd_kernel(
             rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION,
+            RETURN_STATS, DOT_PRECISION, ROPE,
         )
 
     hi = NK
@@ -225,8 +256,9 @@ def _attn_fwd_kernel(
             rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION,
+            RETURN_STATS, DOT_PRECISION, ROPE,
         )
 
     # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
@@ -255,18 +287,20 @@ def _key_mass_tile(
     stride_qb, stride_qh, stride_qm, NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    COS, SIN,
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     k1 = k0
     if SPLIT_D:
-        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     mass = tl.zeros([BLOCK_N], tl.float32)
     lo = 0
@@ -275,10 +309,10 @@ def _key_mass_tile(
             lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
         q1 = q0
         if SPLIT_D:
-            q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
         # Rows past NQ or with lse = -inf contribute exp2(s - inf) = 0.
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -295,7 +329,7 @@ def _key_mass_tile(
 
 @triton.jit
 def _attn_key_mass_kernel(
-    Q, K, RK, LSE, KEY_MASK, ATTN_MASK, KEY_MASS,
+    Q, K, RK, LSE, KEY_MASK, ATTN_MASK, COS, SIN, KEY_MASS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_rkb, stride_rkh, stride_rkn,
@@ -306,6 +340,7 @@ def _attn_key_mass_kernel(
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """key_mass[b, h, j] = sum_i exp(s_ij - lse_i): one program per key block, no atomics."""
     pid_n = tl.program_id(0)
@@ -320,8 +355,9 @@ def _attn_key_mass_kernel(
             bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         tl.store(out_base + cols, mass, mask=cols < R)
@@ -332,8 +368,9 @@ def _attn_key_mass_kernel(
             bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         tl.store(out_base + R + cols, mass, mask=cols < NK)
@@ -384,20 +421,22 @@ def _dkdv_tile(
     NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    COS, SIN,
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
     k1 = k0
     v1 = v0
     if SPLIT_D:
-        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
         v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
@@ -411,12 +450,12 @@ def _dkdv_tile(
             lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
         do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
         q1 = q0
         do1 = do0
         if SPLIT_D:
-            q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
             do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
         stat_offs = bh.to(tl.int64) * NQ + rows
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
@@ -444,7 +483,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK,
+    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK, COS, SIN,
     DK, DV, DRK, DRV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -461,6 +500,7 @@ def _attn_bwd_dkdv_kernel(
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """dV_j = sum_i p_ij dO_i, dK_j = scale sum_i p_ij (dO_i . v_j - delta_i) q_i.
 
@@ -481,8 +521,9 @@ def _attn_bwd_dkdv_kernel(
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         # DRK/DRV are contiguous float32 [B, H, R, HEAD_DIM].
@@ -501,8 +542,9 @@ def _attn_bwd_dkdv_kernel(
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+            COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         dk_base = DK + b64 * stride_dkb + h64 * stride_dkh
@@ -521,17 +563,19 @@ def _dq_tile(
     rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
+    COS, SIN,
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
     v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
     k1 = k0
     v1 = v0
     if SPLIT_D:
-        k1 = _load_tile(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
         v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
     s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
     s = _mask_logits(
@@ -551,7 +595,7 @@ def _dq_tile(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK, DQ,
+    Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK, COS, SIN, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -566,6 +610,7 @@ def _attn_bwd_dq_kernel(
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """dQ_i = scale sum_j p_ij (dO_i . v_j - delta_i) k_j over registers and tokens."""
     pid_m = tl.program_id(0)
@@ -577,12 +622,12 @@ def _attn_bwd_dq_kernel(
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh
-    q0 = _load_tile(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM)
+    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
     do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
     q1 = q0
     do1 = do0
     if SPLIT_D:
-        q1 = _load_tile(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM)
+        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
         do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
     stat_offs = bh.to(tl.int64) * NQ + rows
     lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
@@ -600,7 +645,8 @@ def _attn_bwd_dq_kernel(
             rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
-            True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            COS, SIN,
+            True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
     hi = NK
     if IS_CAUSAL:
@@ -614,7 +660,8 @@ def _attn_bwd_dq_kernel(
             rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
-            False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION,
+            COS, SIN,
+            False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
     _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM)
@@ -677,6 +724,13 @@ def _bwd_config(tiling: _Tiling, dtype: torch.dtype) -> tuple[int, int, int, int
     return 32, 32, 4, 1
 
 
+def _rope_flag(rope_cos: Tensor | None, style: str) -> int:
+    """ROPE constexpr of the kernels: 0 none, 1 interleaved pairs, 2 half pairs."""
+    if rope_cos is None:
+        return 0
+    return 1 if style == "interleaved" else 2
+
+
 def _reg_strides(rk: Tensor | None) -> tuple[int, int, int]:
     if rk is None:
         return 0, 0, 0
@@ -713,6 +767,10 @@ def attention_fwd_triton(
     entropy: Tensor,
     register_share: Tensor,
     key_mass: Tensor,
+    *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
 ) -> None:
     """Fills out, lse and (with return_stats) the statistics; see chunked.attention for the contract."""
     B, H, NQ, D = q.shape
@@ -724,15 +782,16 @@ def attention_fwd_triton(
     flags = dict(
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
         HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
-        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec,
+        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
     )
+    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
     causal = 0 if causal_offset is None else causal_offset
     qk_scale = scale * LOG2E
     rk_, rv_ = (rk, rv) if rk is not None else (q, q)
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
     stats_dst = (entropy, register_share) if return_stats else (lse, lse)
     _attn_fwd_kernel[(triton.cdiv(NQ, block_m), B * H)](
-        q, k, v, rk_, rv_, sinks if sinks is not None else q, km, am,
+        q, k, v, rk_, rv_, sinks if sinks is not None else q, km, am, cos, sin,
         out, lse, *stats_dst,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -749,7 +808,7 @@ def attention_fwd_triton(
     block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
     n_reg_blocks = triton.cdiv(R, block_n)
     _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
-        q, k, rk_, lse, km, am, key_mass,
+        q, k, rk_, lse, km, am, cos, sin, key_mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *_reg_strides(rk), *km_strides, *am_strides,
@@ -778,8 +837,16 @@ def attention_bwd_triton(
     drk: Tensor | None,
     drv: Tensor | None,
     dsinks: Tensor | None,
+    *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
 ) -> None:
-    """Fills dq, dk, dv (and drk, drv, dsinks when present)."""
+    """Fills dq, dk, dv (and drk, drv, dsinks when present).
+
+    With rope the kernels produce the gradients of the rotated q and k (float32); they
+    are rotated back with the transpose of the rotation afterwards.
+    """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     R = 0 if rk is None else rk.shape[-2]
@@ -789,11 +856,18 @@ def attention_bwd_triton(
     flags = dict(
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
         HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
-        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec,
+        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
     )
+    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
     causal = 0 if causal_offset is None else causal_offset
     qk_scale = scale * LOG2E
     rk_, rv_ = (rk, rv) if rk is not None else (q, q)
+    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
+    dq_out, dk_out = dq, dk
+    if rope_cos is not None:
+        dq, dk = torch.empty(dq.shape, dtype=torch.float32, device=q.device), torch.empty(
+            dk.shape, dtype=torch.float32, device=q.device
+        )
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
 
@@ -820,7 +894,7 @@ def attention_bwd_triton(
     else:
         drk_buf = drv_buf = delta
     _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
-        q, k, v, rk_, rv_, dout, lse, delta, km, am,
+        q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin,
         dk, dv, drk_buf, drv_buf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -841,7 +915,7 @@ def attention_bwd_triton(
 
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(NQ, block_m), B * H)](
-        q, k, v, rk_, rv_, dout, lse, delta, km, am, dq,
+        q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -852,3 +926,6 @@ def attention_bwd_triton(
         H, NQ, NK, R, causal, qk_scale, scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
+    if rope_cos is not None:
+        dq_out.copy_(apply_rope_transpose(dq, rope_cos, rope_sin, rope_style))
+        dk_out.copy_(apply_rope_transpose(dk, rope_cos, rope_sin, rope_style))
