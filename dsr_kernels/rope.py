@@ -58,30 +58,34 @@ def rope_2d_tables(
 ) -> tuple[Tensor, Tensor]:
     """EVA-style 2D rotary tables for a grid_h x grid_w token grid, interleaved pairs.
 
-    The first half of the channels rotates with the row index, the second half with the
-    column index; each half uses frequencies theta^(-2i / (head_dim / 2)), each frequency
-    repeated for its channel pair. ``num_identity_rows`` rows of (cos 1, sin 0) come
-    first: tokens prepended to the sequence (registers) that are not rotated.
+    As EVA-02's ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)`` (used
+    by LightningDiT, RAE, DSR and JiT), computed the same way in float32 so that the
+    tables equal their checkpoint buffers: frequencies theta^(-2i / (head_dim / 2)),
+    each repeated for its channel pair; the first half of the channels rotates with
+    the row index, the second half with the column index (token = row * grid_w + col).
+    ``num_identity_rows`` rows of (cos 1, sin 0) come first: tokens prepended to the
+    sequence (registers, in-context tokens) that are not rotated.
 
     Returns (cos, sin), each [num_identity_rows + grid_h * grid_w, head_dim] float32.
     """
     if head_dim % 4:
         raise ValueError(f"rope_2d_tables(): head_dim must be a multiple of 4, got {head_dim}")
-    quarter = head_dim // 4
-    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)  # [D/4]
-    rows = torch.arange(grid_h, dtype=torch.float64, device=device)
-    cols = torch.arange(grid_w, dtype=torch.float64, device=device)
-    ang_h = rows[:, None] * freqs[None, :]  # [H, D/4]
-    ang_w = cols[:, None] * freqs[None, :]  # [W, D/4]
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))
+
+    def axis(n: int) -> Tensor:  # [n, dim]: angle of each channel (pairs repeated)
+        pos = torch.arange(n, device=device, dtype=torch.float32)
+        return (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)
+
     ang = torch.cat(
-        [ang_h[:, None, :].expand(grid_h, grid_w, quarter), ang_w[None, :, :].expand(grid_h, grid_w, quarter)], -1
-    ).reshape(grid_h * grid_w, head_dim // 2)
-    ang = ang.repeat_interleave(2, dim=-1)  # [N, D]: one angle per channel pair
-    cos, sin = torch.cos(ang), torch.sin(ang)
+        [axis(grid_h)[:, None, :].expand(grid_h, grid_w, dim), axis(grid_w)[None, :, :].expand(grid_h, grid_w, dim)],
+        dim=-1,
+    ).reshape(grid_h * grid_w, head_dim)
+    cos, sin = ang.cos(), ang.sin()
     if num_identity_rows:
-        cos = torch.cat([torch.ones(num_identity_rows, head_dim, dtype=cos.dtype, device=device), cos])
-        sin = torch.cat([torch.zeros(num_identity_rows, head_dim, dtype=sin.dtype, device=device), sin])
-    return cos.float(), sin.float()
+        cos = torch.cat([torch.ones(num_identity_rows, head_dim, device=device), cos])
+        sin = torch.cat([torch.zeros(num_identity_rows, head_dim, device=device), sin])
+    return cos, sin
 
 
 def rope_1d_tables(

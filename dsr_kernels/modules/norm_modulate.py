@@ -19,7 +19,9 @@ class NormModulate(nn.Module):
     as in ``nn.LayerNorm``, so those state dicts load.
 
     Inside :func:`dsr_kernels.outliers.collect` it reports the token norms, max |x| and
-    sum x^4 of its input, which its kernel computes in the same pass.
+    sum x^4 of its input, which its kernel computes in the same pass (``record=False``
+    keeps a second norm of the same block, e.g. the one before the MLP, out of the
+    layer's record).
     """
 
     def __init__(
@@ -31,8 +33,10 @@ class NormModulate(nn.Module):
         elementwise_affine: bool = False,
         bias: bool = False,
         backend: str = "auto",
+        record: bool = True,
     ) -> None:
         super().__init__()
+        self.record = record
         if kind not in KINDS:
             raise ValueError(f"NormModulate: kind must be one of {KINDS}, got {kind!r}")
         self.dim, self.kind, self.eps, self.backend = dim, kind, eps, backend
@@ -49,7 +53,7 @@ class NormModulate(nn.Module):
         return_norms: bool = False,
     ) -> NormModulateResult:
         """x [B, N, D]; shift, scale [B, D]; registers [R, D] or [B, R, D] (see norm_modulate)."""
-        recording = outliers.active_layer(self)
+        recording = outliers.active_layer(self) if self.record else None
         weight = None if self.weight is None else self.weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         result, moments = _norm_modulate(
