@@ -4,7 +4,7 @@
 #   2. measure the card's ceilings (bf16 matmul rate, copy bandwidth),
 #   3. run the tests marked gpu (real Triton kernels on CUDA vs the float64 reference),
 #   4. run the attention and norm_modulate benchmarks on the default GPU shapes (and
-#      head dim 80 split vs padded),
+#      head dim 80 split vs padded), and the whole-model register overhead (XL models),
 #   5. merge everything into $OUT/gpu_check.json and print a short table last.
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh [--dry-run]
 # --dry-run (for a CPU machine) skips what needs CUDA and benchmarks one tiny shape.
@@ -20,6 +20,7 @@ RUNS="$(mktemp -d)"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
 status=0
+exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive the steps)
 
 {
   echo "== install"
@@ -41,14 +42,18 @@ status=0
     timeout 60 "$PY" -m dsr_kernels.cli bench --op attention --budget 0.4 --out "$RUNS/headdim" \
       --shape 256,16,256,80,36 --modes fwd,full --providers dsr,dsr_pad,sdpa_flash_cat || status=1
     timeout 90 "$PY" -m dsr_kernels.cli bench --op norm_modulate --budget 0.4 --out "$RUNS" || status=1
+    timeout 150 "$PY" -m dsr_kernels.cli bench --op models --budget 0.4 --out "$RUNS" \
+      --shapes LightningDiT-XL/1,DiT-XL/2 --registers 0,16,36,64 || status=1
   else
     timeout 240 "$PY" -m dsr_kernels.cli bench --op attention --device cpu --budget 0.1 --out "$RUNS" \
       --shape 1,2,64,72,4 --modes fwd,bwd || status=1
     timeout 240 "$PY" -m dsr_kernels.cli bench --op norm_modulate --device cpu --budget 0.1 --out "$RUNS" \
       --shape 2,64,72,4 --modes fwd,bwd || status=1
+    timeout 240 "$PY" -m dsr_kernels.cli bench --op models --device cpu --budget 0.1 --out "$RUNS" \
+      --shapes LightningDiT-S/1 --registers 0,36 --modes fwd || status=1
   fi
 
   echo "== summary"
   "$PY" benchmarks/gpu_summary.py "$RUNS" "$OUT" || status=1
-} 2>&1 | tee "$OUT/gpu_check.log"
-exit $(( status | PIPESTATUS[0] ))
+}
+exit $status

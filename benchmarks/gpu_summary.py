@@ -36,8 +36,12 @@ def main(runs_dir: str, out_dir: str) -> None:
                 continue
             if "tflops" in r:
                 rate = f"{r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
-            else:
+            elif "gb_per_s" in r:
                 rate = f"{r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
+            else:  # whole models: register overheads
+                rate = (
+                    f"R={r.get('R')} flops x{r.get('flop_overhead', 1):.3f} latency x{r.get('latency_overhead', 1):.3f}"
+                )
             print(
                 f"  {r['shape']:<24} {r['mode']:<4} {r['provider']:<18} {r['median_ms']:9.3f} ms {rate}  "
                 f"x{r.get('speedup_vs_baseline') or 0:.2f} vs baseline  {r.get('peak_mem_mb', 0):9.1f} MiB"

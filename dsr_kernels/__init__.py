@@ -1,7 +1,8 @@
 """dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
 
-from dsr_kernels import outliers
+from dsr_kernels import models, outliers
 from dsr_kernels.backends import BackendUnavailable, explain
+from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.modules.norm_modulate import NormModulate
 from dsr_kernels.ops.attention import attention
@@ -14,12 +15,15 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "BackendUnavailable",
+    "FlopCount",
     "NormModulate",
     "NormModulateResult",
     "RegisterAttention",
     "attention",
     "explain",
     "flash_attn_func",
+    "flops",
+    "models",
     "norm_modulate",
     "outliers",
     "scaled_dot_product_attention",

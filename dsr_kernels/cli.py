@@ -21,11 +21,11 @@ def _device(name: str) -> torch.device:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dsr_kernels.benchmark import attention, norm_modulate
+    from dsr_kernels.benchmark import attention, models, norm_modulate
     from dsr_kernels.benchmark.common import write_results
 
-    suites = {"attention": attention, "norm_modulate": norm_modulate}
-    ops = list(suites) if args.op == "all" else [args.op]
+    suites = {"attention": attention, "norm_modulate": norm_modulate, "models": models}
+    ops = {"kernels": ["attention", "norm_modulate"], "all": list(suites)}.get(args.op, [args.op])
     device = _device(args.device)
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -39,10 +39,14 @@ def _bench(args: argparse.Namespace) -> int:
     known = {s.name for op in ops for s in suites[op].default_shapes(device)}
     if names and set(names) - known:
         raise SystemExit(f"dsr-kernels bench: unknown shape(s) {sorted(set(names) - known)}; known: {sorted(known)}")
-    modes = args.modes.split(",")
+    modes = args.modes.split(",") if args.modes else None
     for op in ops:
         suite = suites[op]
-        bad = [m for m in modes if m not in suite.MODES]
+        if modes is None:
+            op_modes = list(suite.MODES)
+        else:
+            op_modes = [m for m in modes if m in suite.MODES] if len(ops) > 1 else modes
+        bad = [m for m in op_modes if m not in suite.MODES]
         if bad:
             raise SystemExit(f"dsr-kernels bench: unknown mode(s) {bad}; expected some of {suite.MODES}")
         shapes = [s for s in suite.default_shapes(device) if names is None or s.name in names]
@@ -52,16 +56,18 @@ def _bench(args: argparse.Namespace) -> int:
         if not shapes:
             continue
         providers = args.providers.split(",") if args.providers else None
-        print(f"dsr-kernels bench: {op} on {device} ({dtype}), {len(shapes)} shapes, modes {modes}", flush=True)
+        extra = {"registers": [int(r) for r in args.registers.split(",")]} if op == "models" and args.registers else {}
+        print(f"dsr-kernels bench: {op} on {device} ({dtype}), {len(shapes)} shapes, modes {op_modes}", flush=True)
         env, rows = suite.run(
             device=device,
             dtype=dtype,
             shapes=shapes,
             providers=providers,
-            modes=modes,
+            modes=op_modes,
             memory=not args.no_memory,
             budget_s=args.budget,
             log=lambda line: print(line, flush=True),
+            **extra,
         )
         suite.print_report(env, rows)
         json_path, csv_path = write_results(args.out, f"{op}-{_dt.date.today().isoformat()}-{device.type}", env, rows)
@@ -99,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="what registers and statistics cost, against PyTorch, on this device")
-    b.add_argument("--op", default="all", choices=["all", "attention", "norm_modulate"])
+    b.add_argument(
+        "--op",
+        default="kernels",
+        choices=["kernels", "all", "attention", "norm_modulate", "models"],
+        help="kernels (default): attention and norm_modulate; models: whole models with registers; all",
+    )
     b.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     b.add_argument(
         "--dtype",
@@ -116,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a custom shape (repeatable, one --op): attention B,H,N,D,R; norm_modulate B,N,D,R",
     )
     b.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
-    b.add_argument("--modes", default="fwd,bwd,full", help="comma-separated from fwd,bwd,full")
+    b.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated from fwd,bwd,full (attention, norm_modulate) and fwd,train (models); "
+        "default: all of the op's modes",
+    )
+    b.add_argument("--registers", default=None, help="models: comma-separated register counts (default 0,4,16,36,64)")
     b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per measurement")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     b.add_argument("--out", default="dsr-bench-results", help="folder for the JSON and CSV results")

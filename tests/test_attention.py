@@ -8,6 +8,7 @@ multiples of any block size, head dims that are not powers of two, R = 0 / 1 / 3
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -86,8 +87,8 @@ CASES = [
 ]
 
 
-def make_inputs(case: Case, device: str = "cpu") -> dict:
-    g = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + seed)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
@@ -156,8 +157,8 @@ def run_reference(case: Case, inputs: dict, dout: torch.Tensor, compute_dtype: t
     return out, stats, grads
 
 
-def check_case(case: Case, backend: str, device: str = "cpu") -> None:
-    inputs = make_inputs(case, device)
+def check_case(case: Case, backend: str, device: str = "cpu", seed: int = 0) -> None:
+    inputs = make_inputs(case, device, seed)
     dout = torch.randn(case.B, case.H, case.Nq, case.D, device=device).to(case.dtype)
 
     kw, wrt = leaves(inputs, None)
@@ -173,12 +174,13 @@ def check_case(case: Case, backend: str, device: str = "cpu") -> None:
     ref_out, ref_stats, ref_grads = run_reference(case, cpu, dout.cpu(), torch.float64)
     eager_out, eager_stats, eager_grads = run_reference(case, cpu, dout.cpu(), case.dtype)
 
-    assert_within_eager_error("out", out, ref_out, eager_out, case.dtype)
+    K = max(case.Nq, case.R + case.Nk, case.D)  # the longest reduction of the forward and backward
+    assert_within_eager_error("out", out, ref_out, eager_out, case.dtype, reduction=K)
     for name, got, ref, eager in zip(AttentionStats._fields, stats, ref_stats, eager_stats, strict=True):
-        assert_within_eager_error(name, got, ref, eager, case.dtype)
+        assert_within_eager_error(name, got, ref, eager, case.dtype, reduction=K)
     for name, got, ref, eager in zip(differentiable(inputs), grads, ref_grads, eager_grads, strict=True):
         assert got.shape == ref.shape and got.dtype == wrt[differentiable(inputs).index(name)].dtype
-        assert_within_eager_error(f"d{name}", got, ref, eager, case.dtype)
+        assert_within_eager_error(f"d{name}", got, ref, eager, case.dtype, reduction=K)
 
 
 requires_interpreter = pytest.mark.skipif(
@@ -231,7 +233,7 @@ def test_torch_backend_chunks_match_single_chunk(monkeypatch):
 
 
 @requires_interpreter
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     B=st.integers(1, 2),
     H=st.integers(1, 3),
