@@ -1,0 +1,173 @@
+"""Compiles the package's Triton kernel launches for a real GPU (sm_90 by default), without a GPU.
+
+The tests run the Triton kernels in Triton's CPU interpreter, which accepts programs the
+GPU compiler rejects (and the other way round). This script drives the real launchers
+with CPU tensors over the configurations they choose (dtypes, head-dim tilings, masks,
+causal, RoPE, statistics on and off, norm kinds), captures each launch instead of
+running it, and compiles it ahead of time with Triton for each target, down to cubin
+with ptxas. Run by CI; exits non-zero if any launch fails to compile.
+
+    python tools/check_triton_compile.py [--arch 90] [--arch 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # must be off before triton is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def capture_launches(fn) -> list[tuple[JITFunction, tuple, dict]]:
+    """Runs fn() with every `kernel[grid](...)` recorded instead of launched."""
+    captured = []
+    original = JITFunction.__getitem__
+
+    def fake_getitem(self, grid):
+        return lambda *args, **kwargs: captured.append((self, args, kwargs))
+
+    JITFunction.__getitem__ = fake_getitem
+    try:
+        fn()
+    finally:
+        JITFunction.__getitem__ = original
+    return captured
+
+
+def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict, arch: int) -> None:
+    names = kernel.arg_names
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    values = dict(zip(names, args, strict=False))
+    values.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    signature, constexprs = {}, {}
+    for name in names:
+        value = values[name]
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        else:
+            signature[name] = mangle_type(value)
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
+
+
+def attention_launches():
+    from dsr_kernels.ops import attention as ops
+    from dsr_kernels.rope import rope_1d_tables
+    from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
+
+    def run(dtype, D, *, R=4, sinks=True, key_mask=False, attn_mask=None, causal=None, rope=None, stats=True):
+        B, H, N = 1, 2, 40
+        q, k, v = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(3))
+        rk = rv = torch.randn(H, R, D, dtype=dtype) if R else None
+        s = torch.randn(H) if sinks else None
+        km = torch.rand(B, N) > 0.5 if key_mask else None
+        am = None
+        if attn_mask == "bool":
+            am = (torch.rand(B, 1, N, N) > 0.5).expand(B, H, N, N)
+        elif attn_mask == "float":
+            am = torch.randn(1, H, N, N).expand(B, H, N, N)
+        cos = sin = None
+        kw = {}
+        if rope:
+            cos, sin = rope_1d_tables(N, D, style=rope)
+            kw = dict(rope_cos=cos, rope_sin=sin, rope_style=rope)
+        outs = ops._alloc_fwd(q, k, rk, stats)
+        attention_fwd_triton(q, k, v, rk, rv, s, km, am, 2, 0.1, causal, stats, *outs, **kw)
+        grads = ops._alloc_bwd(q, k, rk, s)
+        attention_bwd_triton(
+            torch.randn_like(outs[0]), q, k, v, rk, rv, s, km, am, outs[0], outs[1], 0.1, causal, *grads, **kw
+        )
+
+    configs = [
+        lambda: run(torch.bfloat16, 72),  # DSR DiT-XL: split head dim 64 + 16
+        lambda: run(torch.bfloat16, 128),
+        lambda: run(torch.float16, 64),
+        lambda: run(torch.float32, 72),  # ieee dots
+        lambda: run(torch.bfloat16, 80, R=0, sinks=False, key_mask=True, causal=0),
+        lambda: run(torch.bfloat16, 72, attn_mask="bool", rope="interleaved"),
+        lambda: run(torch.float16, 96, attn_mask="float", rope="half", stats=False),
+        lambda: run(torch.bfloat16, 256, R=1, causal=3),
+        lambda: run(torch.float32, 160, key_mask=True),
+        lambda: run(torch.bfloat16, 16, R=0, sinks=False),
+    ]
+    return configs
+
+
+def norm_launches():
+    from dsr_kernels.ops import norm_modulate as ops
+
+    def run(dtype, D, *, kind="layernorm", R=36, shared=True, affine=False, modulate=True):
+        B, N = 2, 10
+        x = torch.randn(B, N, D, dtype=dtype)
+        shift = scale = torch.randn(B, D, dtype=dtype) if modulate else None
+        w = b = torch.randn(D, dtype=dtype) if affine else None
+        regs = (torch.randn(R, D, dtype=dtype) if shared else torch.randn(B, R, D, dtype=dtype)) if R else None
+        outs = ops._norm_modulate_fwd_triton(x, shift, scale, w, b, regs, kind, 1e-6, True, True)
+        ops._norm_modulate_bwd_triton(
+            torch.randn_like(outs[0]),
+            torch.randn_like(outs[0]) if R else None,
+            x,
+            shift,
+            scale,
+            w,
+            b,
+            regs,
+            outs[4],
+            outs[5],
+            kind,
+        )
+
+    return [
+        lambda: run(torch.bfloat16, 1152),
+        lambda: run(torch.float16, 1153, kind="rmsnorm", affine=True, shared=False),
+        lambda: run(torch.float32, 72, R=0, modulate=False),
+        lambda: run(torch.bfloat16, 8192, kind="rmsnorm", R=1),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default: 90)")
+    arches = parser.parse_args().arch or [90]
+
+    launches = []
+    for make in attention_launches() + norm_launches():
+        launches += capture_launches(make)
+    unique = {}
+    for kernel, args, kwargs in launches:
+        options = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        key = (kernel.fn.__name__, tuple(mangle_type(a) for a in args), options)
+        unique.setdefault(key, (kernel, args, kwargs))
+    failures = 0
+    start = time.time()
+    for arch in arches:
+        for (name, _, _), (kernel, args, kwargs) in unique.items():
+            try:
+                compile_launch(kernel, args, kwargs, arch)
+            except Exception as exc:
+                failures += 1
+                print(f"FAIL sm_{arch} {name} {kwargs}: {type(exc).__name__}: {str(exc)[:2000]}")
+    print(
+        f"compiled {len(unique)} distinct launches for sm_{', sm_'.join(map(str, arches))} "
+        f"in {time.time() - start:.0f} s: {failures} failures"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
