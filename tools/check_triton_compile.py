@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be off before triton is imported
+# A fresh cache: every launch really compiles (and reports its shared memory).
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsr-triton-check-")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -44,7 +47,12 @@ def capture_launches(fn) -> list[tuple[JITFunction, tuple, dict]]:
     return captured
 
 
-def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict, arch: int) -> None:
+# Shared memory one block may use (opt-in maximum): sm_80 163 KiB, sm_90 227 KiB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict, arch: int) -> int:
+    """Compiles one launch; returns its static shared memory in bytes."""
     names = kernel.arg_names
     constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
     values = dict(zip(names, args, strict=False))
@@ -58,11 +66,12 @@ def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict, arch: int) ->
         else:
             signature[name] = mangle_type(value)
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
-    triton.compile(
+    compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32),
         options=options,
     )
+    return compiled.metadata.shared
 
 
 def attention_launches():
@@ -153,18 +162,22 @@ def main() -> int:
         options = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
         key = (kernel.fn.__name__, tuple(mangle_type(a) for a in args), options)
         unique.setdefault(key, (kernel, args, kwargs))
-    failures = 0
+    failures = max_shared = 0
     start = time.time()
     for arch in arches:
         for (name, _, _), (kernel, args, kwargs) in unique.items():
             try:
-                compile_launch(kernel, args, kwargs, arch)
+                shared = compile_launch(kernel, args, kwargs, arch)
+                if shared > SMEM_LIMIT.get(arch, 99 * 1024):
+                    failures += 1
+                    print(f"FAIL sm_{arch} {name} {kwargs}: needs {shared} B of shared memory")
+                max_shared = max(max_shared, shared)
             except Exception as exc:
                 failures += 1
                 print(f"FAIL sm_{arch} {name} {kwargs}: {type(exc).__name__}: {str(exc)[:2000]}")
     print(
         f"compiled {len(unique)} distinct launches for sm_{', sm_'.join(map(str, arches))} "
-        f"in {time.time() - start:.0f} s: {failures} failures"
+        f"in {time.time() - start:.0f} s (at most {max_shared // 1024} KiB of shared memory): {failures} failures"
     )
     return 1 if failures else 0
 
