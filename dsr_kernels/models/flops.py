@@ -44,7 +44,8 @@ def flops(model: nn.Module, batch_size: int = 1) -> FlopCount:
     if isinstance(model, DiTDH):
         (De, Dd), (Le, Ld) = model.hidden_size, model.depth
         N, C, p, R = model.s_embedder.num_patches, model.in_channels, model.patch_size, model.num_registers
-        parts["embed"] = N * C * p * p * De + N * C * p * p * Dd + 2 * 256 * De + De * De
+        t_in = 2 * model.t_embedder.W.numel()
+        parts["embed"] = N * C * p * p * De + N * C * p * p * Dd + t_in * De + De * De
         for i in range(Le):
             T = N + (R if R and i >= model.register_start else 0)
             parts[f"blocks.{i}"] = _block_macs(T, De, "swiglu")

@@ -20,6 +20,7 @@ from dsr_kernels import outliers
 from dsr_kernels.modules.norm_modulate import NormModulate
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.rope import apply_rope
+from dsr_kernels.types import NormModulateResult
 
 # ----------------------------------------------------------------------------- embeddings
 
@@ -230,8 +231,6 @@ class ReferenceNormModulate(NormModulate):
     def forward(self, x, shift=None, scale=None, *, registers=None, return_norms=False):
         if (self.record and outliers.active_layer(self) is not None) or return_norms:
             return super().forward(x, shift, scale, registers=registers, return_norms=return_norms)
-        from dsr_kernels.types import NormModulateResult
-
         residual = None
         if registers is not None:
             regs = registers.expand(x.shape[0], -1, -1) if registers.dim() == 2 else registers
