@@ -3,7 +3,7 @@
     python benchmarks/bench_models.py [--shapes LightningDiT-S/1] [--budget 2]   # JSON + CSV rows
     pytest benchmarks/bench_models.py                                          # pytest-benchmark
 
-See ``dsr_kernels.benchmark.models``: providers fused / reference (eager PyTorch),
+See ``dsr_kernels.benchmark.models``: providers fused / eager (plain PyTorch),
 modes fwd / train, R in 0, 4, 16, 36, 64; CPU runs the S models at batch 2, CUDA the
 XL models (bf16 autocast).
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dsr_kernels.benchmark import models as bench
+from dsr_kernels.diffusion import FlowMatching
 from dsr_kernels.models import create_model
-from dsr_kernels.models.training import FlowMatching
 
 
 def _device() -> torch.device:
@@ -30,9 +30,9 @@ def _device() -> torch.device:
 )
 def test_model(benchmark, shape, registers, provider, mode):
     device = _device()
-    model = create_model(
-        shape.name, num_registers=registers, backend="reference" if provider == "reference" else "auto"
-    ).to(device)
+    model = create_model(shape.name, num_registers=registers, backend="eager" if provider == "eager" else "auto").to(
+        device
+    )
     model.train(mode == "train")
     x = torch.randn(shape.B, model.in_channels, model.input_size, model.input_size, device=device)
     y = torch.randint(0, 1000, (shape.B,), device=device)

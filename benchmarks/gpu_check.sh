@@ -4,7 +4,8 @@
 #   2. measure the card's ceilings (bf16 matmul rate, copy bandwidth),
 #   3. run the tests marked gpu (real Triton kernels on CUDA vs the float64 reference),
 #   4. run the attention and norm_modulate benchmarks on the default GPU shapes (and
-#      head dim 80 split vs padded), and the whole-model register overhead (XL models),
+#      head dim 80 split vs padded), the whole-model register overhead (XL models), and the
+#      encoder's (trained, test-time and recursive test-time registers, hook baseline),
 #   5. merge everything into $OUT/gpu_check.json and print a short table last.
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh [--dry-run]
 # --dry-run (for a CPU machine) skips what needs CUDA and benchmarks one tiny shape.
@@ -44,6 +45,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive 
     timeout 90 "$PY" -m dsr_kernels.cli bench --op norm_modulate --budget 0.4 --out "$RUNS" || status=1
     timeout 150 "$PY" -m dsr_kernels.cli bench --op models --budget 0.4 --out "$RUNS" \
       --shapes LightningDiT-XL/1,DiT-XL/2 --registers 0,16,36,64 || status=1
+    timeout 120 "$PY" -m dsr_kernels.cli bench --op encoder --budget 0.5 --out "$RUNS" || status=1
   else
     timeout 240 "$PY" -m dsr_kernels.cli bench --op attention --device cpu --budget 0.1 --out "$RUNS" \
       --shape 1,2,64,72,4 --modes fwd,bwd || status=1
@@ -51,6 +53,8 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive 
       --shape 2,64,72,4 --modes fwd,bwd || status=1
     timeout 240 "$PY" -m dsr_kernels.cli bench --op models --device cpu --budget 0.1 --out "$RUNS" \
       --shapes LightningDiT-S/1 --registers 0,36 --modes fwd || status=1
+    timeout 240 "$PY" -m dsr_kernels.cli bench --op encoder --device cpu --budget 0.05 --out "$RUNS" \
+      --shapes vit_base_patch16_siglip_256 || status=1
   fi
 
   echo "== summary"

@@ -34,6 +34,18 @@ def main(runs_dir: str, out_dir: str) -> None:
             if "median_ms" not in r:
                 print(f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} ERROR {r.get('error', '')[:80]}")
                 continue
+            if r.get("op") == "encoder":
+                overhead = r.get("latency_overhead_pct")
+                text = (
+                    "baseline"
+                    if overhead is None
+                    else f"{overhead:+.2f}% [{r['overhead_p20_pct']:+.2f}, {r['overhead_p80_pct']:+.2f}]"
+                )
+                print(
+                    f"  {r['shape']:<40} {r['provider']:<20} {r['median_ms']:9.3f} ms  "
+                    f"tokens +{r['token_overhead_pct']:.2f}%  latency {text}"
+                )
+                continue
             if "tflops" in r:
                 rate = f"{r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
             elif "gb_per_s" in r:

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "dsr_kernels/norm_modulate.h"
+#include "dsr_kernels/ttr_activation.h"
 
 namespace dsr_kernels {
 namespace {
@@ -183,6 +184,82 @@ BwdResult bwd_meta(const at::Tensor& dout, const std::optional<at::Tensor>& dres
           like(registers)};
 }
 
+// ----------------------------------------------------------------------------- ttr_activation
+
+PatchValues parse_patch_values(c10::string_view s) {
+  if (s == "zero") return PatchValues::Zero;
+  if (s == "mean") return PatchValues::Mean;
+  if (s == "only_outliers") return PatchValues::OnlyOutliers;
+  if (s == "same") return PatchValues::Same;
+  TORCH_CHECK(false, "ttr_activation: patch_values must be 'zero', 'mean', 'only_outliers' or 'same', got '",
+              std::string(s), "'");
+}
+
+RegisterValue parse_register_value(c10::string_view s) {
+  if (s == "signed_max") return RegisterValue::SignedMax;
+  if (s == "max") return RegisterValue::Max;
+  if (s == "layer_signed_max") return RegisterValue::LayerSignedMax;
+  TORCH_CHECK(false, "ttr_activation: register_value must be 'signed_max', 'max' or 'layer_signed_max', got '",
+              std::string(s), "'");
+}
+
+at::Tensor ttr_fwd(const at::Tensor& h, const at::Tensor& neurons, int64_t num_registers, int64_t num_prefix_tokens,
+                   c10::string_view patch_values, c10::string_view register_value, bool tanh) {
+  c10::OptionalDeviceGuard guard(h.device());
+  TORCH_CHECK(h.dim() == 3, "ttr_activation: h must be [B, T, F], got ", h.sizes());
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "ttr_activation: h must be floating, got ", h.scalar_type());
+  TORCH_CHECK(neurons.dim() == 1 && neurons.scalar_type() == at::kLong,
+              "ttr_activation: neurons must be a 1-D int64 tensor, got ", neurons.sizes(), " ", neurons.scalar_type());
+  TORCH_CHECK(neurons.device() == h.device(), "ttr_activation: neurons is on ", neurons.device(), " but h is on ",
+              h.device());
+  TtrActivationArgs a;
+  a.h = h.contiguous();
+  a.neurons = neurons.contiguous();
+  a.B = h.size(0);
+  a.T = h.size(1);
+  a.F = h.size(2);
+  a.K = neurons.size(0);
+  a.prefix = num_prefix_tokens;
+  a.registers = num_registers;
+  a.patch_values = parse_patch_values(patch_values);
+  a.register_value = parse_register_value(register_value);
+  a.tanh = tanh;
+  TORCH_CHECK(num_registers >= 1 && num_prefix_tokens >= 0 && num_prefix_tokens + num_registers <= a.T,
+              "ttr_activation: need num_registers >= 1, num_prefix_tokens >= 0 and their sum <= T = ", a.T, ", got ",
+              num_registers, " and ", num_prefix_tokens);
+  if (h.is_cpu() && a.K) {  // device tensors are range-checked by the Python API (without a sync here)
+    const int64_t* n = a.neurons.const_data_ptr<int64_t>();
+    for (int64_t k = 0; k < a.K; ++k)
+      TORCH_CHECK(n[k] >= 0 && n[k] < a.F, "ttr_activation: neurons[", k, "] = ", n[k], " is not in [0, F = ", a.F,
+                  ")");
+  }
+  at::Tensor out = at::empty_like(a.h);
+  const auto acc = h.options().dtype(acc_type(h.scalar_type()));
+  TtrColumnValues v;
+  v.reg = at::empty({a.B, a.K}, acc);
+  v.fill = at::empty({a.B, a.K}, acc);
+  v.thresh = at::empty({a.B, a.K}, acc);
+  if (out.numel() == 0) return out;
+  if (h.is_cuda()) {
+#ifdef DSR_WITH_CUDA
+    if (a.K) ttr_column_values_cuda(a, v);
+    ttr_activation_fwd_cuda(a, v, out);
+#else
+    TORCH_CHECK(false, "ttr_activation: this build of dsr_kernels has no CUDA kernels");
+#endif
+  } else {
+    if (a.K) ttr_column_values_cpu(a, v);
+    ttr_activation_fwd_cpu(a, v, out);
+  }
+  return out;
+}
+
+at::Tensor ttr_fwd_meta(const at::Tensor& h, const at::Tensor& neurons, int64_t num_registers,
+                        int64_t num_prefix_tokens, c10::string_view patch_values, c10::string_view register_value,
+                        bool tanh) {
+  return at::empty_symint(h.sym_sizes(), h.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsr_kernels, m) {
@@ -194,23 +271,29 @@ TORCH_LIBRARY(dsr_kernels, m) {
       "norm_modulate_bwd(Tensor dout, Tensor? dresidual, Tensor x, Tensor? shift, Tensor? scale, Tensor? weight, "
       "Tensor? bias, Tensor? registers, Tensor mean, Tensor rstd, str kind) "
       "-> (Tensor dx, Tensor dshift, Tensor dscale, Tensor dweight, Tensor dbias, Tensor dregisters)");
+  m.def(
+      "ttr_activation_fwd(Tensor h, Tensor neurons, int num_registers, int num_prefix_tokens, str patch_values, "
+      "str register_value, bool tanh) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsr_kernels, CPU, m) {
   m.impl("norm_modulate_fwd", &fwd);
   m.impl("norm_modulate_bwd", &bwd);
+  m.impl("ttr_activation_fwd", &ttr_fwd);
 }
 
 #ifdef DSR_WITH_CUDA
 TORCH_LIBRARY_IMPL(dsr_kernels, CUDA, m) {
   m.impl("norm_modulate_fwd", &fwd);
   m.impl("norm_modulate_bwd", &bwd);
+  m.impl("ttr_activation_fwd", &ttr_fwd);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(dsr_kernels, Meta, m) {
   m.impl("norm_modulate_fwd", &fwd_meta);
   m.impl("norm_modulate_bwd", &bwd_meta);
+  m.impl("ttr_activation_fwd", &ttr_fwd_meta);
 }
 
 }  // namespace dsr_kernels
@@ -227,5 +310,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("cpu_capability", [] { return std::string(dsr_kernels::ttr_activation_cpu_capability()); },
+        "the instruction set the CPU kernels picked at run time (avx512, avx2 or default)");
 }
 #endif

@@ -1,6 +1,6 @@
 """dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
 
-from dsr_kernels import models, outliers
+from dsr_kernels import models, outliers, registers
 from dsr_kernels.backends import BackendUnavailable, explain
 from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.modules.attention import RegisterAttention
@@ -8,6 +8,7 @@ from dsr_kernels.modules.norm_modulate import NormModulate
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.ops.attention_dropin import flash_attn_func, scaled_dot_product_attention
 from dsr_kernels.ops.norm_modulate import norm_modulate
+from dsr_kernels.ops.ttr_activation import ttr_activation
 from dsr_kernels.types import AttentionStats, NormModulateResult
 
 __version__ = "0.1.0"
@@ -26,5 +27,7 @@ __all__ = [
     "models",
     "norm_modulate",
     "outliers",
+    "registers",
     "scaled_dot_product_attention",
+    "ttr_activation",
 ]

@@ -74,4 +74,8 @@ def explain(op: str = "attention", device: str | torch.device = "cpu") -> dict[s
         from dsr_kernels.ops.norm_modulate import explain_norm_modulate
 
         return explain_norm_modulate(device)
-    raise ValueError(f"explain(): unknown op {op!r}; expected 'attention' or 'norm_modulate'")
+    if op == "ttr_activation":
+        from dsr_kernels.ops.ttr_activation import explain_ttr_activation
+
+        return explain_ttr_activation(device)
+    raise ValueError(f"explain(): unknown op {op!r}; expected 'attention', 'norm_modulate' or 'ttr_activation'")

@@ -1,6 +1,7 @@
 """``dsr-kernels``: the command line.
 
-dsr-kernels bench          # attention benchmark on the current device, defaults
+dsr-kernels bench               # attention and norm_modulate on the current device, defaults
+dsr-kernels bench --op encoder  # what (recursive) test-time registers cost a ViT encoder
 dsr-kernels bench --help   # shapes, providers, modes, output folder
 dsr-kernels info           # versions and which backend runs where, and why not
 """
@@ -21,10 +22,10 @@ def _device(name: str) -> torch.device:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dsr_kernels.benchmark import attention, models, norm_modulate
+    from dsr_kernels.benchmark import attention, encoder, models, norm_modulate
     from dsr_kernels.benchmark.common import write_results
 
-    suites = {"attention": attention, "norm_modulate": norm_modulate, "models": models}
+    suites = {"attention": attention, "norm_modulate": norm_modulate, "models": models, "encoder": encoder}
     ops = {"kernels": ["attention", "norm_modulate"], "all": list(suites)}.get(args.op, [args.op])
     device = _device(args.device)
     dtype = {
@@ -36,6 +37,8 @@ def _bench(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.shapes.split(",") if n.strip()] if args.shapes else None
     if args.shape and len(ops) != 1:
         raise SystemExit("dsr-kernels bench: --shape needs one --op (attention: B,H,N,D,R; norm_modulate: B,N,D,R)")
+    if args.shape and ops[0] in ("models", "encoder"):
+        raise SystemExit(f"dsr-kernels bench: --op {ops[0]} takes model names with --shapes, not --shape")
     known = {s.name for op in ops for s in suites[op].default_shapes(device)}
     if names and set(names) - known:
         raise SystemExit(f"dsr-kernels bench: unknown shape(s) {sorted(set(names) - known)}; known: {sorted(known)}")
@@ -92,9 +95,13 @@ def _info(_: argparse.Namespace) -> int:
     device = _device("auto")
     for key, value in environment(device).items():
         print(f"{key:>16}: {value}")
+    from dsr_kernels._extension import _C
+
+    print(f"{'cpu kernels isa':>16}: {_C.cpu_capability() if _C is not None else 'extension not built'}")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for backend, reason in dsr_kernels.explain("attention", dev).items():
-            print(f"attention[{dev}] {backend:>9}: {reason}")
+        for op in ("attention", "norm_modulate", "ttr_activation"):
+            for backend, reason in dsr_kernels.explain(op, dev).items():
+                print(f"{op}[{dev}] {backend:>9}: {reason}")
     return 0
 
 
@@ -108,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--op",
         default="kernels",
-        choices=["kernels", "all", "attention", "norm_modulate", "models"],
-        help="kernels (default): attention and norm_modulate; models: whole models with registers; all",
+        choices=["kernels", "all", "attention", "norm_modulate", "models", "encoder"],
+        help="kernels (default): attention and norm_modulate; models: whole denoisers with registers; "
+        "encoder: ViT encoders with trained, test-time and recursive test-time registers; all",
     )
     b.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     b.add_argument(

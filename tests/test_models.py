@@ -9,8 +9,8 @@ import torch
 
 import dsr_kernels
 from dsr_kernels.backends import triton_interpreting
+from dsr_kernels.diffusion import FlowMatching, GaussianDiffusion, sample_ddim, sample_euler
 from dsr_kernels.models import create_model, flops, list_models
-from dsr_kernels.models.training import FlowMatching, GaussianDiffusion, sample_ddim, sample_euler
 from utils import assert_within_eager_error
 
 # Small configurations of every family (registers from block 1 or 2 so that blocks both
@@ -195,17 +195,17 @@ def test_flops_scale_with_batch_and_registers():
 
 @pytest.mark.parametrize("registers", [0, 4])
 @pytest.mark.parametrize("family", list(SMALL))
-def test_fused_model_matches_reference_model(family, registers):
+def test_fused_model_matches_eager_model(family, registers):
     """Fused ops (CPU: compiled norm kernels + torch attention) vs eager PyTorch, out and grads."""
     fused = perturb(small(family, num_registers=registers, register_start=1))
-    check_against_reference(family, fused, registers)
+    check_against_eager(family, fused, registers)
 
 
-def check_against_reference(family, fused, registers, backend_name="auto"):
+def check_against_eager(family, fused, registers, backend_name="auto"):
     sd = fused.state_dict()
-    ref64 = small(family, num_registers=registers, register_start=1, backend="reference").double()
+    ref64 = small(family, num_registers=registers, register_start=1, backend="eager").double()
     ref64.load_state_dict(sd)
-    ref32 = small(family, num_registers=registers, register_start=1, backend="reference")
+    ref32 = small(family, num_registers=registers, register_start=1, backend="eager")
     ref32.load_state_dict(sd)
     x, t, y = batch(fused)
     for m in (fused, ref64, ref32):
@@ -224,10 +224,10 @@ def check_against_reference(family, fused, registers, backend_name="auto"):
 
 @pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("family", ["LightningDiT", "JiT"])
-def test_triton_model_matches_reference_model(family):
+def test_triton_model_matches_eager_model(family):
     """The whole model on the Triton kernels (in-kernel RoPE, prefix tokens), in the interpreter."""
     fused = perturb(small(family, num_registers=4, register_start=1, backend="triton"))
-    check_against_reference(family, fused, 4)
+    check_against_eager(family, fused, 4)
 
 
 def test_zero_registers_is_the_baseline_model():

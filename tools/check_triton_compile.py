@@ -3,7 +3,7 @@
 The tests run the Triton kernels in Triton's CPU interpreter, which accepts programs the
 GPU compiler rejects (and the other way round). This script drives the real launchers
 with CPU tensors over the configurations they choose (dtypes, head-dim tilings, masks,
-causal, RoPE, statistics on and off, norm kinds), captures each launch instead of
+causal, RoPE, statistics on and off, norm kinds, test-time register variants), captures each launch instead of
 running it, and compiles it ahead of time with Triton for each target, down to cubin
 with ptxas. Run by CI; exits non-zero if any launch fails to compile.
 
@@ -149,13 +149,38 @@ def norm_launches():
     ]
 
 
+def ttr_launches():
+    from dsr_kernels.triton.ttr_activation import ttr_activation_triton
+
+    def run(dtype, F, *, K=3, patch_values="zero", register_value="signed_max", tanh=False):
+        h = torch.randn(2, 20, F, dtype=dtype)
+        neurons = torch.randperm(F)[:K]
+        ttr_activation_triton(
+            h,
+            neurons,
+            torch.empty_like(h),
+            num_registers=1,
+            num_prefix_tokens=1,
+            patch_values=patch_values,
+            register_value=register_value,
+            tanh=tanh,
+        )
+
+    return [
+        lambda: run(torch.bfloat16, 3072),  # ViT-B's MLP
+        lambda: run(torch.float16, 4304, patch_values="only_outliers", tanh=True),  # So400M's
+        lambda: run(torch.float32, 72, patch_values="mean", register_value="layer_signed_max"),
+        lambda: run(torch.bfloat16, 100, K=0, patch_values="same"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default: 90)")
     arches = parser.parse_args().arch or [90]
 
     launches = []
-    for make in attention_launches() + norm_launches():
+    for make in attention_launches() + norm_launches() + ttr_launches():
         launches += capture_launches(make)
     unique = {}
     for kernel, args, kwargs in launches:

@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,70 @@ def measure_ms(
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object] | tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]],
+    device: torch.device,
+    *,
+    repeats: int,
+    rng: random.Random | None = None,
+    max_warmup: int = 10,
+    tolerance: float = 0.05,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per-call milliseconds of each provider, the repeats interleaved across providers.
+
+    ``fns`` maps a provider to a callable, or to (setup, callable) where ``setup()`` is a
+    context manager entered around the provider's call but outside its timed region
+    (switching a model's state, say). Each provider is first warmed up until two
+    successive times agree within ``tolerance`` (at most ``max_warmup`` calls); then each
+    of ``repeats`` rounds calls every provider once, in an order shuffled per round, so
+    that drift of the machine's speed hits all providers alike. Returns ({provider:
+    times}, {provider: warm-up calls}).
+    """
+    rng = rng or random.Random(0)
+    entries = {name: f if isinstance(f, tuple) else (contextlib.nullcontext, f) for name, f in fns.items()}
+    warm: dict[str, int] = {}
+    for name, (setup, fn) in entries.items():
+        with setup():
+            last, calls = None, 0
+            while calls < max_warmup:
+                t = _time_once(fn, device)
+                calls += 1
+                if last is not None and abs(t - last) <= tolerance * min(t, last):
+                    break
+                last = t
+        warm[name] = calls
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    order = list(entries)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            setup, fn = entries[name]
+            with setup():
+                synchronize(device)
+                times[name].append(_time_once(fn, device))
+    return times, warm
+
+
+def ratio_summary(times: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
+    """Median and p20/p80 of the per-round ratios times[i] / baseline[i] (same round: paired)."""
+    ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+    qs = statistics.quantiles(ratios, n=5) if len(ratios) >= 2 else [ratios[0]] * 4
+    return {"median": statistics.median(ratios), "p20": qs[0], "p80": qs[3]}
 
 
 def summarize(times: Sequence[float]) -> dict[str, float]:

@@ -1,13 +1,13 @@
 """What diffusion registers cost a whole model: latency next to FLOPs, fused vs eager.
 
 For each model and register count R (0, 4, 16, 36, 64), providers ``fused`` (the
-package's ops) and ``reference`` (the same model on eager PyTorch: LayerNorm / RMSNorm,
+package's ops) and ``eager`` (the same model on eager PyTorch: LayerNorm / RMSNorm,
 modulate, torch.cat, F.scaled_dot_product_attention), modes ``fwd`` (a forward pass in
 inference mode) and ``train`` (forward, flow or epsilon loss, backward). Each row carries
 the model's analytic FLOPs, its FLOP overhead over R = 0 and its measured latency
 overhead over R = 0 with the same provider and mode: the claim under test is that the
 latency overhead of registers stays within 1.2x of their FLOP overhead (the insertion and
-the statistics themselves cost nothing extra), and that fused beats reference.
+the statistics themselves cost nothing extra), and that fused beats eager.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from dsr_kernels.benchmark.common import environment, format_table, measure_ms, summarize
+from dsr_kernels.diffusion import FlowMatching, GaussianDiffusion
 from dsr_kernels.models import create_model, flops
 from dsr_kernels.models.dit import DiT, SiT
-from dsr_kernels.models.training import FlowMatching, GaussianDiffusion
 
-BASELINE = "reference"
+BASELINE = "eager"
 MODES = ("fwd", "train")
 REGISTERS = (0, 4, 16, 36, 64)
 
@@ -82,7 +82,7 @@ def run(
         base_flops = None
         for R in registers:
             for provider in providers:
-                backend = "reference" if provider == "reference" else "auto"
+                backend = "eager" if provider == "eager" else "auto"
                 try:
                     with torch.device(device):  # initialise on the device: XL models take seconds on a CPU
                         model = create_model(shape.name, num_registers=R, backend=backend)

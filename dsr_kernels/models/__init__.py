@@ -1,6 +1,8 @@
-"""Reference diffusion transformers on the fused ops, with DSR's diffusion registers.
+"""Reference models on the fused ops: diffusion transformers with DSR's diffusion registers,
+and the ViT encoders (DINOv2, SigLIP / SigLIP2) that test-time registers apply to.
 
 model = dsr_kernels.models.create_model("LightningDiT-XL/1", num_registers=36)
+encoder = dsr_kernels.models.create_model("vit_so400m_patch14_siglip_224")
 dsr_kernels.flops(model)   # FlopCount(flops, macs, by_block)
 """
 
@@ -9,5 +11,18 @@ from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.models.jit import JiT
 from dsr_kernels.models.lightningdit import DiTDH, LightningDiT
 from dsr_kernels.models.registry import create_model, list_models
+from dsr_kernels.models.vit import RAEEncoder, VisionTransformer
 
-__all__ = ["DiT", "DiTDH", "FlopCount", "JiT", "LightningDiT", "SiT", "create_model", "flops", "list_models"]
+__all__ = [
+    "DiT",
+    "DiTDH",
+    "FlopCount",
+    "JiT",
+    "LightningDiT",
+    "RAEEncoder",
+    "SiT",
+    "VisionTransformer",
+    "create_model",
+    "flops",
+    "list_models",
+]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr_kernels.models.common import check_input, check_registers, make_register_params
+from dsr_kernels.models.flops import block_macs, mlp_macs
 from dsr_kernels.models.layers import (
     Block,
     FinalLayer,
@@ -80,6 +81,16 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    def macs_by_part(self) -> dict[str, int]:
+        """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
+        D, N, p, C = self.hidden_size, self.x_embedder.num_patches, self.patch_size, self.in_channels
+        parts = {"embed": N * C * p * p * D + 256 * D + D * D}  # patches, timestep MLP (256 frequencies)
+        for i in range(self.depth):
+            T = N + (self.num_registers if self.num_registers and i >= self.register_start else 0)
+            parts[f"blocks.{i}"] = block_macs(T, D, mlp_macs(D, 4 * D), adaln=6 * D * D)
+        parts["final"] = N * D * p * p * self.out_channels + 2 * D * D
+        return parts
 
     def registers(self) -> Tensor | None:
         """The R register tokens as inserted, [R, D] (learned tokens + their position embedding)."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr_kernels.models.common import RopeTables, check_input, check_registers, make_register_params
+from dsr_kernels.models.flops import block_macs, mlp_macs
 from dsr_kernels.models.layers import (
     Block,
     BottleneckPatchEmbed,
@@ -27,6 +28,7 @@ from dsr_kernels.models.layers import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     init_adaln_zero,
+    swiglu_hidden,
     unpatchify,
 )
 
@@ -98,6 +100,17 @@ class JiT(nn.Module):
             n += self.num_registers if self.num_registers and i >= self.register_start else 0
             counts.append(n)
         return counts
+
+    def macs_by_part(self) -> dict[str, int]:
+        """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
+        D, N, p, C = self.hidden_size, self.x_embedder.num_patches, self.patch_size, self.in_channels
+        bn = self.x_embedder.proj1.out_channels
+        parts = {"embed": N * C * p * p * bn + N * bn * D + 256 * D + D * D}
+        mlp = mlp_macs(D, swiglu_hidden(D), gated=True)
+        for i, extra in enumerate(self._prefix_counts()):
+            parts[f"blocks.{i}"] = block_macs(N + extra, D, mlp, adaln=6 * D * D)
+        parts["final"] = N * D * p * p * self.out_channels + 2 * D * D
+        return parts
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         check_input(self, x, t, y, self.in_channels, self.input_size)

@@ -2,9 +2,10 @@
 
 Parameter names follow the official implementations (DiT's models.py, LightningDiT as in
 RAE / DSR, JiT), so their checkpoints load with ``strict=True``. Every module takes a
-``backend``: the package's backends ("auto", "triton", "torch", ...) run the fused ops;
-"reference" runs the same model on plain eager PyTorch (``F.layer_norm`` / RMSNorm,
-modulate, ``torch.cat``, ``F.scaled_dot_product_attention``), as the official code does.
+``backend``: the ops' backends ("auto", "triton", "torch", "reference", ...) run the fused
+ops (``"reference"``: their float64 definitions); ``"eager"`` runs the same model on plain
+PyTorch (``F.layer_norm`` / RMSNorm, modulate, ``torch.cat``,
+``F.scaled_dot_product_attention``), as the official code does.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr_kernels import outliers
+from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.modules.norm_modulate import NormModulate
-from dsr_kernels.ops.attention import attention
-from dsr_kernels.rope import apply_rope
 from dsr_kernels.types import NormModulateResult
 
 # ----------------------------------------------------------------------------- embeddings
@@ -138,19 +138,6 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm with a weight (LightningDiT, JiT): computed in float32, cast back, then scaled."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
-
-
 class Mlp(nn.Module):
     """DiT's MLP (timm names fc1, fc2) with tanh-approximated GELU."""
 
@@ -178,54 +165,7 @@ def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
     return int(2 / 3 * int(dim * mlp_ratio))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (names qkv, proj; q_norm, k_norm) on ``dsr_kernels.attention``.
-
-    q, k, v are read in place from the qkv projection output; RoPE, when given, is applied
-    inside the attention kernel. Inside :func:`dsr_kernels.outliers.collect` the module
-    reports its attention statistics (computed by the same kernel).
-    """
-
-    def __init__(
-        self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False, backend: str = "auto"
-    ) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, num_prefix_tokens: int = 0) -> Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # [B, N, H, hd] views of the projection output
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, hd]
-        recording = outliers.active_layer(self)
-        if self.backend == "reference" and recording is None:
-            if rope is not None:
-                cos, sin = (t.to(q.dtype) for t in rope)
-                q, k = apply_rope(q, cos, sin, "interleaved"), apply_rope(k, cos, sin, "interleaved")
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            result = attention(
-                q,
-                k,
-                v,
-                rope=rope,
-                num_prefix_tokens=num_prefix_tokens,
-                return_stats=recording is not None,
-                backend=self.backend,
-            )
-            out, stats = result if recording is not None else (result, None)
-            if recording is not None:
-                report, layer = recording
-                report.record_attention(layer, stats, 0)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class ReferenceNormModulate(NormModulate):
+class EagerNormModulate(NormModulate):
     """NormModulate on eager PyTorch (F.layer_norm / RMSNorm, modulate, torch.cat)."""
 
     def forward(self, x, shift=None, scale=None, *, registers=None, return_norms=False):
@@ -248,14 +188,18 @@ class ReferenceNormModulate(NormModulate):
         return NormModulateResult(y, residual, None)
 
 
-def make_norm(dim: int, *, kind: str, affine: bool, backend: str, record: bool = True) -> NormModulate:
-    cls = ReferenceNormModulate if backend == "reference" else NormModulate
+def make_norm(
+    dim: int, *, kind: str, affine: bool, backend: str, record: bool = True, bias: bool = False, eps: float = 1e-6
+) -> NormModulate:
+    """The fused norm (``NormModulate``), or its eager PyTorch twin for ``backend="eager"``."""
+    cls = EagerNormModulate if backend == "eager" else NormModulate
     return cls(
         dim,
         kind=kind,
-        eps=1e-6,
+        eps=eps,
         elementwise_affine=affine,
-        backend="auto" if backend == "reference" else backend,
+        bias=bias,
+        backend="auto" if backend == "eager" else backend,
         record=record,
     )
 
@@ -274,7 +218,7 @@ class Block(nn.Module):
         super().__init__()
         affine = norm == "rmsnorm"  # DiT: LayerNorm without affine; LightningDiT, JiT: RMSNorm with weight
         self.norm1 = make_norm(dim, kind=norm, affine=affine, backend=backend)
-        self.attn = Attention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=backend)
+        self.attn = RegisterAttention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=backend)
         # The layer's outlier record takes the token norms of the block's input (norm1).
         self.norm2 = make_norm(dim, kind=norm, affine=affine, backend=backend, record=False)
         self.mlp = SwiGLUFFN(dim, swiglu_hidden(dim)) if mlp == "swiglu" else Mlp(dim, int(dim * 4.0))

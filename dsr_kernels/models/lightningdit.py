@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr_kernels.models.common import RopeTables, check_input, check_registers, make_register_params
+from dsr_kernels.models.flops import block_macs, mlp_macs
 from dsr_kernels.models.layers import (
     Block,
     FinalLayer,
@@ -28,6 +29,7 @@ from dsr_kernels.models.layers import (
     PatchEmbed,
     get_2d_sincos_pos_embed,
     init_adaln_zero,
+    swiglu_hidden,
     unpatchify,
 )
 
@@ -85,6 +87,17 @@ class LightningDiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm="rmsnorm", backend=backend)
         init_adaln_zero(self)
+
+    def macs_by_part(self) -> dict[str, int]:
+        """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
+        D, N, p, C = self.hidden_size, self.x_embedder.num_patches, self.patch_size, self.in_channels
+        parts = {"embed": N * C * p * p * D + 2 * self.t_embedder.W.numel() * D + D * D}
+        mlp = mlp_macs(D, swiglu_hidden(D), gated=True)
+        for i in range(self.depth):
+            T = N + (self.num_registers if self.num_registers and i >= self.register_start else 0)
+            parts[f"blocks.{i}"] = block_macs(T, D, mlp, adaln=6 * D * D)
+        parts["final"] = N * D * p * p * self.out_channels + 2 * D * D
+        return parts
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         check_input(self, x, t, y, self.in_channels, self.input_size)
@@ -157,6 +170,23 @@ class DiTDH(nn.Module):
         )
         self.final_layer = FinalLayer(dec_dim, patch_size, self.out_channels, norm="rmsnorm", backend=backend)
         init_adaln_zero(self)
+
+    def macs_by_part(self) -> dict[str, int]:
+        """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
+        (De, Dd), (Le, Ld) = self.hidden_size, self.depth
+        N, C, p, R = self.s_embedder.num_patches, self.in_channels, self.patch_size, self.num_registers
+        t_in = 2 * self.t_embedder.W.numel()
+        parts = {"embed": N * C * p * p * De + N * C * p * p * Dd + t_in * De + De * De}
+        for i in range(Le):
+            T = N + (R if R and i >= self.register_start else 0)
+            parts[f"blocks.{i}"] = block_macs(T, De, mlp_macs(De, swiglu_hidden(De), gated=True), adaln=6 * De * De)
+        T = N + R
+        parts["s_projector"] = T * De * Dd
+        for j in range(Ld):  # the head's adaLN is per token
+            mlp = mlp_macs(Dd, swiglu_hidden(Dd), gated=True)
+            parts[f"blocks.{Le + j}"] = block_macs(T, Dd, mlp, adaln=T * 6 * Dd * Dd)
+        parts["final"] = N * Dd * p * p * self.out_channels + N * Dd * 2 * Dd
+        return parts
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         check_input(self, x, t, y, self.in_channels, self.input_size)

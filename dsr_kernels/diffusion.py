@@ -1,4 +1,4 @@
-"""Training objectives and samplers for the reference models.
+"""Diffusion and flow objectives and samplers, for any denoiser with the forward(x, t, y) of the reference models.
 
 - :class:`FlowMatching`: the objective of RAE / DSR's stage 2 (and, mirrored in time,
   JiT's): x_t = (1 - t) x + t eps with t from a logit-normal law and the resolution

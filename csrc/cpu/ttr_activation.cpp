@@ -1,0 +1,266 @@
+// CPU kernels of ttr_activation: GELU of the fc1 output with the test-time register
+// neurons redirected, in one pass over the activation (see ttr_activation.h).
+//
+// The GELU itself is vectorised with GCC/Clang vector extensions and compiled three
+// times (baseline x86-64, AVX2 + FMA, AVX-512); the instruction set is picked once at
+// run time from the processor (DSR_CPU_CAPABILITY=default|avx2|avx512 caps it). erf is
+// Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, the approximation ATen's own
+// vectorised GELU uses) with a Cephes-style exp, so the result is as accurate as eager
+// PyTorch's float32 GELU. Half and bfloat16 rows are converted to float once, through a
+// per-thread row buffer; double runs the exact scalar formula.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "dsr_kernels/ttr_activation.h"
+
+namespace dsr_kernels {
+namespace {
+
+// ----------------------------------------------------------------------------- scalar forms
+
+inline double gelu_scalar(double x, bool tanh_form) {
+  if (tanh_form) return 0.5 * x * (1.0 + std::tanh(0.79788456080286536 * (x + 0.044715 * x * x * x)));
+  return 0.5 * x * (1.0 + std::erf(x * 0.70710678118654752));
+}
+
+#if defined(__GNUC__)
+// ----------------------------------------------------------------------------- vector forms
+// ttr_activation_vec.h holds the vector GELU; it is compiled once per instruction set,
+// each copy in its own namespace under a `#pragma GCC target` region.
+#define DSR_VEC_NS vec_default
+#define DSR_VEC_BYTES 16
+#include "ttr_activation_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define DSR_VEC_NS vec_avx2
+#define DSR_VEC_BYTES 32
+#include "ttr_activation_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
+#define DSR_VEC_NS vec_avx512
+#define DSR_VEC_BYTES 64
+#include "ttr_activation_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#pragma GCC pop_options
+#endif
+void gelu_row_default(const float* x, float* y, int64_t n, bool tanh_form) { vec_default::gelu_row(x, y, n, tanh_form); }
+#if defined(__x86_64__)
+void gelu_row_avx2(const float* x, float* y, int64_t n, bool tanh_form) { vec_avx2::gelu_row(x, y, n, tanh_form); }
+void gelu_row_avx512(const float* x, float* y, int64_t n, bool tanh_form) { vec_avx512::gelu_row(x, y, n, tanh_form); }
+#endif
+#else   // no vector extensions: the exact scalar formula
+void gelu_row_default(const float* x, float* y, int64_t n, bool tanh_form) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(gelu_scalar(x[i], tanh_form));
+}
+#endif  // __GNUC__
+
+using GeluRowFn = void (*)(const float*, float*, int64_t, bool);
+
+struct Capability {
+  GeluRowFn fn;
+  const char* name;
+};
+
+Capability pick_capability() {
+  std::string cap;
+  if (const char* env = std::getenv("DSR_CPU_CAPABILITY")) cap = env;
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (cap.empty() || cap == "avx512")) return {gelu_row_avx512, "avx512"};
+  if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2")) return {gelu_row_avx2, "avx2"};
+#endif
+  return {gelu_row_default, "default"};
+}
+
+const Capability& capability() {
+  static const Capability cap = pick_capability();
+  return cap;
+}
+
+// GELU of n values into float (float, half and bfloat16 inputs).
+template <typename scalar_t>
+void gelu_to_float(const scalar_t* x, float* y, int64_t n, bool tanh_form) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    capability().fn(x, y, n, tanh_form);
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i]);
+    capability().fn(y, y, n, tanh_form);
+  }
+}
+
+template <typename acc_t>
+acc_t signed_max(acc_t hi, acc_t lo) {
+  return hi >= -lo ? hi : lo;
+}
+
+// ----------------------------------------------------------------------------- stage 1
+
+template <typename scalar_t, typename acc_t>
+void column_values_impl(const TtrActivationArgs& a, TtrColumnValues& v) {
+  const int64_t B = a.B, T = a.T, F = a.F, K = a.K, p0 = a.prefix, p1 = a.patch_end(), P = p1 - p0;
+  const scalar_t* h = a.h.const_data_ptr<scalar_t>();
+  const int64_t* neurons = a.neurons.const_data_ptr<int64_t>();
+  acc_t* reg = v.reg.mutable_data_ptr<acc_t>();
+  acc_t* fill = v.fill.mutable_data_ptr<acc_t>();
+  acc_t* thresh = v.thresh.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> hi(B * K), lo(B * K);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> col_in(T);
+    std::vector<acc_t> col(T);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / K, n = neurons[task % K];
+      for (int64_t t = 0; t < T; ++t) col_in[t] = h[(b * T + t) * F + n];
+      // The column's activations, computed exactly as the dense pass computes them.
+      if constexpr (std::is_same_v<acc_t, float>) {
+        gelu_to_float(col_in.data(), col.data(), T, a.tanh);
+      } else {
+        for (int64_t t = 0; t < T; ++t) col[t] = static_cast<acc_t>(gelu_scalar(col_in[t], a.tanh));
+      }
+      acc_t mx = -inf, mn = inf;
+      for (int64_t t = 0; t < T; ++t) {
+        mx = std::max(mx, col[t]);
+        mn = std::min(mn, col[t]);
+      }
+      hi[task] = mx;
+      lo[task] = mn;
+      reg[task] = a.register_value == RegisterValue::Max ? mx : signed_max(mx, mn);
+      acc_t f = 0, th = -inf;
+      if (a.patch_values == PatchValues::Mean && P > 0) {
+        const int64_t m = bottom_mean_count(P);
+        std::nth_element(col.begin() + p0, col.begin() + p0 + m - 1, col.begin() + p1);
+        // After nth_element the m smallest are the first m (in some order).
+        double s = 0;
+        for (int64_t t = p0; t < p0 + m; ++t) s += col[t];
+        f = static_cast<acc_t>(s / m);
+      } else if (a.patch_values == PatchValues::OnlyOutliers && P > 0) {
+        double s = 0;
+        for (int64_t t = p0; t < p1; ++t) s += col[t];
+        const double mean = s / P;
+        double ss = 0;
+        for (int64_t t = p0; t < p1; ++t) ss += (col[t] - mean) * (col[t] - mean);
+        // Unbiased, as torch.std: NaN for a single patch, which then replaces nothing.
+        const double sd = P > 1 ? std::sqrt(ss / (P - 1)) : std::numeric_limits<double>::quiet_NaN();
+        f = static_cast<acc_t>(mean);
+        th = static_cast<acc_t>(mean + sd);
+      } else if (a.patch_values == PatchValues::Same) {
+        th = inf;
+      }
+      fill[task] = f;
+      thresh[task] = th;
+    }
+  });
+  if (a.register_value == RegisterValue::LayerSignedMax) {
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t mx = -inf, mn = inf;
+      for (int64_t k = 0; k < K; ++k) {
+        mx = std::max(mx, hi[b * K + k]);
+        mn = std::min(mn, lo[b * K + k]);
+      }
+      for (int64_t k = 0; k < K; ++k) reg[b * K + k] = signed_max(mx, mn);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- stage 2
+
+// The selected columns of one row of activations (acc_t), overwritten in place.
+template <typename acc_t>
+inline void redirect_row(const TtrActivationArgs& a, const TtrColumnValues& v, const int64_t* neurons, acc_t* row,
+                         int64_t b, int64_t t) {
+  if (t < a.prefix || a.K == 0) return;
+  const int64_t K = a.K;
+  const acc_t* reg = v.reg.const_data_ptr<acc_t>() + b * K;
+  if (t >= a.patch_end()) {
+    for (int64_t k = 0; k < K; ++k) row[neurons[k]] = reg[k];
+    return;
+  }
+  const acc_t* fill = v.fill.const_data_ptr<acc_t>() + b * K;
+  const acc_t* thresh = v.thresh.const_data_ptr<acc_t>() + b * K;
+  switch (a.patch_values) {
+    case PatchValues::Zero:
+    case PatchValues::Mean:
+      for (int64_t k = 0; k < K; ++k) row[neurons[k]] = fill[k];
+      break;
+    case PatchValues::OnlyOutliers:
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t& x = row[neurons[k]];
+        if (x > thresh[k]) x = fill[k];
+      }
+      break;
+    case PatchValues::Same:
+      break;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_impl(const TtrActivationArgs& a, const TtrColumnValues& v, at::Tensor& out_t) {
+  const int64_t T = a.T, F = a.F;
+  const scalar_t* h = a.h.const_data_ptr<scalar_t>();
+  scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
+  const int64_t* neurons = a.K ? a.neurons.const_data_ptr<int64_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1));
+  at::parallel_for(0, a.B * T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : F);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / T, t = row % T;
+      const scalar_t* src = h + row * F;
+      scalar_t* dst = out + row * F;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t f = 0; f < F; ++f) dst[f] = gelu_scalar(src[f], a.tanh);
+        redirect_row<acc_t>(a, v, neurons, dst, b, t);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        gelu_to_float(src, dst, F, a.tanh);
+        redirect_row<acc_t>(a, v, neurons, dst, b, t);
+      } else {
+        gelu_to_float(src, buf.data(), F, a.tanh);
+        redirect_row<acc_t>(a, v, neurons, buf.data(), b, t);
+        for (int64_t f = 0; f < F; ++f) dst[f] = static_cast<scalar_t>(buf[f]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void ttr_column_values_cpu(const TtrActivationArgs& args, TtrColumnValues& values) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h.scalar_type(), "ttr_column_values_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    column_values_impl<scalar_t, acc_t>(args, values);
+  });
+}
+
+void ttr_activation_fwd_cpu(const TtrActivationArgs& args, const TtrColumnValues& values, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h.scalar_type(), "ttr_activation_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    fwd_impl<scalar_t, acc_t>(args, values, out);
+  });
+}
+
+const char* ttr_activation_cpu_capability() { return capability().name; }
+
+}  // namespace dsr_kernels
