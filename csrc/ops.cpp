@@ -248,8 +248,7 @@ at::Tensor ttr_fwd(const at::Tensor& h, const at::Tensor& neurons, int64_t num_r
     TORCH_CHECK(false, "ttr_activation: this build of dsr_kernels has no CUDA kernels");
 #endif
   } else {
-    if (a.K) ttr_column_values_cpu(a, v);
-    ttr_activation_fwd_cpu(a, v, out);
+    ttr_activation_cpu(a, v, out);
   }
   return out;
 }

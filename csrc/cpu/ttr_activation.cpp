@@ -1,5 +1,6 @@
-// CPU kernels of ttr_activation: GELU of the fc1 output with the test-time register
-// neurons redirected, in one pass over the activation (see ttr_activation.h).
+// CPU kernel of ttr_activation: GELU of the fc1 output with the test-time register
+// neurons redirected, in one pass over the activation (see ttr_activation.h and the
+// comment above fwd_impl).
 //
 // The GELU itself is vectorised with GCC/Clang vector extensions and compiled three
 // times (baseline x86-64, AVX2 + FMA, AVX-512); the instruction set is picked once at
@@ -112,57 +113,58 @@ void gelu_to_float(const scalar_t* x, float* y, int64_t n, bool tanh_form) {
   }
 }
 
+// ----------------------------------------------------------------------------- the op
+//
+// One pass over h, rows split over threads: each row's GELU is computed into the output
+// (a float row buffer for half / bfloat16), its K selected activations are copied, while
+// the row is in L1, into a compact [B, T, K] buffer, and for "zero" the selected columns
+// of a patch row are cleared before the row is stored. Then the per-(image, neuron)
+// values come from the compact buffer (contiguous: no strided column reads of h), and
+// only the register rows (and, for "mean" / "only_outliers", the patch rows' selected
+// columns) are written again: R x K (or T x K) elements per image.
+
 template <typename acc_t>
 acc_t signed_max(acc_t hi, acc_t lo) {
   return hi >= -lo ? hi : lo;
 }
 
-// ----------------------------------------------------------------------------- stage 1
-
-template <typename scalar_t, typename acc_t>
-void column_values_impl(const TtrActivationArgs& a, TtrColumnValues& v) {
-  const int64_t B = a.B, T = a.T, F = a.F, K = a.K, p0 = a.prefix, p1 = a.patch_end(), P = p1 - p0;
-  const scalar_t* h = a.h.const_data_ptr<scalar_t>();
-  const int64_t* neurons = a.neurons.const_data_ptr<int64_t>();
+// reg / fill / thresh [B, K] from the compact activations cols [B, T, K].
+template <typename acc_t>
+void column_values(const TtrActivationArgs& a, const acc_t* cols, TtrColumnValues& v) {
+  const int64_t B = a.B, T = a.T, K = a.K, p0 = a.prefix, p1 = a.patch_end(), P = p1 - p0;
   acc_t* reg = v.reg.mutable_data_ptr<acc_t>();
   acc_t* fill = v.fill.mutable_data_ptr<acc_t>();
   acc_t* thresh = v.thresh.mutable_data_ptr<acc_t>();
   std::vector<acc_t> hi(B * K), lo(B * K);
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> col_in(T);
-    std::vector<acc_t> col(T);
+    std::vector<acc_t> patch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / K, n = neurons[task % K];
-      for (int64_t t = 0; t < T; ++t) col_in[t] = h[(b * T + t) * F + n];
-      // The column's activations, computed exactly as the dense pass computes them.
-      if constexpr (std::is_same_v<acc_t, float>) {
-        gelu_to_float(col_in.data(), col.data(), T, a.tanh);
-      } else {
-        for (int64_t t = 0; t < T; ++t) col[t] = static_cast<acc_t>(gelu_scalar(col_in[t], a.tanh));
-      }
+      const int64_t b = task / K, k = task % K;
+      const acc_t* col = cols + b * T * K + k;  // stride K
       acc_t mx = -inf, mn = inf;
       for (int64_t t = 0; t < T; ++t) {
-        mx = std::max(mx, col[t]);
-        mn = std::min(mn, col[t]);
+        mx = std::max(mx, col[t * K]);
+        mn = std::min(mn, col[t * K]);
       }
       hi[task] = mx;
       lo[task] = mn;
       reg[task] = a.register_value == RegisterValue::Max ? mx : signed_max(mx, mn);
       acc_t f = 0, th = -inf;
       if (a.patch_values == PatchValues::Mean && P > 0) {
+        patch.resize(P);
+        for (int64_t t = 0; t < P; ++t) patch[t] = col[(p0 + t) * K];
         const int64_t m = bottom_mean_count(P);
-        std::nth_element(col.begin() + p0, col.begin() + p0 + m - 1, col.begin() + p1);
-        // After nth_element the m smallest are the first m (in some order).
-        double s = 0;
-        for (int64_t t = p0; t < p0 + m; ++t) s += col[t];
+        std::nth_element(patch.begin(), patch.begin() + m - 1, patch.end());
+        double s = 0;  // after nth_element the m smallest are the first m, in some order
+        for (int64_t t = 0; t < m; ++t) s += patch[t];
         f = static_cast<acc_t>(s / m);
       } else if (a.patch_values == PatchValues::OnlyOutliers && P > 0) {
         double s = 0;
-        for (int64_t t = p0; t < p1; ++t) s += col[t];
+        for (int64_t t = p0; t < p1; ++t) s += col[t * K];
         const double mean = s / P;
         double ss = 0;
-        for (int64_t t = p0; t < p1; ++t) ss += (col[t] - mean) * (col[t] - mean);
+        for (int64_t t = p0; t < p1; ++t) ss += (col[t * K] - mean) * (col[t * K] - mean);
         // Unbiased, as torch.std: NaN for a single patch, which then replaces nothing.
         const double sd = P > 1 ? std::sqrt(ss / (P - 1)) : std::numeric_limits<double>::quiet_NaN();
         f = static_cast<acc_t>(mean);
@@ -186,60 +188,59 @@ void column_values_impl(const TtrActivationArgs& a, TtrColumnValues& v) {
   }
 }
 
-// ----------------------------------------------------------------------------- stage 2
-
-// The selected columns of one row of activations (acc_t), overwritten in place.
-template <typename acc_t>
-inline void redirect_row(const TtrActivationArgs& a, const TtrColumnValues& v, const int64_t* neurons, acc_t* row,
-                         int64_t b, int64_t t) {
-  if (t < a.prefix || a.K == 0) return;
-  const int64_t K = a.K;
-  const acc_t* reg = v.reg.const_data_ptr<acc_t>() + b * K;
-  if (t >= a.patch_end()) {
-    for (int64_t k = 0; k < K; ++k) row[neurons[k]] = reg[k];
-    return;
-  }
-  const acc_t* fill = v.fill.const_data_ptr<acc_t>() + b * K;
-  const acc_t* thresh = v.thresh.const_data_ptr<acc_t>() + b * K;
-  switch (a.patch_values) {
-    case PatchValues::Zero:
-    case PatchValues::Mean:
-      for (int64_t k = 0; k < K; ++k) row[neurons[k]] = fill[k];
-      break;
-    case PatchValues::OnlyOutliers:
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t& x = row[neurons[k]];
-        if (x > thresh[k]) x = fill[k];
-      }
-      break;
-    case PatchValues::Same:
-      break;
-  }
-}
-
 template <typename scalar_t, typename acc_t>
-void fwd_impl(const TtrActivationArgs& a, const TtrColumnValues& v, at::Tensor& out_t) {
-  const int64_t T = a.T, F = a.F;
+void fwd_impl(const TtrActivationArgs& a, TtrColumnValues& v, at::Tensor& out_t) {
+  const int64_t B = a.B, T = a.T, F = a.F, K = a.K, p0 = a.prefix, p1 = a.patch_end();
   const scalar_t* h = a.h.const_data_ptr<scalar_t>();
   scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
-  const int64_t* neurons = a.K ? a.neurons.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* neurons = K ? a.neurons.const_data_ptr<int64_t>() : nullptr;
+  const bool zero_patches = a.patch_values == PatchValues::Zero;
+  std::vector<acc_t> cols(B * T * K);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1));
-  at::parallel_for(0, a.B * T, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : F);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / T, t = row % T;
       const scalar_t* src = h + row * F;
       scalar_t* dst = out + row * F;
+      acc_t* act = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst) : buf.data();
       if constexpr (std::is_same_v<scalar_t, double>) {
-        for (int64_t f = 0; f < F; ++f) dst[f] = gelu_scalar(src[f], a.tanh);
-        redirect_row<acc_t>(a, v, neurons, dst, b, t);
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        gelu_to_float(src, dst, F, a.tanh);
-        redirect_row<acc_t>(a, v, neurons, dst, b, t);
+        for (int64_t f = 0; f < F; ++f) act[f] = gelu_scalar(src[f], a.tanh);
       } else {
-        gelu_to_float(src, buf.data(), F, a.tanh);
-        redirect_row<acc_t>(a, v, neurons, buf.data(), b, t);
+        gelu_to_float(src, act, F, a.tanh);
+      }
+      if (K) {
+        acc_t* c = cols.data() + row * K;
+        for (int64_t k = 0; k < K; ++k) c[k] = act[neurons[k]];
+        const int64_t t = row % T;
+        if (zero_patches && t >= p0 && t < p1) {
+          for (int64_t k = 0; k < K; ++k) act[neurons[k]] = acc_t(0);
+        }
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
         for (int64_t f = 0; f < F; ++f) dst[f] = static_cast<scalar_t>(buf[f]);
+      }
+    }
+  });
+  if (!K) return;
+  column_values<acc_t>(a, cols.data(), v);
+  const acc_t* reg = v.reg.const_data_ptr<acc_t>();
+  const acc_t* fill = v.fill.const_data_ptr<acc_t>();
+  const acc_t* thresh = v.thresh.const_data_ptr<acc_t>();
+  const bool rewrite_patches =
+      a.patch_values == PatchValues::Mean || a.patch_values == PatchValues::OnlyOutliers;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = rewrite_patches ? p0 : p1; t < T; ++t) {
+        scalar_t* dst = out + (b * T + t) * F;
+        const acc_t* c = cols.data() + (b * T + t) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = b * K + k;
+          if (t >= p1) {
+            dst[neurons[k]] = static_cast<scalar_t>(reg[s]);
+          } else if (a.patch_values == PatchValues::Mean || c[k] > thresh[s]) {
+            dst[neurons[k]] = static_cast<scalar_t>(fill[s]);
+          }
+        }
       }
     }
   });
@@ -247,15 +248,8 @@ void fwd_impl(const TtrActivationArgs& a, const TtrColumnValues& v, at::Tensor& 
 
 }  // namespace
 
-void ttr_column_values_cpu(const TtrActivationArgs& args, TtrColumnValues& values) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h.scalar_type(), "ttr_column_values_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    column_values_impl<scalar_t, acc_t>(args, values);
-  });
-}
-
-void ttr_activation_fwd_cpu(const TtrActivationArgs& args, const TtrColumnValues& values, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h.scalar_type(), "ttr_activation_fwd_cpu", [&] {
+void ttr_activation_cpu(const TtrActivationArgs& args, TtrColumnValues& values, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h.scalar_type(), "ttr_activation_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     fwd_impl<scalar_t, acc_t>(args, values, out);
   });

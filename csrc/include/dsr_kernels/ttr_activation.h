@@ -3,13 +3,15 @@
 // neuron" columns, where the patch rows are replaced (zero / mean / only outliers) and
 // the test-time register rows receive the neuron's signed max over all tokens.
 //
-// Two stages, both reading h (the fc1 output, [B, T, F], T = prefix + patches +
-// registers):
-//   1. column values: per (image b, selected neuron k), over that one column only
-//      (B * T * K elements): the value for the register rows and the fill / threshold
-//      for the patch rows;
-//   2. one pass over h: gelu, with the K selected columns of the patch and register rows
-//      overwritten from stage 1.
+// h is the fc1 output, [B, T, F], T = prefix + patches + registers. The per-(image b,
+// selected neuron k) column values -- the register rows' value, the patch rows' fill /
+// threshold -- need a reduction over all T tokens of that one column:
+//   CUDA: two stages, both reading h: the column values from the K columns (B x K
+//     blocks), then one pass over h writing gelu with the selected columns overwritten;
+//   CPU: one pass over h that writes gelu and copies each row's K selected activations
+//     into a compact [B, T, K] buffer while the row is in cache (clearing them in the
+//     patch rows for "zero"), then the column values from that buffer, then the register
+//     rows' (and for "mean" / "only_outliers" the patch rows') selected columns.
 // The definition is dsr_kernels/reference/ttr_activation.py; ops.cpp validates and
 // registers the op (dsr_kernels::ttr_activation_fwd).
 #pragma once
@@ -48,8 +50,8 @@ struct TtrColumnValues {
   at::Tensor reg, fill, thresh;
 };
 
-void ttr_column_values_cpu(const TtrActivationArgs& args, TtrColumnValues& values);
-void ttr_activation_fwd_cpu(const TtrActivationArgs& args, const TtrColumnValues& values, at::Tensor& out);
+// Writes out and fills values (allocated [B, K] by the caller).
+void ttr_activation_cpu(const TtrActivationArgs& args, TtrColumnValues& values, at::Tensor& out);
 // The instruction set the CPU kernel picked at run time: "avx512", "avx2" or "default"
 // (DSR_CPU_CAPABILITY=default|avx2|avx512 caps it, as ATEN_CPU_CAPABILITY does for ATen).
 const char* ttr_activation_cpu_capability();
