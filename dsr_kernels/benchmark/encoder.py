@@ -4,6 +4,9 @@ For each encoder (ViT-B/16 at 256 px and So400M/14 at 224 px, SigLIP layout: 256
 tokens, no CLS) one forward pass (``forward_features``, inference mode) per provider:
 
 - ``plain`` (the baseline): the encoder as it is;
+- ``extra_token``: the encoder with one zero token appended and nothing redirected: what
+  one more token costs by itself (on a CPU, GEMM tiling makes 257 rows cost more than
+  256/257 of 256 rows), the floor test-time registers are measured against;
 - ``trained_registers``: the same encoder with 4 trained register tokens (DINOv2's
   layout: ``reg_tokens=4``), 4 more tokens;
 - ``ttr``: one test-time register, one round of register neurons, redirected by the
@@ -17,8 +20,9 @@ tokens, no CLS) one forward pass (``forward_features``, inference mode) per prov
 
 And the MLP activation alone (shape ``<encoder>:mlp_act``, the block with the most
 register neurons, [B, tokens, hidden]): ``act_gelu`` (``F.gelu`` over the patches, the
-baseline), ``act_ttr_fused`` (``ttr_activation`` over patches + the register) and
-``act_ttr_hooks`` (``F.gelu`` then the released hook's edits).
+baseline), ``act_gelu_extra_token`` (``F.gelu`` over patches + one token),
+``act_ttr_fused`` (``ttr_activation`` over patches + the register) and ``act_ttr_hooks``
+(``F.gelu`` then the released hook's edits).
 
 The neuron sets follow the released SigLIP2 ones in size and spread (ViT-B: 50 neurons
 in blocks 1-5, 2/3/10/16/19, then 22 more in blocks 6-11; So400M: 50 in blocks 0-9,
@@ -35,6 +39,7 @@ a row whose p20-p80 of ratios contains 1 is "within noise".
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -44,6 +49,7 @@ import torch
 
 from dsr_kernels.benchmark.common import environment, format_table, interleaved_times, ratio_summary, summarize
 from dsr_kernels.models import create_model, flops
+from dsr_kernels.models.vit import TestTimeRegisterSettings
 from dsr_kernels.registers import (
     apply_outlier_key_mask,
     apply_test_time_registers,
@@ -54,6 +60,7 @@ BASELINE = "plain"
 MODES = ("fwd",)
 PROVIDERS = (
     "plain",
+    "extra_token",
     "trained_registers",
     "ttr",
     "ttr_recursive",
@@ -151,6 +158,7 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
     # (model, how to switch it to the provider's state): the switch is not timed.
     appliers = {
         "plain": (model, nullcontext),
+        "extra_token": (model, lambda: _extra_token(model)),
         "trained_registers": (with_regs, nullcontext),
         "ttr": (model, lambda: apply_test_time_registers(model, round1)),
         "ttr_recursive": (model, lambda: apply_test_time_registers(model, merged)),
@@ -158,7 +166,8 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
         "ttr_recursive_hooks": (model, lambda: apply_test_time_registers_with_hooks(model, merged)),
         "outlier_key_mask": (model, lambda: apply_outlier_key_mask(model, MASK_THRESHOLD)),
     }
-    extra_tokens = {"trained_registers": 4, "ttr": 1, "ttr_recursive": 1, "ttr_hooks": 1, "ttr_recursive_hooks": 1}
+    extra_tokens = {"extra_token": 1, "trained_registers": 4}
+    extra_tokens.update({name: 1 for name in ("ttr", "ttr_recursive", "ttr_hooks", "ttr_recursive_hooks")})
     neurons = {"ttr": round1, "ttr_hooks": round1, "ttr_recursive": merged, "ttr_recursive_hooks": merged}
     fns = {name: (appliers[name][1], lambda m=appliers[name][0]: forward(m)) for name in providers if name in appliers}
     for name in providers:
@@ -187,7 +196,7 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
             "warmup_calls": warm[name],
             **summarize(ts),
         }
-        if name in neurons:
+        if name in neurons or name == "extra_token":
             with appliers[name][1]():
                 row["flop_overhead_pct"] = 100.0 * (flops(model, batch_size=shape.B).flops / base_flops - 1)
         elif name == "trained_registers":
@@ -201,6 +210,11 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
             row["overhead_p20_pct"] = 100.0 * (r["p20"] - 1)
             row["overhead_p80_pct"] = 100.0 * (r["p80"] - 1)
             row["within_noise"] = r["p20"] <= 1.0 <= r["p80"]
+        if name in neurons and "extra_token" in times:  # what the redirection adds to the token itself
+            r = ratio_summary(ts, times["extra_token"])
+            row["vs_extra_token_pct"] = 100.0 * (r["median"] - 1)
+            row["vs_extra_token_p20_pct"] = 100.0 * (r["p20"] - 1)
+            row["vs_extra_token_p80_pct"] = 100.0 * (r["p80"] - 1)
         hooks = {"ttr": "ttr_hooks", "ttr_recursive": "ttr_recursive_hooks"}.get(name)
         if hooks in times:  # the released way against the fused op, paired by round
             r = ratio_summary(times[hooks], ts)
@@ -234,6 +248,7 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
     )
     fns = {
         "act_gelu": lambda: torch.nn.functional.gelu(h_plain),
+        "act_gelu_extra_token": lambda: torch.nn.functional.gelu(h),
         "act_ttr_fused": lambda: _ttr_activation(h, idx, backend=backend, **kw),
         "act_ttr_hooks": lambda: hook(None, None, torch.nn.functional.gelu(h)),
     }
@@ -249,7 +264,7 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
             "mode": "fwd",
             "tokens": N + (name != "act_gelu"),
             "token_overhead_pct": 100.0 * (1 / N if name != "act_gelu" else 0.0),
-            "register_neurons": 0 if name == "act_gelu" else int(idx.numel()),
+            "register_neurons": int(idx.numel()) if name.startswith("act_ttr") else 0,
             "backend": backend if name == "act_ttr_fused" else "aten",
             "warmup_calls": warm[name],
             **summarize(ts),
@@ -260,9 +275,24 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
             row["overhead_p20_pct"] = 100.0 * (r["p20"] - 1)
             row["overhead_p80_pct"] = 100.0 * (r["p80"] - 1)
             row["within_noise"] = r["p20"] <= 1.0 <= r["p80"]
+        if name in ("act_ttr_fused", "act_ttr_hooks"):
+            r = ratio_summary(ts, times["act_gelu_extra_token"])
+            row["vs_extra_token_pct"] = 100.0 * (r["median"] - 1)
+            row["vs_extra_token_p20_pct"] = 100.0 * (r["p20"] - 1)
+            row["vs_extra_token_p80_pct"] = 100.0 * (r["p80"] - 1)
         rows.append(row)
         log(format_table([row], _COLUMNS).splitlines()[1])
     return rows
+
+
+@contextlib.contextmanager
+def _extra_token(model):
+    """One test-time register token, no neuron redirected."""
+    model.set_test_time_registers(TestTimeRegisterSettings(num_registers=1), {})
+    try:
+        yield
+    finally:
+        model.set_test_time_registers(None)
 
 
 def _estimate_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -292,6 +322,7 @@ _COLUMNS = (
     "overhead_p20_pct",
     "overhead_p80_pct",
     "within_noise",
+    "vs_extra_token_pct",
 )
 
 
@@ -306,6 +337,12 @@ def targets(rows: list[dict]) -> list[str]:
             f"{r['shape']} {r['provider']}: {r['token_overhead_pct']:.2f}% more tokens, latency vs plain "
             f"{verdict} (per-round ratios p20-p80 {span})"
         )
+    for r in rows:
+        if "vs_extra_token_pct" in r:
+            span = f"[{r['vs_extra_token_p20_pct']:+.1f}%, {r['vs_extra_token_p80_pct']:+.1f}%]"
+            noise = r["vs_extra_token_p20_pct"] <= 0 <= r["vs_extra_token_p80_pct"]
+            verdict = "within noise" if noise else f"{r['vs_extra_token_pct']:+.1f}%"
+            lines.append(f"{r['shape']} {r['provider']} against one extra token alone: {verdict} (p20-p80 {span})")
     for r in rows:
         if "hooks_vs_fused_pct" in r:
             span = f"[{r['hooks_vs_fused_p20_pct']:+.1f}%, {r['hooks_vs_fused_p80_pct']:+.1f}%]"
