@@ -252,7 +252,8 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
         "act_ttr_fused": lambda: _ttr_activation(h, idx, backend=backend, **kw),
         "act_ttr_hooks": lambda: hook(None, None, torch.nn.functional.gelu(h)),
     }
-    times, warm = interleaved_times(fns, device, repeats=max(20, 4 * reps), rng=random.Random(1))
+    with torch.inference_mode():  # as the encoder runs it (no autograd dispatch in the way)
+        times, warm = interleaved_times(fns, device, repeats=max(20, 4 * reps), rng=random.Random(1))
     rows = []
     for name, ts in times.items():
         row = {
