@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from dsr_kernels._extension import extension_unavailable_reason
+
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run these inputs; the message says why."""
@@ -65,17 +67,51 @@ def attention_unavailable_reason(backend: str, device: torch.device) -> str | No
     return f"unknown backend {backend!r}; expected one of {('auto',) + ATTENTION_BACKENDS}"
 
 
+# norm_modulate and ttr_activation: compiled CPU / CUDA kernels, Triton kernels, a reference.
+COMPILED_OP_BACKENDS = ("cuda", "cpu", "triton", "reference")
+_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compiled_op_unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if ``backend`` (one of COMPILED_OP_BACKENDS) can run tensors of this device and dtype, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is None and dtype not in _HALF_AND_FLOAT:
+            reason = f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
+        return reason
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return f"backend {backend!r} runs {backend} tensors, not {device.type} ones"
+        return extension_unavailable_reason(device)
+    return f"unknown backend {backend!r}; expected one of {('auto',) + COMPILED_OP_BACKENDS}"
+
+
+def resolve_compiled_op_backend(op: str, backend: str, x: torch.Tensor) -> str:
+    """``auto``: the compiled kernels for x's device when built, else Triton on CUDA, else "reference";
+    an explicit backend that cannot run x raises :class:`BackendUnavailable` with the reason."""
+    if backend == "auto":
+        for candidate in {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(x.device.type, ()):
+            if compiled_op_unavailable_reason(candidate, x.device, x.dtype) is None:
+                return candidate
+        return "reference"
+    reason = compiled_op_unavailable_reason(backend, x.device, x.dtype)
+    if reason is not None:
+        raise BackendUnavailable(f"{op}(backend={backend!r}) cannot run tensors on {x.device}: {reason}")
+    return backend
+
+
+def explain_compiled_op(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Each of COMPILED_OP_BACKENDS mapped to "available" or the reason it cannot run on ``device``."""
+    return {b: compiled_op_unavailable_reason(b, device, dtype) or "available" for b in COMPILED_OP_BACKENDS}
+
+
 def explain(op: str = "attention", device: str | torch.device = "cpu") -> dict[str, str]:
     """Each backend of ``op`` on ``device`` mapped to "available" or the reason it is not."""
     device = torch.device(device)
     if op == "attention":
         return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
-    if op == "norm_modulate":
-        from dsr_kernels.ops.norm_modulate import explain_norm_modulate
-
-        return explain_norm_modulate(device)
-    if op == "ttr_activation":
-        from dsr_kernels.ops.ttr_activation import explain_ttr_activation
-
-        return explain_ttr_activation(device)
+    if op in ("norm_modulate", "ttr_activation"):
+        return explain_compiled_op(device)
     raise ValueError(f"explain(): unknown op {op!r}; expected 'attention', 'norm_modulate' or 'ttr_activation'")

@@ -64,30 +64,28 @@ def test_outputs_match_timm(timm, layout):
     assert_within_eager_error("forward", out, ref_out, eager_out, torch.float32)
 
 
-@pytest.mark.parametrize("layout", list(SMALL))
-def test_fused_matches_eager(layout):
+def check_against_eager(layout: str, backend: str, batch: int) -> None:
+    """The encoder on the fused ops (``backend``) vs the same weights on eager PyTorch, in
+    float64 (the reference) and float32 (the error baseline)."""
     name, cfg = SMALL[layout]
-    fused = randomize(create_model(name, **cfg)).eval()
+    fused = randomize(create_model(name, **cfg, backend=backend)).eval()
     ref64 = create_model(name, **cfg, backend="eager").double().eval()
     ref32 = create_model(name, **cfg, backend="eager").eval()
     ref64.load_state_dict(fused.state_dict())
     ref32.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 3, cfg["img_size"], cfg["img_size"])
+    x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
     with torch.no_grad():
         assert_within_eager_error("forward", fused(x), ref64(x.double()), ref32(x), torch.float32)
+
+
+@pytest.mark.parametrize("layout", list(SMALL))
+def test_fused_matches_eager(layout):
+    check_against_eager(layout, "auto", 2)
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 def test_triton_encoder_matches_eager():
-    name, cfg = SMALL["dinov2_reg4"]
-    fused = randomize(create_model(name, **cfg, backend="triton")).eval()
-    ref64 = create_model(name, **cfg, backend="eager").double().eval()
-    ref32 = create_model(name, **cfg, backend="eager").eval()
-    ref64.load_state_dict(fused.state_dict())
-    ref32.load_state_dict(fused.state_dict())
-    x = torch.randn(1, 3, cfg["img_size"], cfg["img_size"])
-    with torch.no_grad():
-        assert_within_eager_error("forward", fused(x), ref64(x.double()), ref32(x), torch.float32)
+    check_against_eager("dinov2_reg4", "triton", 1)
 
 
 def test_prefix_tokens_and_layout():

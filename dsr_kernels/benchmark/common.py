@@ -31,6 +31,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """One call of fn in milliseconds: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure_ms(
     fn: Callable[[], object],
     device: torch.device,
@@ -47,31 +61,8 @@ def measure_ms(
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_time_once(fn, device))
     return times
-
-
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def interleaved_times(

@@ -52,6 +52,11 @@ class TestTimeRegisterSettings:
     register_value: str = "signed_max"
     released_indexing: bool = False  # leave row 0 alone even without a CLS token, as the released code
 
+    def first_edited_row(self, num_prefix_tokens: int) -> int:
+        """The first token whose redirected neurons are edited: after the prefix tokens (released
+        indexing: never before token 1, CLS or not)."""
+        return max(num_prefix_tokens, 1) if self.released_indexing else num_prefix_tokens
+
 
 class LayerScale(nn.Module):
     """x * gamma (timm's name), DINOv2's per-channel residual scale."""
@@ -389,7 +394,7 @@ class VisionTransformer(nn.Module):
         self.num_test_time_registers = 0 if settings is None else settings.num_registers
         if settings is None:
             return
-        skip = max(self.num_prefix_tokens, 1) if settings.released_indexing else self.num_prefix_tokens
+        skip = settings.first_edited_row(self.num_prefix_tokens)
         for layer, idx in (neurons or {}).items():
             if idx.numel():
                 acts[layer].neurons = idx.to(device=self.pos_embed.device, dtype=torch.long)

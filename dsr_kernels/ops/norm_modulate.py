@@ -16,12 +16,12 @@ import math
 import torch
 from torch import Tensor
 
-from dsr_kernels._extension import extension_loaded, extension_unavailable_reason
-from dsr_kernels.backends import BackendUnavailable, triton_unavailable_reason
+from dsr_kernels._extension import extension_loaded
+from dsr_kernels.backends import COMPILED_OP_BACKENDS, explain_compiled_op, resolve_compiled_op_backend
 from dsr_kernels.reference.norm_modulate import norm_modulate_ref
 from dsr_kernels.types import NormModulateResult
 
-NORM_MODULATE_BACKENDS = ("cuda", "cpu", "triton", "reference")
+NORM_MODULATE_BACKENDS = COMPILED_OP_BACKENDS
 KINDS = ("layernorm", "rmsnorm")
 _HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,37 +72,13 @@ def _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, register
             raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but x is on {x.device}")
 
 
-def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if ``backend`` can run tensors of this device and dtype, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is None and dtype not in _HALF_AND_FLOAT:
-            reason = f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
-        return reason
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            return f"backend {backend!r} runs {backend} tensors, not {device.type} ones"
-        return extension_unavailable_reason(device)
-    return f"unknown backend {backend!r}; expected one of {('auto',) + NORM_MODULATE_BACKENDS}"
-
-
 def _resolve_backend(backend: str, x: Tensor) -> str:
-    if backend == "auto":
-        for candidate in {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(x.device.type, ()):
-            if _unavailable(candidate, x.device, x.dtype) is None:
-                return candidate
-        return "reference"
-    reason = _unavailable(backend, x.device, x.dtype)
-    if reason is not None:
-        raise BackendUnavailable(f"norm_modulate(backend={backend!r}) cannot run tensors on {x.device}: {reason}")
-    return backend
+    return resolve_compiled_op_backend("norm_modulate", backend, x)
 
 
 def explain_norm_modulate(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Each backend mapped to "available" or the reason it cannot run on ``device``."""
-    return {b: _unavailable(b, device, dtype) or "available" for b in NORM_MODULATE_BACKENDS}
+    return explain_compiled_op(device, dtype)
 
 
 # ----------------------------------------------------------------------------- Triton op

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsr_kernels._extension import extension_loaded, extension_unavailable_reason
-from dsr_kernels.backends import BackendUnavailable, triton_unavailable_reason
+from dsr_kernels._extension import extension_loaded
+from dsr_kernels.backends import COMPILED_OP_BACKENDS, explain_compiled_op, resolve_compiled_op_backend
 from dsr_kernels.reference.ttr_activation import (
     APPROXIMATIONS,
     PATCH_VALUES,
@@ -27,7 +27,7 @@ from dsr_kernels.reference.ttr_activation import (
     ttr_activation_ref,
 )
 
-TTR_ACTIVATION_BACKENDS = ("cuda", "cpu", "triton", "reference")
+TTR_ACTIVATION_BACKENDS = COMPILED_OP_BACKENDS
 _HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -97,37 +97,13 @@ def _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_
             raise ValueError(f"{fn}: argument '{name}' must be one of {allowed}, got {value!r}")
 
 
-def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if ``backend`` can run tensors of this device and dtype, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is None and dtype not in _HALF_AND_FLOAT:
-            reason = f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
-        return reason
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            return f"backend {backend!r} runs {backend} tensors, not {device.type} ones"
-        return extension_unavailable_reason(device)
-    return f"unknown backend {backend!r}; expected one of {('auto',) + TTR_ACTIVATION_BACKENDS}"
-
-
 def _resolve_backend(fn: str, backend: str, h: Tensor) -> str:
-    if backend == "auto":
-        for candidate in {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(h.device.type, ()):
-            if _unavailable(candidate, h.device, h.dtype) is None:
-                return candidate
-        return "reference"
-    reason = _unavailable(backend, h.device, h.dtype)
-    if reason is not None:
-        raise BackendUnavailable(f"{fn}(backend={backend!r}) cannot run tensors on {h.device}: {reason}")
-    return backend
+    return resolve_compiled_op_backend(fn, backend, h)
 
 
 def explain_ttr_activation(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Each backend mapped to "available" or the reason it cannot run on ``device``."""
-    return {b: _unavailable(b, device, dtype) or "available" for b in TTR_ACTIVATION_BACKENDS}
+    return explain_compiled_op(device, dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -165,10 +141,6 @@ def _ttr_activation_fwd_triton(h, neurons, num_registers, num_prefix_tokens, pat
 @_ttr_activation_fwd_triton.register_fake
 def _(h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _argext(a: Tensor, largest: bool) -> Tensor:
-    return a.argmax(1) if largest else a.argmin(1)
 
 
 @torch.library.custom_op("dsr_kernels::ttr_activation_bwd", mutates_args=(), schema=_BWD_SCHEMA)
@@ -212,7 +184,7 @@ def _ttr_activation_bwd(dout, h, neurons, num_registers, num_prefix_tokens, patc
         else:
             hi, lo = a.amax(1), a.amin(1)
             use_hi = hi >= -lo if register_value == "signed_max" else torch.ones_like(hi, dtype=torch.bool)
-            src = torch.where(use_hi, _argext(a, True), _argext(a, False))  # [B, K] token index
+            src = torch.where(use_hi, a.argmax(1), a.argmin(1))  # [B, K] token index
             dsel.scatter_add_(1, src[:, None], dv[:, None])
         dh.index_copy_(2, neurons, dsel * da)
     return dh.to(h.dtype)

@@ -60,6 +60,14 @@ def _check_settings(fn: str, num_registers, patch_values, register_value, releas
         raise TypeError(f"{fn}: argument 'released_indexing' must be a bool, got {released_indexing!r}")
 
 
+def _prepare(fn: str, model, neurons, num_registers, patch_values, register_value, released_indexing):
+    """The checked (model, {layer: neurons}, settings) of an apply_* call."""
+    model = _check_model(fn, model)
+    _check_settings(fn, num_registers, patch_values, register_value, released_indexing)
+    by_layer = neurons_by_layer(fn, neurons, model.depth, model.mlp_hidden)
+    return model, by_layer, TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing)
+
+
 def _snapshot(model: VisionTransformer) -> Callable[[], None]:
     """A function that puts the model's test-time register state back as it is now."""
     count = model.num_test_time_registers
@@ -99,14 +107,12 @@ def apply_test_time_registers(
     patch 0 keeps its value), for exact reproduction. Applying again replaces the set;
     ``handle.remove()`` restores what was there before.
     """
-    fn = "apply_test_time_registers()"
-    model = _check_model(fn, model)
-    _check_settings(fn, num_registers, patch_values, register_value, released_indexing)
-    by_layer = neurons_by_layer(fn, neurons, model.depth, model.mlp_hidden)
+    model, by_layer, settings = _prepare(
+        "apply_test_time_registers()", model, neurons, num_registers, patch_values, register_value, released_indexing
+    )
     if not by_layer:
         return Handle(None)
     restore = _snapshot(model)
-    settings = TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing)
     model.set_test_time_registers(settings, by_layer)
     return Handle(restore)
 
@@ -156,16 +162,20 @@ def apply_test_time_registers_with_hooks(
     baseline of the fused op (``dsr-kernels bench --op encoder``); it gives the same
     outputs.
     """
-    fn = "apply_test_time_registers_with_hooks()"
-    model = _check_model(fn, model)
-    _check_settings(fn, num_registers, patch_values, register_value, released_indexing)
-    by_layer = neurons_by_layer(fn, neurons, model.depth, model.mlp_hidden)
+    model, by_layer, settings = _prepare(
+        "apply_test_time_registers_with_hooks()",
+        model,
+        neurons,
+        num_registers,
+        patch_values,
+        register_value,
+        released_indexing,
+    )
     if not by_layer:
         return Handle(None)
     restore = _snapshot(model)
-    settings = TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing)
     model.set_test_time_registers(settings, {})  # the tokens only; the activations stay plain GELU
-    p0 = max(model.num_prefix_tokens, 1) if released_indexing else model.num_prefix_tokens
+    p0 = settings.first_edited_row(model.num_prefix_tokens)
     acts = model.mlp_activations()
     hooks = [
         acts[layer].register_forward_hook(

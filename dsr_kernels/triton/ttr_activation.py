@@ -21,9 +21,6 @@ from torch import Tensor
 from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.reference.ttr_activation import PATCH_VALUES, bottom_mean_count
 
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-
 
 @triton.jit
 def _gelu(x, TANH: tl.constexpr):
@@ -114,10 +111,6 @@ def _ttr_activation_kernel(
     tl.store(OUT + offs, a.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _signed_max(hi: Tensor, lo: Tensor) -> Tensor:
-    return torch.where(hi >= -lo, hi, lo)
-
-
 def ttr_activation_triton(
     h: Tensor,
     neurons: Tensor,
@@ -147,10 +140,10 @@ def ttr_activation_triton(
         )  # fmt: skip
         if register_value == "max":
             reg = hi
-        elif register_value == "signed_max":
-            reg = _signed_max(hi, lo)
-        else:  # layer_signed_max: one value per image, over every token and selected column
-            reg = _signed_max(hi.amax(1, keepdim=True), lo.amin(1, keepdim=True)).expand(B, K).contiguous()
+        else:  # signed max; "layer_signed_max": one value per image, over every token and selected column
+            if register_value == "layer_signed_max":
+                hi, lo = hi.amax(1, keepdim=True), lo.amin(1, keepdim=True)
+            reg = torch.where(hi >= -lo, hi, lo).expand(B, K).contiguous()
         if patch_values == "mean" and p1 > p0:
             cols = torch.nn.functional.gelu(
                 h[:, p0:p1].index_select(2, neurons).float(), approximate="tanh" if tanh else "none"
