@@ -1,12 +1,38 @@
 """Merge a gpu_check.sh run into one JSON and print the short table the lease ends with.
 
-python benchmarks/gpu_summary.py OUT_DIR
+python benchmarks/gpu_summary.py RUNS_DIR OUT_DIR
 """
 
 import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+
+def _line(r: dict, peak: float | None, bw: float | None) -> str:
+    where = (
+        f"{r.get('section', ''):<13} {str(r.get('shape', '')):<32} {str(r.get('mode', '')):<5} R={r.get('R', '-')!s:<3}"
+    )
+    where += f" {r.get('provider', ''):<20}"
+    if r.get("section") == "selfcheck":
+        return f"  {where} {r.get('status')} {r.get('reason') or r.get('error') or ''}"[:200]
+    if "median_ms" not in r:
+        return f"  {where} ERROR {str(r.get('error', ''))[:80]}"
+    text = f"  {where} {r['median_ms']:9.3f} ms [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]"
+    if r.get("tflops") is not None:
+        text += f" {r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
+    if r.get("gb_per_s") is not None:
+        text += f" {r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
+    if r.get("speedup") is not None:
+        text += f"  {r['speedup']:.2f}x faster than {r['baseline']}" + (" (noise)" if r["speedup_within_noise"] else "")
+    for key in ("register_overhead", "latency_overhead"):
+        if r.get(f"{key}_pct") is not None:
+            text += f"  {key.split('_')[0]} overhead {r[f'{key}_pct']:+.1f}%"
+    if r.get("flop_overhead_pct"):
+        text += f" (FLOPs +{r['flop_overhead_pct']:.1f}%)"
+    if r.get("noisy"):
+        text += "  NOISY"
+    return text
 
 
 def main(runs_dir: str, out_dir: str) -> None:
@@ -19,45 +45,21 @@ def main(runs_dir: str, out_dir: str) -> None:
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
         tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     benches = {}
-    for path in sorted(runs.rglob("*.json")):
-        benches[str(path.relative_to(runs).with_suffix(""))] = json.loads(path.read_text())
+    for path in sorted(runs.rglob("results.json")):
+        if path.parent.is_symlink():
+            continue
+        benches[str(path.parent.relative_to(runs))] = json.loads(path.read_text())
     summary = {"ceilings": ceilings, "gpu_tests": tests, "benchmarks": benches}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     print(f"gpu tests: {tests}")
     print(f"ceilings: {ceilings}")
-    peak = ceilings.get("bf16_matmul_tflops")
-    bw = ceilings.get("copy_tb_per_s")
+    peak, bw = ceilings.get("bf16_matmul_tflops"), ceilings.get("copy_tb_per_s")
     for name, data in benches.items():
-        print(f"\n{name} ({data['environment']['device_name']})")
+        env = data["environment"]
+        print(f"\n{name} ({env['device_name']}, {env.get('command')})")
         for r in data["rows"]:
-            if "median_ms" not in r:
-                print(f"  {r['shape']:<12} {r['mode']:<4} {r['provider']:<18} ERROR {r.get('error', '')[:80]}")
-                continue
-            if r.get("op") == "encoder":
-                overhead = r.get("latency_overhead_pct")
-                text = (
-                    "baseline"
-                    if overhead is None
-                    else f"{overhead:+.2f}% [{r['overhead_p20_pct']:+.2f}, {r['overhead_p80_pct']:+.2f}]"
-                )
-                print(
-                    f"  {r['shape']:<40} {r['provider']:<20} {r['median_ms']:9.3f} ms  "
-                    f"tokens +{r['token_overhead_pct']:.2f}%  latency {text}"
-                )
-                continue
-            if "tflops" in r:
-                rate = f"{r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
-            elif "gb_per_s" in r:
-                rate = f"{r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
-            else:  # whole models: register overheads
-                rate = (
-                    f"R={r.get('R')} flops x{r.get('flop_overhead', 1):.3f} latency x{r.get('latency_overhead', 1):.3f}"
-                )
-            print(
-                f"  {r['shape']:<24} {r['mode']:<4} {r['provider']:<18} {r['median_ms']:9.3f} ms {rate}  "
-                f"x{r.get('speedup_vs_baseline') or 0:.2f} vs baseline  {r.get('peak_mem_mb', 0):9.1f} MiB"
-            )
+            print(_line(r, peak, bw))
 
 
 if __name__ == "__main__":

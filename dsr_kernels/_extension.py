@@ -7,18 +7,50 @@ it; the compiled backends then report ``extension_unavailable_reason``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
+
 import torch
+
+_BUILD = "`pip install --no-build-isolation -e .` from the source checkout (it builds against the installed torch)"
+
+
+def _unavailable_reason(spec: ModuleSpec | None, exc: BaseException) -> str:
+    """Why ``from dsr_kernels import _C`` raised ``exc``, given ``importlib.util.find_spec("dsr_kernels._C")``.
+
+    No compiled file (``spec`` is None or not an extension module): the extension is not
+    built, and Python's own message (a "circular import" guess) would mislead. A file that
+    exists but fails to load: its path and the loader's real error (an undefined symbol
+    usually means it was built against another torch).
+    """
+    origin = getattr(spec, "origin", None) or ""
+    if not origin.endswith(tuple(EXTENSION_SUFFIXES)):
+        here = os.path.dirname(os.path.abspath(__file__))
+        return (
+            f"dsr_kernels._C is not importable: the compiled extension is not built (no dsr_kernels/_C*.so in "
+            f"{here}: the package was installed with DSR_SKIP_BUILD=1, or its build failed); build it with {_BUILD}"
+        )
+    hint = ""
+    if "undefined symbol" in str(exc):
+        hint = f" (an undefined symbol: it was built against another torch than the installed {torch.__version__})"
+    return (
+        f"dsr_kernels._C is not importable: loading {origin} failed with {type(exc).__name__}: {exc}{hint}; "
+        f"rebuild it with {_BUILD}"
+    )
+
 
 try:
     from dsr_kernels import _C  # noqa: F401
 
     _IMPORT_ERROR: str | None = None
-except ImportError as exc:  # built with DSR_SKIP_BUILD=1, or not built for this torch
+except ImportError as exc:  # built with DSR_SKIP_BUILD=1, failed to build, or built for another torch
     _C = None
-    _IMPORT_ERROR = (
-        f"the compiled extension dsr_kernels._C is not importable ({exc}); reinstall with "
-        "`pip install --no-build-isolation -e .` against the installed torch (DSR_SKIP_BUILD=1 skips it)"
-    )
+    try:
+        _spec = importlib.util.find_spec("dsr_kernels._C")
+    except (ImportError, ValueError):  # a broken finder, or a stub module in sys.modules
+        _spec = None
+    _IMPORT_ERROR = _unavailable_reason(_spec, exc)
 
 
 def extension_loaded() -> bool:

@@ -107,11 +107,18 @@ def explain_compiled_op(device: torch.device, dtype: torch.dtype = torch.float32
     return {b: compiled_op_unavailable_reason(b, device, dtype) or "available" for b in COMPILED_OP_BACKENDS}
 
 
+def explain_attention(device: torch.device) -> dict[str, str]:
+    """Each of ATTENTION_BACKENDS mapped to "available" or the reason it cannot run on ``device``."""
+    return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
+
+
+# Every op that chooses a backend, with the function that explains its backends on a device.
+_EXPLAIN = {"attention": explain_attention, "norm_modulate": explain_compiled_op, "ttr_activation": explain_compiled_op}
+OPS = tuple(_EXPLAIN)
+
+
 def explain(op: str = "attention", device: str | torch.device = "cpu") -> dict[str, str]:
-    """Each backend of ``op`` on ``device`` mapped to "available" or the reason it is not."""
-    device = torch.device(device)
-    if op == "attention":
-        return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
-    if op in ("norm_modulate", "ttr_activation"):
-        return explain_compiled_op(device)
-    raise ValueError(f"explain(): unknown op {op!r}; expected 'attention', 'norm_modulate' or 'ttr_activation'")
+    """Each backend of ``op`` (one of OPS) on ``device`` mapped to "available" or the reason it is not."""
+    if op not in _EXPLAIN:
+        raise ValueError(f"explain(): unknown op {op!r}; expected one of {', '.join(map(repr, OPS))}")
+    return _EXPLAIN[op](torch.device(device))

@@ -1,107 +1,153 @@
 """``dsr-kernels``: the command line.
 
-dsr-kernels bench               # attention and norm_modulate on the current device, defaults
-dsr-kernels bench --op encoder  # what (recursive) test-time registers cost a ViT encoder
-dsr-kernels bench --help   # shapes, providers, modes, output folder
-dsr-kernels info           # versions and which backend runs where, and why not
+dsr-kernels bench                     # every section on this device: what registers cost here
+dsr-kernels bench --quick             # the same in at most 90 s on a 2-core CPU
+dsr-kernels bench --section encoder   # what (recursive) test-time registers cost a ViT encoder
+dsr-kernels bench --help              # sections, shapes, providers, registers, output folder
+dsr-kernels info                      # versions, the extension, and which backend runs where, and why not
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+SECTION_ALIASES = {"kernels": ("attention", "norm_modulate"), "all": None}
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+class UsageError(Exception):
+    """Bad input to ``bench``: one line naming the bad value and the valid ones, exit code 2."""
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _bench_config(args: argparse.Namespace):
+    """Checks every option against what the selected sections know, before anything runs or is written."""
+    from dsr_kernels.benchmark.run import load_previous, sections
+    from dsr_kernels.benchmark.section import BenchConfig
+
+    known = sections()
+    selected: list[str] = []
+    for name in _split(args.section) or list(known):
+        if name in SECTION_ALIASES:
+            selected += SECTION_ALIASES[name] or list(known)
+        elif name in known:
+            selected.append(name)
+        else:
+            raise UsageError(f"unknown section {name!r}; valid: {', '.join(list(known) + list(SECTION_ALIASES))}")
+    selected = list(dict.fromkeys(selected))
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device == "cpu":
+        device = torch.device("cpu")
+    elif args.device in ("cuda", "gpu") or args.device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"--device {args.device}: not available here ({why}); valid: auto, cpu")
+        device = torch.device("cuda" if args.device == "gpu" else args.device)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        raise UsageError(f"unknown device {args.device!r}; valid: auto, cpu, cuda, cuda:N")
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = dtypes[args.dtype]
+
+    chosen = [known[n] for n in selected]
+    providers = _split(args.providers)
+    if providers is not None:
+        everywhere = sorted({p for s in chosen for p in s.all_providers()})
+        here = {p for s in chosen for p in s.providers(device)}
+        for p in providers:
+            if p not in everywhere:
+                raise UsageError(
+                    f"unknown provider {p!r} for sections {', '.join(selected)}; valid: {', '.join(everywhere)}"
+                )
+            if p not in here:
+                raise UsageError(f"provider {p!r} does not run on {device.type}; valid here: {', '.join(sorted(here))}")
+    shapes = _split(args.shapes)
+    if shapes is not None:
+        names = [n for s in chosen for n in s.shape_names()]
+        for n in shapes:
+            if n not in names:
+                raise UsageError(
+                    f"unknown shape or model {n!r} for sections {', '.join(selected)}; valid: {', '.join(names)}"
+                )
+    registers = None
+    if args.registers is not None:
+        registers = []
+        for v in _split(args.registers) or []:
+            try:
+                r = int(v)
+            except ValueError:
+                raise UsageError(f"--registers: {v!r} is not an integer; expected e.g. 0,4,16,36,64") from None
+            if r < 0:
+                raise UsageError(f"--registers: R must be >= 0, got {r}")
+            registers.append(r)
+        if not registers:
+            raise UsageError("--registers: no register count given; expected e.g. 0,4,16,36,64")
+    modes = _split(args.modes)
+    if modes is not None:
+        valid = sorted({m for s in chosen for m in s.mode_names})
+        for m in modes:
+            if m not in valid:
+                raise UsageError(f"unknown mode {m!r} for sections {', '.join(selected)}; valid: {', '.join(valid)}")
+
+    out = Path(args.out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {args.out}: {existing} is not a writable folder")
+
+    previous = None
+    if args.compare:
+        try:
+            previous = load_previous(Path(args.compare))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--compare {args.compare}: cannot read it ({exc})") from None
+
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    cfg = BenchConfig(
+        device=device,
+        dtype=dtype,
+        preset=preset,
+        providers=tuple(providers) if providers else None,
+        registers=tuple(registers) if registers else None,
+        shapes=tuple(shapes) if shapes else None,
+        modes=tuple(modes) if modes else None,
+        memory=not args.no_memory,
+    )
+    return cfg, selected, out, previous
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dsr_kernels.benchmark import attention, encoder, models, norm_modulate
-    from dsr_kernels.benchmark.common import write_results
+    from dsr_kernels.benchmark.run import run
 
-    suites = {"attention": attention, "norm_modulate": norm_modulate, "models": models, "encoder": encoder}
-    ops = {"kernels": ["attention", "norm_modulate"], "all": list(suites)}.get(args.op, [args.op])
-    device = _device(args.device)
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-    }[args.dtype]
-    names = [n.strip() for n in args.shapes.split(",") if n.strip()] if args.shapes else None
-    if args.shape and len(ops) != 1:
-        raise SystemExit("dsr-kernels bench: --shape needs one --op (attention: B,H,N,D,R; norm_modulate: B,N,D,R)")
-    if args.shape and ops[0] in ("models", "encoder"):
-        raise SystemExit(f"dsr-kernels bench: --op {ops[0]} takes model names with --shapes, not --shape")
-    known = {s.name for op in ops for s in suites[op].default_shapes(device)}
-    if names and set(names) - known:
-        raise SystemExit(f"dsr-kernels bench: unknown shape(s) {sorted(set(names) - known)}; known: {sorted(known)}")
-    modes = args.modes.split(",") if args.modes else None
-    for op in ops:
-        suite = suites[op]
-        if modes is None:
-            op_modes = list(suite.MODES)
-        else:
-            op_modes = [m for m in modes if m in suite.MODES] if len(ops) > 1 else modes
-        bad = [m for m in op_modes if m not in suite.MODES]
-        if bad:
-            raise SystemExit(f"dsr-kernels bench: unknown mode(s) {bad}; expected some of {suite.MODES}")
-        shapes = [s for s in suite.default_shapes(device) if names is None or s.name in names]
-        shapes += [_custom_shape(suite, spec) for spec in args.shape]
-        if args.shape and names is None:
-            shapes = shapes[len(suite.default_shapes(device)) :]
-        if not shapes:
-            continue
-        providers = args.providers.split(",") if args.providers else None
-        extra = {"registers": [int(r) for r in args.registers.split(",")]} if op == "models" and args.registers else {}
-        print(f"dsr-kernels bench: {op} on {device} ({dtype}), {len(shapes)} shapes, modes {op_modes}", flush=True)
-        env, rows = suite.run(
-            device=device,
-            dtype=dtype,
-            shapes=shapes,
-            providers=providers,
-            modes=op_modes,
-            memory=not args.no_memory,
-            budget_s=args.budget,
-            log=lambda line: print(line, flush=True),
-            **extra,
-        )
-        suite.print_report(env, rows)
-        json_path, csv_path = write_results(args.out, f"{op}-{_dt.date.today().isoformat()}-{device.type}", env, rows)
-        print(f"\nwrote {json_path} and {csv_path}\n", flush=True)
-    return 0
-
-
-def _custom_shape(suite, spec: str):
-    parts = spec.split(",")
-    fields = [f for f in suite.default_shapes(torch.device("cpu"))[0].__dataclass_fields__ if f not in ("name", "kind")]
-    if len(parts) != len(fields) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise SystemExit(f"dsr-kernels bench: --shape expects {','.join(fields)} (positive integers), got {spec!r}")
-    values = dict(zip(fields, (int(p) for p in parts), strict=True))
-    name = "".join(f"{k}{v}" for k, v in values.items())
-    return type(suite.default_shapes(torch.device("cpu"))[0])(name=name, **values)
+    try:
+        cfg, selected, out, previous = _bench_config(args)
+    except UsageError as exc:
+        print(f"dsr-kernels bench: error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg, selected, out=out, compare=previous)
 
 
 def _info(_: argparse.Namespace) -> int:
-    import dsr_kernels
-    from dsr_kernels.benchmark.common import environment
+    from dsr_kernels.info import collect, render
 
-    device = _device("auto")
-    for key, value in environment(device).items():
-        print(f"{key:>16}: {value}")
-    from dsr_kernels._extension import _C
-
-    print(f"{'cpu kernels isa':>16}: {_C.cpu_capability() if _C is not None else 'extension not built'}")
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for op in ("attention", "norm_modulate", "ttr_activation"):
-            for backend, reason in dsr_kernels.explain(op, dev).items():
-                print(f"{op}[{dev}] {backend:>9}: {reason}")
+    print(render(collect()))
     return 0
 
 
@@ -111,40 +157,49 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="what registers and statistics cost, against PyTorch, on this device")
-    b.add_argument(
-        "--op",
-        default="kernels",
-        choices=["kernels", "all", "attention", "norm_modulate", "models", "encoder"],
-        help="kernels (default): attention and norm_modulate; models: whole denoisers with registers; "
-        "encoder: ViT encoders with trained, test-time and recursive test-time registers; all",
+    b = sub.add_parser(
+        "bench",
+        help="what registers cost here, and whether the fused path is worth it",
+        description="Runs the self-check, attention, norm_modulate, models and encoder sections "
+        "(at most 3 minutes on a 2-core CPU; --quick 90 s) and writes <out>/<date>-<time>-<device>/ "
+        "with results.json, results.csv and PNG plots.",
     )
-    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    b.add_argument(
+        "--section",
+        "--op",
+        dest="section",
+        default=None,
+        help="comma-separated sections: selfcheck, attention, norm_modulate, models, encoder "
+        "(kernels: attention and norm_modulate; all: every section, the default)",
+    )
+    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     b.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
-    b.add_argument("--shapes", default=None, help="comma-separated default shape names (all when omitted)")
-    b.add_argument(
-        "--shape",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="a custom shape (repeatable, one --op): attention B,H,N,D,R; norm_modulate B,N,D,R",
-    )
-    b.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
+    preset = b.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="fewer shapes and repeats (at most 90 s on a 2-core CPU)")
+    preset.add_argument("--full", action="store_true", help="every shape, register count and mode")
+    b.add_argument("--shapes", default=None, help="comma-separated shape or model names of the selected sections")
+    b.add_argument("--providers", default=None, help="comma-separated providers (default: all available here)")
+    b.add_argument("--registers", default=None, help="comma-separated register counts R >= 0 (attention, models)")
     b.add_argument(
         "--modes",
         default=None,
-        help="comma-separated from fwd,bwd,full (attention, norm_modulate) and fwd,train (models); "
-        "default: all of the op's modes",
+        help="comma-separated from fwd, bwd, full (attention, norm_modulate), fwd, train (models)",
     )
-    b.add_argument("--registers", default=None, help="models: comma-separated register counts (default 0,4,16,36,64)")
-    b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per measurement")
-    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    b.add_argument("--out", default="dsr-bench-results", help="folder for the JSON and CSV results")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    b.add_argument(
+        "--out", default="bench-results", help="each run writes a new folder inside it (default: %(default)s)"
+    )
+    b.add_argument(
+        "--compare",
+        default=None,
+        metavar="PREVIOUS.json",
+        help="print each row's time against the same row of an earlier run's results.json",
+    )
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="versions, devices and backend availability")

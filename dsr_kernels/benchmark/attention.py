@@ -13,21 +13,52 @@ Providers (each on the same inputs: q, k, v [B, H, N, D] and R registers [H, R, 
   backend forced each), ``dsr_pad`` (head dims padded to a power of two instead of
   split), and ``flash_attn_cat`` when flash-attn is importable.
 
-Modes: ``fwd``, ``bwd`` (backward of a retained graph), ``full`` (both). Each row has the
-median and p20/p80 time, achieved TFLOP/s (4 B H N (N + R) D forward, 2.5x that
-backward), peak memory, and the speed-up over ``torch_sdpa_cat`` from the same run.
+Modes: ``fwd``, ``bwd`` (backward of a retained graph), ``full`` (both). One case is
+one shape and mode: every provider at every register count R, their repeats
+interleaved, so that both ratios a row carries are paired by round: the speed-up over
+``torch_sdpa_cat`` at the same R, and the latency overhead over the same provider at
+R = 0 (next to the FLOP overhead R / N). Rows also give achieved TFLOP/s
+(4 B H N (N + R) D forward, 2.5x that backward) and peak memory (measured at one R).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dsr_kernels.benchmark.common import environment, format_table, run_suite
+from dsr_kernels.benchmark import plots
+from dsr_kernels.benchmark.common import (
+    overhead_fields,
+    peak_memory_mb,
+    speedup_fields,
+    time_interleaved,
+    timing_fields,
+)
+from dsr_kernels.benchmark.section import (
+    REGISTERS,
+    BenchConfig,
+    Case,
+    Section,
+    Table,
+    compute_seconds,
+    error_row,
+    estimate_s,
+    faster_sentence,
+    ms_cell,
+    noise_cell,
+    num,
+    overhead_cell,
+    overhead_sentence,
+    probe,
+    speedup_cell,
+    where,
+)
 from dsr_kernels.ops.attention import attention
 
 BASELINE = "torch_sdpa_cat"
@@ -36,31 +67,39 @@ MODES = ("fwd", "bwd", "full")
 
 @dataclass(frozen=True)
 class AttentionShape:
+    """q, k, v [B, H, N, D]; the registers' count R is swept per case."""
+
     name: str
     B: int
     H: int
     N: int
     D: int
-    R: int
 
-    def flops(self, mode: str) -> float:
-        fwd = 4.0 * self.B * self.H * self.N * (self.N + self.R) * self.D
+    def flops(self, mode: str, R: int) -> float:
+        fwd = 4.0 * self.B * self.H * self.N * (self.N + R) * self.D
         return {"fwd": fwd, "bwd": 2.5 * fwd, "full": 3.5 * fwd}[mode]
 
+    def describe(self) -> str:
+        return f"B {self.B}, H {self.H}, N {self.N}, D {self.D}"
 
-def default_shapes(device: torch.device) -> list[AttentionShape]:
-    """DSR's DiT-XL (256 tokens + 36 registers, head dim 72), DiT-B, and long sequences."""
+
+SHAPE_NAMES = ("dsr-dit-xl", "dit-b", "n1024", "n4096", "dsr-dit-xl-d80", "n4096-d128")
+
+
+def all_shapes(device: torch.device) -> list[AttentionShape]:
+    """DSR's DiT-XL (256 tokens, head dim 72), DiT-B, long sequences, and head dims 80 / 128.
+
+    Batch sizes: large enough to fill a GPU, small enough that a CPU case takes seconds.
+    """
     gpu = device.type == "cuda"
-    batch = 256 if gpu else 8
-    shapes = [
-        AttentionShape("dsr-dit-xl", batch, 16, 256, 72, 36),
-        AttentionShape("dit-b", batch, 12, 256, 64, 36),
-        AttentionShape("n1024", 32 if gpu else 1, 16, 1024, 64, 36),
-        AttentionShape("n4096", 4 if gpu else 1, 16, 4096, 64, 36),
+    return [
+        AttentionShape("dsr-dit-xl", 256 if gpu else 2, 16, 256, 72),
+        AttentionShape("dit-b", 256 if gpu else 2, 12, 256, 64),
+        AttentionShape("n1024", 32 if gpu else 1, 16, 1024, 64),
+        AttentionShape("n4096", 4 if gpu else 1, 16, 4096, 64),
+        AttentionShape("dsr-dit-xl-d80", 256 if gpu else 2, 16, 256, 80),
+        AttentionShape("n4096-d128", 4 if gpu else 1, 16, 4096, 128),
     ]
-    if gpu:
-        shapes.append(AttentionShape("n4096-d128", 4, 16, 4096, 128, 36))
-    return shapes
 
 
 def available_providers(device: torch.device) -> list[str]:
@@ -76,13 +115,14 @@ def available_providers(device: torch.device) -> list[str]:
     return providers
 
 
-def make_inputs(shape: AttentionShape, device: torch.device, dtype: torch.dtype, requires_grad: bool):
+def make_inputs(shape: AttentionShape, device: torch.device, dtype: torch.dtype, requires_grad: bool, R: int = 36):
+    """(q, k, v [B, H, N, D], register keys, values [H, R, D])."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*s):
         return torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-    B, H, N, D, R = shape.B, shape.H, shape.N, shape.D, shape.R
+    B, H, N, D = shape.B, shape.H, shape.N, shape.D
     return rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D), rand(H, R, D), rand(H, R, D)
 
 
@@ -104,17 +144,18 @@ def _eager_stats(q, k_cat, R: int):
 def provider_fn(name: str, inputs) -> Callable[[], torch.Tensor]:
     """A forward closure returning the attention output [B, H, N, D]."""
     q, k, v, rk, rv = inputs
+    regs = (rk, rv) if rk.shape[1] else None
     if name == "dsr":
-        return lambda: attention(q, k, v, kv_registers=(rk, rv))
+        return lambda: attention(q, k, v, kv_registers=regs)
     if name == "dsr_stats":
-        return lambda: attention(q, k, v, kv_registers=(rk, rv), return_stats=True)[0]
+        return lambda: attention(q, k, v, kv_registers=regs, return_stats=True)[0]
     if name == "dsr_pad":
         from dsr_kernels.triton import attention as triton_attention
 
         def padded():
             saved, triton_attention.HEAD_SPLIT = triton_attention.HEAD_SPLIT, "pad"
             try:
-                return attention(q, k, v, kv_registers=(rk, rv), backend="triton")
+                return attention(q, k, v, kv_registers=regs, backend="triton")
             finally:
                 triton_attention.HEAD_SPLIT = saved
 
@@ -166,81 +207,295 @@ def mode_fn(name: str, mode: str, inputs) -> Callable[[], object]:
         return lambda: fwd()
     dout = torch.randn_like(inputs[0])
     if mode == "full":
-        return lambda: torch.autograd.grad(fwd(), inputs, dout)
+        return lambda: torch.autograd.grad(fwd(), inputs, dout, allow_unused=True)
     out = fwd()
-    return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True, allow_unused=True)
 
 
-def run(
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    shapes: Sequence[AttentionShape] | None = None,
-    providers: Sequence[str] | None = None,
-    modes: Sequence[str] = MODES,
-    memory: bool = True,
-    budget_s: float = 1.0,
-    log: Callable[[str], None] = print,
-) -> tuple[dict, list[dict]]:
-    """Measures every provider x mode x shape; returns (environment, rows)."""
-    rows = run_suite(
-        op="attention",
-        device=device,
-        dtype=dtype,
-        shapes=list(shapes or default_shapes(device)),
-        providers=list(providers or available_providers(device)),
-        modes=modes,
-        baseline=BASELINE,
-        make_inputs=make_inputs,
-        mode_fn=mode_fn,
-        work=lambda shape, mode: {"flops": shape.flops(mode)},
-        memory=memory,
-        budget_s=budget_s,
-        log=log,
-        columns=_COLUMNS,
-    )
-    return environment(device), rows
+# Per preset and device: {shape: (register counts, modes)}.
+_PRESETS = {
+    ("quick", "cpu"): {"dsr-dit-xl": ((0, 36), ("fwd",))},
+    ("default", "cpu"): {"dsr-dit-xl": (REGISTERS, ("fwd", "full")), "n1024": ((0, 36), ("fwd",))},
+    ("quick", "cuda"): {"dsr-dit-xl": ((0, 36), ("fwd", "full"))},
+    ("default", "cuda"): {name: (REGISTERS, ("fwd", "full")) for name in ("dsr-dit-xl", "n1024", "n4096")},
+}
 
 
-_COLUMNS = (
-    "shape",
-    "mode",
-    "provider",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "tflops",
-    "peak_mem_mb",
-    "speedup_vs_baseline",
-    "error",
-)
+class AttentionSection(Section):
+    """Register overhead across R, fused vs torch.cat + SDPA vs eager statistics, fwd and fwd+bwd."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            name="attention",
+            title="attention with R registers",
+            baseline=BASELINE,
+            mode_names=MODES,
+        )
+
+    def providers(self, device: torch.device) -> list[str]:
+        return available_providers(device)
+
+    def all_providers(self) -> list[str]:
+        return available_providers(torch.device("cuda")) + ["flash_attn_cat"]
+
+    def shape_names(self) -> list[str]:
+        return list(SHAPE_NAMES)
+
+    def uses_registers(self) -> bool:
+        return True
+
+    def plan(self, cfg: BenchConfig) -> list[tuple[AttentionShape, tuple[int, ...], tuple[str, ...]]]:
+        shapes = {s.name: s for s in all_shapes(cfg.device)}
+        if cfg.preset == "full":
+            preset = {name: (REGISTERS, MODES) for name in SHAPE_NAMES}
+        else:
+            preset = _PRESETS[(cfg.preset, "cuda" if cfg.device.type == "cuda" else "cpu")]
+        names = list(cfg.shapes) if cfg.shapes else list(preset)
+        self.notes = []
+        if not cfg.shapes and cfg.preset != "full":
+            left = [n for n in SHAPE_NAMES if n not in preset]
+            self.notes.append(f"shapes {', '.join(left)} run with --full (or --shapes)")
+        out = []
+        for name in names:
+            registers, modes = preset.get(name, (REGISTERS, ("fwd", "full")))
+            out.append((shapes[name], tuple(cfg.registers or registers), tuple(cfg.modes or modes)))
+        return out
+
+    def cases(self, cfg: BenchConfig) -> list[Case]:
+        providers = list(cfg.providers or self.providers(cfg.device))
+        if BASELINE not in providers:
+            providers.insert(0, BASELINE)
+        cases = []
+        for shape, registers, modes in self.plan(cfg):
+            for mode in modes:
+                round_s = sum(compute_seconds(cfg, 2 * shape.flops(mode, R)) for R in registers) * len(providers)
+                cases.append(
+                    Case(
+                        "attention",
+                        f"attention {shape.name} {mode} R={','.join(map(str, registers))}",
+                        lambda shape=shape, mode=mode, registers=registers: _measure(
+                            shape, mode, registers, providers, cfg
+                        ),
+                        estimate_s(cfg, round_s, memory=cfg.memory),
+                    )
+                )
+        return cases
+
+    def tables(self, rows: list[dict], env: dict) -> list[Table]:
+        tables = []
+        for mode in MODES:
+            sel = [r for r in rows if r.get("mode") == mode]
+            if not sel:
+                continue
+            display = [
+                {
+                    "shape": r["shape"],
+                    "R": str(r.get("R", "")),
+                    "provider": r["provider"],
+                    "ms [p20, p80]": ms_cell(r),
+                    f"x faster than {BASELINE}": speedup_cell(r),
+                    "latency vs R=0": overhead_cell(r, "register_overhead"),
+                    "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("flop_overhead_pct") else "",
+                    "TFLOP/s": num(r.get("tflops")),
+                    "peak MiB": num(r.get("peak_mem_mb")),
+                    "note": noise_cell(r),
+                }
+                for r in sel
+            ]
+            dims = "; ".join(f"{k} = {v}" for k, v in dict.fromkeys((r["shape"], r.get("dims")) for r in sel))
+            tables.append(
+                Table(
+                    f"attention, {mode} ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against "
+                    f"{BASELINE} at the same R (>1: faster); latency overhead against the same provider at R=0",
+                    list(display[0]),
+                    display,
+                )
+            )
+        return tables
+
+    def summary(self, rows: list[dict], env: dict) -> list[str]:
+        lines = []
+        by = {(r["shape"], r.get("mode"), r["provider"], r.get("R")): r for r in rows if "median_ms" in r}
+        for shape, mode in dict.fromkeys((r["shape"], r.get("mode")) for r in rows if "median_ms" in r):
+            Rs = sorted({k[3] for k in by if k[:2] == (shape, mode)})
+            R = 36 if 36 in Rs else max(Rs)
+            dsr = by.get((shape, mode, "dsr", R))
+            head = f"attention {shape} {mode}"
+            if dsr and dsr.get("register_overhead_pct") is not None and R:
+                lines.append(
+                    f"{head}: {R} registers add {dsr['flop_overhead_pct']:.1f}% FLOPs and "
+                    f"{overhead_sentence(dsr, 'register_overhead')} to dsr on {where(env)}."
+                )
+            if dsr and dsr.get("speedup") is not None:
+                lines.append(f"{head}, R={R}: {faster_sentence('dsr', dsr, BASELINE)}.")
+            stats, eager = by.get((shape, mode, "dsr_stats", R)), by.get((shape, mode, "eager_stats", R))
+            if stats and stats.get("vs_eager_stats_speedup") is not None:
+                paired = {k.replace("vs_eager_stats_", ""): v for k, v in stats.items() if k.startswith("vs_eager_")}
+                mem = ""
+                if eager and stats.get("peak_mem_mb") and eager.get("peak_mem_mb"):
+                    mem = f", with {eager['peak_mem_mb'] / stats['peak_mem_mb']:.1f}x less peak memory"
+                lines.append(
+                    f"{head}, R={R}: with statistics, {faster_sentence('dsr_stats', paired, 'eager_stats')}{mem}."
+                )
+        return lines
+
+    def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
+        ok = [r for r in rows if "median_ms" in r]
+        out = []
+        sweeps = [
+            (shape, mode)
+            for shape, mode in dict.fromkeys((r["shape"], r["mode"]) for r in ok)
+            if len({r["R"] for r in ok if (r["shape"], r["mode"]) == (shape, mode)}) > 2
+        ]
+        if sweeps:
+            panels = []
+            for shape, mode in sweeps[:2]:
+                sel = [r for r in ok if (r["shape"], r["mode"]) == (shape, mode)]
+                providers = list(dict.fromkeys(r["provider"] for r in sel))
+                lat, ovh = {}, {}
+                for p in providers:
+                    pr = sorted((r for r in sel if r["provider"] == p), key=lambda r: r["R"])
+                    xs = [r["R"] for r in pr]
+                    lat[p] = (xs, [r["median_ms"] for r in pr], [r["p20_ms"] for r in pr], [r["p80_ms"] for r in pr])
+                    if pr and pr[0]["R"] == 0:  # overhead against R = 0: zero there by definition
+                        ovh[p] = tuple(
+                            [0.0 if r["R"] == 0 else r.get(f"register_overhead{q}_pct") for r in pr]
+                            for q in ("", "_p20", "_p80")
+                        )
+                        ovh[p] = (xs, *ovh[p])
+                ref = sorted(sel, key=lambda r: r["R"])
+                panels.append(
+                    {"title": f"{shape} {mode}: latency", "xlabel": "registers R", "ylabel": "ms", "series": lat}
+                )
+                panels.append(
+                    {
+                        "title": f"{shape} {mode}: overhead vs R=0",
+                        "xlabel": "registers R",
+                        "ylabel": "%",
+                        "series": ovh,
+                        "reference": ("FLOPs", [r["R"] for r in ref], [r["flop_overhead_pct"] for r in ref]),
+                    }
+                )
+            out.append(
+                plots.lines(
+                    folder / "attention-registers.png",
+                    panels,
+                    suptitle=plots.title("attention", "latency and overhead vs registers", env),
+                )
+            )
+        by_n = {}
+        for r in ok:
+            if r["mode"] == "fwd" and r["R"] == 36 and r["shape"] in ("dsr-dit-xl", "n1024", "n4096"):
+                by_n.setdefault(r["provider"], []).append(r)
+        if by_n and len({r["N"] for rs in by_n.values() for r in rs}) > 1:
+            series = {}
+            for p, rs in by_n.items():
+                rs = sorted(rs, key=lambda r: r["N"])
+                series[p] = (
+                    [r["N"] for r in rs],
+                    [r["median_ms"] / r["B"] for r in rs],
+                    [r["p20_ms"] / r["B"] for r in rs],
+                    [r["p80_ms"] / r["B"] for r in rs],
+                )
+            panel = {
+                "title": "fwd, R=36, per sample",
+                "xlabel": "tokens N",
+                "ylabel": "ms per sample",
+                "series": series,
+                "logx": True,
+                "logy": True,
+            }
+            out.append(
+                plots.lines(
+                    folder / "attention-seqlen.png",
+                    [panel],
+                    suptitle=plots.title("attention", "latency vs sequence length", env),
+                )
+            )
+        groups = list(dict.fromkeys(f"{r['shape']} {r['mode']} R={r['R']}" for r in ok if r["R"] in (0, 36)))
+        if groups:
+            series = {}
+            for p in dict.fromkeys(r["provider"] for r in ok if r["provider"] != BASELINE):
+                vals = []
+                for g in groups:
+                    r = next(
+                        (r for r in ok if f"{r['shape']} {r['mode']} R={r['R']}" == g and r["provider"] == p), None
+                    )
+                    vals.append(
+                        (r["speedup"], r["speedup_p20"], r["speedup_p80"])
+                        if r and r.get("speedup")
+                        else (None, None, None)
+                    )
+                series[p] = vals
+            out.append(
+                plots.bars(
+                    folder / "attention-speedup.png",
+                    groups,
+                    series,
+                    ylabel=f"x faster than {BASELINE}",
+                    reference=1.0,
+                    suptitle=plots.title("attention", f"fused vs baselines (>1: faster than {BASELINE})", env),
+                )
+            )
+        return out
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, as measured ratios of medians and peaks (reported, never asserted)."""
-    by = {(r["shape"], r["mode"], r["provider"]): r for r in rows if "median_ms" in r}
-    lines = []
-    for (shape, mode, provider), r in sorted(by.items()):
-        if provider != "dsr_stats" or mode == "bwd":  # statistics do not change the backward
-            continue
-        parts = [f"{shape} {mode}: dsr_stats time / "]
-        for other in ("eager_stats", BASELINE, "dsr"):
-            o = by.get((shape, mode, other))
-            if o:
-                parts.append(f"{other} {r['median_ms'] / o['median_ms']:.2f}x;")
-        eager = by.get((shape, mode, "eager_stats"))
-        if eager and r.get("peak_mem_mb") and eager.get("peak_mem_mb"):
-            parts.append(f"peak memory eager_stats / dsr_stats {eager['peak_mem_mb'] / r['peak_mem_mb']:.1f}x")
-        lines.append(" ".join(parts))
-    return lines
+def _measure(shape: AttentionShape, mode: str, registers, providers, cfg: BenchConfig) -> list[dict]:
+    """Every provider at every R on one shape and mode, interleaved."""
+    device, dtype = cfg.device, cfg.dtype
+    fns, base_rows = {}, {}
+    for R in registers:
+        inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd", R=R)
+        for p in providers:
+            key = (p, R)
+            base_rows[key] = {
+                "section": "attention",
+                "shape": shape.name,
+                "dims": shape.describe(),
+                "B": shape.B,
+                "H": shape.H,
+                "N": shape.N,
+                "D": shape.D,
+                "R": R,
+                "dtype": str(dtype).replace("torch.", ""),
+                "provider": p,
+                "mode": mode,
+                "flop_overhead_pct": 100.0 * R / shape.N,
+            }
+            try:
+                fns[key] = mode_fn(p, mode, inputs)
+            except Exception as exc:
+                base_rows[key] = error_row("attention", exc, **base_rows[key])
+    ok, failed = probe({k: f for k, f in fns.items()}, device)
+    for key, exc in failed.items():
+        base_rows[key] = error_row("attention", exc, **base_rows[key])
+    timing = time_interleaved(ok, device, budget_s=cfg.budget_s, rng=random.Random(hash((shape.name, mode)) & 0xFFFF))
+    mem_R = 36 if 36 in registers else max(registers)
+    rows = []
+    for key, row in base_rows.items():
+        p, R = key
+        if key in timing.times:
+            row.update(timing_fields(timing, key))
+            row["tflops"] = shape.flops(mode, R) / (row["median_ms"] * 1e-3) / 1e12
+            if (BASELINE, R) in timing.times and p != BASELINE:
+                row.update(speedup_fields(timing.times[key], timing.times[(BASELINE, R)], BASELINE))
+            elif p == BASELINE:
+                row["baseline"] = BASELINE
+            if R and (p, 0) in timing.times:
+                row.update(overhead_fields(timing.times[key], timing.times[(p, 0)], "register_overhead"))
+            if p == "dsr_stats" and ("eager_stats", R) in timing.times:  # statistics both ways, paired
+                paired = speedup_fields(timing.times[key], timing.times[("eager_stats", R)], "eager_stats")
+                row.update({f"vs_eager_stats_{k}": v for k, v in paired.items() if k != "baseline"})
+            if cfg.memory and R == mem_R:
+                try:
+                    row["peak_mem_mb"] = peak_memory_mb(ok[key], device)
+                except Exception as exc:  # the profiler itself failing is reported, not fatal
+                    row["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(row)
+    del fns, ok
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
-def print_report(env: dict, rows: list[dict], log: Callable[[str], None] = print) -> None:
-    log(
-        f"\nattention on {env['device_name']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, "
-        f"{env['date']}"
-    )
-    log(format_table(rows, _COLUMNS))
-    log("")
-    for line in targets(rows):
-        log(line)
+SECTION = AttentionSection()

@@ -1,17 +1,20 @@
-"""Timing, peak memory and result files shared by the benchmarks.
+"""The one timing helper of the benchmarks, with peak memory, noise flags and the environment.
 
-Times are medians with the 20th and 80th percentiles, taken with CUDA events on a GPU
-and ``time.perf_counter`` on the CPU, after warm-up. Peak memory is measured in a
-separate run: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water
-mark of the allocations PyTorch's profiler records (tensor memory, as on the GPU).
+:func:`time_interleaved` warms every provider up until its time is stable, then
+interleaves the repeats across providers (CUDA events after an L2 flush on a GPU,
+``time.perf_counter`` on the CPU). Rows give medians with the 20th and 80th
+percentiles; ratios between providers are medians of per-round ratios (paired), with
+their own p20/p80; a row is noisy when its spread exceeds 10% of its median, when other
+processes took over 10% of the CPUs meanwhile (:class:`CpuLoad`), or when its warm-up
+never settled. Peak memory is measured in a separate call:
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water mark of the
+allocations PyTorch's profiler records (tensor memory, as on the GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
-import json
 import os
 import platform
 import random
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,68 +48,180 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_ms(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    warmup: int = 2,
-    min_reps: int = 3,
-    max_reps: int = 50,
-    budget_s: float = 1.0,
-) -> list[float]:
-    """Per-call times in milliseconds: at least min_reps, up to max_reps or budget_s."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        times.append(_time_once(fn, device))
-    return times
+class CpuLoad:
+    """How much of the machine's CPU time other processes took while a measurement ran.
+
+    Reads the machine's busy time from ``/proc/stat`` and this process's own CPU time
+    from ``os.times()`` at start and stop; what is left is other processes (and time a
+    hypervisor stole). ``foreign_pct`` is that share of all CPUs over the wall time, None
+    where ``/proc/stat`` does not exist.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+        self.foreign_pct: float | None = None
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(v) for v in fields]
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        busy = sum(ticks[:3]) + sum(ticks[5:8])
+        own = os.times()
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = end[0] - self._start[0]
+        busy, own = end[1] - self._start[1], end[2] - self._start[2]
+        cpus = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
+        if wall <= 0:
+            return None
+        self.foreign_pct = max(0.0, 100.0 * (busy - own) / (wall * cpus))
+        return self.foreign_pct
 
 
-def interleaved_times(
-    fns: dict[str, Callable[[], object] | tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]],
+class _CacheFlush:
+    """Before each timed GPU call, overwrite a buffer larger than the L2 cache (as
+    ``triton.testing.do_bench`` does), so that no provider finds the previous one's data
+    cached. Nothing on the CPU: its caches are part of what the CPU kernels are measured with."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffer = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+@dataclass
+class Timing:
+    """What :func:`time_interleaved` measured: per-call milliseconds of each provider, in the
+    order of the rounds (``times[p][i]`` and ``times[q][i]`` ran in the same round)."""
+
+    times: dict[str, list[float]]
+    warmup_calls: dict[str, int]
+    stable: dict[str, bool]  # whether two successive warm-up calls agreed within the tolerance
+    foreign_cpu_pct: float | None  # other processes' share of the CPUs meanwhile
+    seconds: float
+
+
+Provider = Callable[[], object] | tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]
+
+
+def time_interleaved(
+    fns: dict[str, Provider],
     device: torch.device,
     *,
-    repeats: int,
-    rng: random.Random | None = None,
-    max_warmup: int = 10,
+    budget_s: float,
+    min_reps: int = 5,
+    max_reps: int = 100,
+    max_warmup: int = 12,
     tolerance: float = 0.05,
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Per-call milliseconds of each provider, the repeats interleaved across providers.
+    rng: random.Random | None = None,
+) -> Timing:
+    """The one timing helper of the benchmarks: warm up, then interleave the repeats.
 
     ``fns`` maps a provider to a callable, or to (setup, callable) where ``setup()`` is a
-    context manager entered around the provider's call but outside its timed region
-    (switching a model's state, say). Each provider is first warmed up until two
-    successive times agree within ``tolerance`` (at most ``max_warmup`` calls); then each
-    of ``repeats`` rounds calls every provider once, in an order shuffled per round, so
-    that drift of the machine's speed hits all providers alike. Returns ({provider:
-    times}, {provider: warm-up calls}).
+    context manager entered around the provider's calls but outside the timed region
+    (switching a model's state, say). Each provider is first called until two successive
+    times agree within ``tolerance`` (at most ``max_warmup`` calls): a cold first call
+    (allocations, autotuning, page faults) is never timed. Then rounds call every provider
+    once each, in an order shuffled per round, so that drift of the machine's speed hits
+    all providers alike, until at least ``min_reps`` rounds and ``budget_s`` seconds of
+    rounds have passed (at most ``max_reps``). CUDA events time GPU calls (after an L2
+    flush), ``time.perf_counter`` CPU ones.
     """
     rng = rng or random.Random(0)
     entries = {name: f if isinstance(f, tuple) else (contextlib.nullcontext, f) for name, f in fns.items()}
+    flush = _CacheFlush(device)
+    load = CpuLoad()
+    began = time.perf_counter()
+
+    def once(fn) -> float:
+        flush()
+        synchronize(device)
+        return _time_once(fn, device)
+
     warm: dict[str, int] = {}
+    stable: dict[str, bool] = {}
     for name, (setup, fn) in entries.items():
         with setup():
-            last, calls = None, 0
+            last, calls, ok = None, 0, False
             while calls < max_warmup:
-                t = _time_once(fn, device)
+                t = once(fn)
                 calls += 1
                 if last is not None and abs(t - last) <= tolerance * min(t, last):
+                    ok = True
                     break
                 last = t
-        warm[name] = calls
+        warm[name], stable[name] = calls, ok
     times: dict[str, list[float]] = {name: [] for name in entries}
     order = list(entries)
-    for _ in range(repeats):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (rounds < max_reps and time.perf_counter() - start < budget_s):
         rng.shuffle(order)
         for name in order:
             setup, fn = entries[name]
             with setup():
-                synchronize(device)
-                times[name].append(_time_once(fn, device))
-    return times, warm
+                times[name].append(once(fn))
+        rounds += 1
+    return Timing(times, warm, stable, load.stop(), time.perf_counter() - began)
+
+
+NOISY_SPREAD_PCT = 10.0  # a row whose p20-p80 spread exceeds this share of its median is noisy
+NOISY_FOREIGN_CPU_PCT = 10.0  # ... or during which other processes took this share of the CPUs
+
+
+def timing_fields(timing: Timing, name: str) -> dict[str, object]:
+    """One provider's row fields: median, p20, p80, spread, reps, warm-up, and whether it is noisy (and why)."""
+    ts = timing.times[name]
+    row: dict[str, object] = dict(summarize(ts))
+    row["spread_pct"] = 100.0 * (row["p80_ms"] - row["p20_ms"]) / row["median_ms"]
+    row["warmup_calls"] = timing.warmup_calls[name]
+    row["warmup_stable"] = timing.stable[name]
+    row["foreign_cpu_pct"] = timing.foreign_cpu_pct
+    reasons = []
+    if row["spread_pct"] > NOISY_SPREAD_PCT:
+        reasons.append(f"p20-p80 spread {row['spread_pct']:.0f}% of the median")
+    if timing.foreign_cpu_pct is not None and timing.foreign_cpu_pct > NOISY_FOREIGN_CPU_PCT:
+        reasons.append(f"other processes took {timing.foreign_cpu_pct:.0f}% of the CPUs")
+    if not timing.stable[name]:
+        reasons.append(f"not stable after {timing.warmup_calls[name]} warm-up calls")
+    row["noisy"] = bool(reasons)
+    row["noise"] = "; ".join(reasons) or None
+    return row
+
+
+def speedup_fields(times: Sequence[float], baseline_times: Sequence[float], baseline: str) -> dict[str, object]:
+    """ "x faster than <baseline>" (>1: faster) as the median of the per-round ratios
+    baseline / time, with their p20 and p80, and whether 1 lies inside that spread."""
+    r = ratio_summary(baseline_times, times)
+    return {
+        "baseline": baseline,
+        "speedup": r["median"],
+        "speedup_p20": r["p20"],
+        "speedup_p80": r["p80"],
+        "speedup_within_noise": r["p20"] <= 1.0 <= r["p80"],
+    }
+
+
+def overhead_fields(times: Sequence[float], reference_times: Sequence[float], prefix: str) -> dict[str, object]:
+    """``<prefix>_pct``: how much longer ``times`` take than ``reference_times`` in % (median of
+    the per-round ratios), with ``<prefix>_p20_pct``/``_p80_pct`` and ``<prefix>_within_noise``."""
+    r = ratio_summary(times, reference_times)
+    return {
+        f"{prefix}_pct": 100.0 * (r["median"] - 1),
+        f"{prefix}_p20_pct": 100.0 * (r["p20"] - 1),
+        f"{prefix}_p80_pct": 100.0 * (r["p80"] - 1),
+        f"{prefix}_within_noise": r["p20"] <= 1.0 <= r["p80"],
+    }
 
 
 def ratio_summary(times: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
@@ -184,9 +299,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _command() -> str:
+    """How this process was started, as the user typed it ('dsr-kernels bench --quick')."""
+    prog = Path(sys.argv[0]).name
+    if prog in ("__main__.py", "cli.py", "dsr-kernels"):
+        prog = "dsr-kernels"
+    return " ".join([prog, *sys.argv[1:]])
+
+
 def environment(device: torch.device) -> dict[str, object]:
-    """What produced a result: device, versions, date."""
+    """What produced a result: device, processor, threads, versions, commit, date."""
     import dsr_kernels
+    from dsr_kernels._extension import _C
 
     try:
         import triton
@@ -194,117 +318,28 @@ def environment(device: torch.device) -> dict[str, object]:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name()
-    return {
+    env: dict[str, object] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "device_name": name,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "processor": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_kernels_isa": _C.cpu_capability() if _C is not None else None,
+        "compute_capability": (
+            ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None
+        ),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "python": platform.python_version(),
         "dsr_kernels": dsr_kernels.__version__,
         "git_commit": _git_commit(),
+        "extension_built": _C is not None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         # PyTorch's CPU allocator: with THP_MEM_ALLOC_ENABLE=1 large tensors use huge pages,
         # which removes most first-touch page faults (a large share of CPU timings).
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "command": _command(),
     }
-
-
-def write_results(out_dir: str | os.PathLike, stem: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:
-    """``<stem>.json`` (environment + rows) and ``<stem>.csv`` (rows tagged with the environment)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    json_path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str) + "\n")
-    tags = {k: env[k] for k in ("date", "device_name", "torch", "triton", "dsr_kernels")}
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields + list(tags))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **tags})
-    return json_path, csv_path
-
-
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def run_suite(
-    *,
-    op: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    shapes: Sequence,
-    providers: Sequence[str],
-    modes: Sequence[str],
-    baseline: str,
-    make_inputs: Callable,
-    mode_fn: Callable,
-    work: Callable,
-    memory: bool,
-    budget_s: float,
-    log: Callable[[str], None],
-    columns: Sequence[str],
-) -> list[dict]:
-    """Every provider x mode x shape, the baseline first so that ratios use this run's numbers.
-
-    make_inputs(shape, device, dtype, requires_grad) -> inputs; mode_fn(provider, mode,
-    inputs) -> a callable to time; work(shape, mode) -> {"flops": ..., "bytes": ...}
-    (either may be absent) for the achieved TFLOP/s and GB/s.
-    """
-    providers = [baseline] + [p for p in providers if p != baseline]
-    rows: list[dict] = []
-    for shape in shapes:
-        for mode in modes:
-            inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd")
-            base_ms = None
-            for name in providers:
-                fields = asdict(shape)
-                row = {
-                    "op": op,
-                    "shape": fields.pop("name"),
-                    **fields,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "provider": name,
-                    "mode": mode,
-                }
-                try:
-                    fn = mode_fn(name, mode, inputs)
-                    row.update(summarize(measure_ms(fn, device, budget_s=budget_s)))
-                    if memory:
-                        row["peak_mem_mb"] = peak_memory_mb(fn, device)
-                    seconds = row["median_ms"] * 1e-3
-                    amount = work(shape, mode)
-                    if "flops" in amount:
-                        row["tflops"] = amount["flops"] / seconds / 1e12
-                    if "bytes" in amount:
-                        row["gb_per_s"] = amount["bytes"] / seconds / 1e9
-                    if name == baseline:
-                        base_ms = row["median_ms"]
-                    row["speedup_vs_baseline"] = base_ms / row["median_ms"] if base_ms else None
-                except Exception as exc:  # a provider that cannot run here is reported, not hidden
-                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                rows.append(row)
-                log(format_table([row], columns).splitlines()[1])
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+    return env

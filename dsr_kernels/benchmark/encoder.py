@@ -30,24 +30,41 @@ in blocks 1-5, 2/3/10/16/19, then 22 more in blocks 6-11; So400M: 50 in blocks 0
 indices: the weights are random too, and the latency does not depend on which neurons
 they are.
 
-Measurement: every provider is warmed up until two successive times agree within 5%;
-then the repeats are interleaved (one call of each provider per round, in a shuffled
-order), so that drift hits all alike. Each row gives the median and p20/p80 time; the
-overhead against ``plain`` is the median of the per-round ratios, with their p20/p80;
-a row whose p20-p80 of ratios contains 1 is "within noise".
+Measurement (:func:`dsr_kernels.benchmark.common.time_interleaved`): every provider is
+warmed up until two successive times agree within 5%; then the repeats are interleaved
+(one call of each provider per round, in a shuffled order), so that drift hits all
+alike. Each row gives the median and p20/p80 time; the overhead against ``plain`` is
+the median of the per-round ratios, with their p20/p80; a row whose p20-p80 of ratios
+contains 1 is "within noise".
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from dsr_kernels.benchmark.common import environment, format_table, interleaved_times, ratio_summary, summarize
+from dsr_kernels.benchmark import plots
+from dsr_kernels.benchmark.common import overhead_fields, time_interleaved, timing_fields
+from dsr_kernels.benchmark.section import (
+    BenchConfig,
+    Case,
+    Section,
+    Table,
+    compute_seconds,
+    error_row,
+    estimate_s,
+    ms_cell,
+    noise_cell,
+    overhead_cell,
+    overhead_sentence,
+    probe,
+    where,
+)
 from dsr_kernels.models import create_model, flops
 from dsr_kernels.models.vit import TestTimeRegisterSettings
 from dsr_kernels.registers import (
@@ -80,6 +97,7 @@ NEURON_LAYOUT = {
     ),
 }
 MASK_THRESHOLD = 100.0
+QUICK_PROVIDERS = ("plain", "extra_token", "trained_registers", "ttr", "ttr_recursive")
 
 
 @dataclass(frozen=True)
@@ -88,9 +106,15 @@ class EncoderShape:
     B: int
 
 
-def default_shapes(device: torch.device) -> list[EncoderShape]:
+def all_shapes(device: torch.device) -> list[EncoderShape]:
     batch = 64 if device.type == "cuda" else 1
     return [EncoderShape("vit_base_patch16_siglip_256", batch), EncoderShape("vit_so400m_patch14_siglip_224", batch)]
+
+
+def default_shapes(device: torch.device) -> list[EncoderShape]:
+    """ViT-B on a CPU (So400M takes seconds per call there), both encoders on a GPU."""
+    shapes = all_shapes(device)
+    return shapes if device.type == "cuda" else shapes[:1]
 
 
 def available_providers(device: torch.device) -> list[str]:
@@ -112,35 +136,147 @@ def _count(neurons: dict[int, list[int]]) -> int:
     return sum(len(v) for v in neurons.values())
 
 
-def run(
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    shapes: Sequence[EncoderShape] | None = None,
-    providers: Sequence[str] | None = None,
-    modes: Sequence[str] = MODES,
-    repeats: int | None = None,
-    memory: bool = False,
-    budget_s: float = 1.0,
-    log: Callable[[str], None] = print,
-) -> tuple[dict, list[dict]]:
-    """Rows for every encoder x provider. ``repeats``: interleaved rounds (default from ``budget_s``:
-    about budget_s x 30 seconds of measurement per encoder). ``memory`` is ignored."""
-    shapes = list(shapes or default_shapes(device))
-    providers = list(providers or available_providers(device))
-    if BASELINE not in providers:
-        providers = [BASELINE] + providers
-    rows: list[dict] = []
-    for shape in shapes:
-        rows += _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return environment(device), rows
+class EncoderSection(Section):
+    """ViT encoders: no, trained, test-time and recursive test-time registers; the hook and masking baselines."""
+
+    def __init__(self) -> None:
+        super().__init__(name="encoder", title="ViT encoders with registers", baseline=BASELINE, mode_names=MODES)
+
+    def providers(self, device: torch.device) -> list[str]:
+        return list(PROVIDERS)
+
+    def shape_names(self) -> list[str]:
+        return [s.name for s in all_shapes(torch.device("cpu"))]
+
+    def cases(self, cfg: BenchConfig) -> list[Case]:
+        shapes = all_shapes(cfg.device) if cfg.preset == "full" else default_shapes(cfg.device)
+        if cfg.shapes:
+            shapes = [s for s in all_shapes(cfg.device) if s.name in cfg.shapes]
+        providers = list(cfg.providers or PROVIDERS)
+        if BASELINE not in providers:
+            providers.insert(0, BASELINE)
+        self.notes = []
+        if not cfg.shapes and len(shapes) < len(all_shapes(cfg.device)):
+            self.notes.append("vit_so400m_patch14_siglip_224 runs with --full (or --shapes)")
+        if cfg.providers is None and cfg.preset == "quick":
+            providers = [p for p in providers if p in QUICK_PROVIDERS]
+            self.notes.append(
+                f"providers {', '.join(p for p in PROVIDERS if p not in QUICK_PROVIDERS)} run without --quick"
+            )
+        cases = []
+        for shape in shapes:
+            with torch.device("meta"):
+                count = flops(create_model(shape.name), batch_size=shape.B).flops
+            round_s = len(providers) * compute_seconds(cfg, count)
+            cases.append(
+                Case(
+                    "encoder",
+                    f"encoder {shape.name}",
+                    lambda shape=shape: _encoder_rows(shape, providers, cfg),
+                    estimate_s(cfg, round_s, budget_s=3 * cfg.budget_s),
+                )
+            )
+            if cfg.preset != "quick" and any(p.startswith("ttr") for p in providers):
+                cases.append(
+                    Case(
+                        "encoder",
+                        f"encoder {shape.name} MLP activation alone",
+                        lambda shape=shape: _activation_rows(shape, cfg),
+                        estimate_s(cfg, 0.05),
+                    )
+                )
+        return cases
+
+    def tables(self, rows: list[dict], env: dict) -> list[Table]:
+        display = [
+            {
+                "encoder": r["shape"],
+                "provider": r["provider"],
+                "tokens": str(r.get("tokens", "")),
+                "neurons": str(r.get("register_neurons", "")),
+                "ms [p20, p80]": ms_cell(r),
+                "tokens vs plain": f"+{r['token_overhead_pct']:.2f}%" if r.get("token_overhead_pct") else "",
+                "FLOPs vs plain": f"+{r['flop_overhead_pct']:.2f}%" if r.get("flop_overhead_pct") else "",
+                "latency vs plain": overhead_cell(r, "latency_overhead"),
+                "vs one extra token": overhead_cell(r, "vs_extra_token"),
+                "note": noise_cell(r),
+            }
+            for r in rows
+        ]
+        title = (
+            f"encoder ({env.get('dtype')}, forward_features, inference mode): median ms [p20, p80]; overheads "
+            f"against '{BASELINE}' (the act_* rows: against act_gelu) in the same run, p20-p80 of per-round ratios"
+        )
+        return [Table(title, list(display[0]), display)] if display else []
+
+    def summary(self, rows: list[dict], env: dict) -> list[str]:
+        names = {
+            "trained_registers": "4 trained registers",
+            "ttr": "test-time registers (1 token)",
+            "ttr_recursive": "recursive test-time registers (1 token, 2 rounds of neurons)",
+            "ttr_hooks": "test-time registers done with the released hooks",
+            "ttr_recursive_hooks": "recursive test-time registers done with the released hooks",
+            "outlier_key_mask": "masking outlier keys",
+            "extra_token": "one extra token alone",
+        }
+        lines = []
+        for r in rows:
+            if r.get("latency_overhead_pct") is None or r["provider"] not in names:
+                continue
+            lines.append(
+                f"{r['shape']}, {names[r['provider']]}: {r['token_overhead_pct']:.2f}% more tokens, "
+                f"{overhead_sentence(r, 'latency_overhead')} on {where(env)}."
+            )
+        for r in rows:
+            if r.get("hooks_vs_fused_pct") is not None:
+                pct = r["hooks_vs_fused_pct"]
+                verdict = (
+                    "within noise of"
+                    if r["hooks_vs_fused_within_noise"]
+                    else f"{abs(pct):.1f}% " + ("slower than" if pct > 0 else "faster than")
+                )
+                lines.append(f"{r['shape']}: the released hooks are {verdict} the fused {r['provider']}.")
+        return lines
+
+    def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
+        ok = [r for r in rows if r.get("latency_overhead_pct") is not None and ":" not in r["shape"]]
+        if not ok:
+            return []
+        groups = list(dict.fromkeys(r["provider"] for r in ok))
+        series = {}
+        for shape in dict.fromkeys(r["shape"] for r in ok):
+            vals = []
+            for g in groups:
+                r = next((r for r in ok if r["shape"] == shape and r["provider"] == g), None)
+                vals.append(
+                    (r["latency_overhead_pct"], r["latency_overhead_p20_pct"], r["latency_overhead_p80_pct"])
+                    if r
+                    else (None, None, None)
+                )
+            series[f"{shape} latency"] = vals
+            series[f"{shape} tokens"] = [
+                (
+                    next((r["token_overhead_pct"] for r in ok if r["shape"] == shape and r["provider"] == g), None),
+                    None,
+                    None,
+                )
+                for g in groups
+            ]
+        return [
+            plots.bars(
+                folder / "encoder-overhead.png",
+                groups,
+                series,
+                ylabel=f"% over {BASELINE}",
+                reference=0.0,
+                suptitle=plots.title("encoder", "register overhead: latency vs tokens", env),
+            )
+        ]
 
 
-def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> list[dict]:
-    """Every provider on one encoder, interleaved, then the MLP activation alone."""
-    rows: list[dict] = []
+def _encoder_rows(shape: EncoderShape, providers, cfg: BenchConfig) -> list[dict]:
+    """Every provider on one encoder, interleaved."""
+    device, dtype = cfg.device, cfg.dtype
     with torch.device(device):
         model = create_model(shape.name).eval()
         with_regs = create_model(shape.name, reg_tokens=4, no_embed_class=True).eval()
@@ -169,22 +305,16 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
     extra_tokens = {"extra_token": 1, "trained_registers": 4}
     extra_tokens.update({name: 1 for name in ("ttr", "ttr_recursive", "ttr_hooks", "ttr_recursive_hooks")})
     neurons = {"ttr": round1, "ttr_hooks": round1, "ttr_recursive": merged, "ttr_recursive_hooks": merged}
-    fns = {name: (appliers[name][1], lambda m=appliers[name][0]: forward(m)) for name in providers if name in appliers}
-    for name in providers:
-        if name not in appliers:
-            rows.append({"op": "encoder", "shape": shape.name, "provider": name, "error": "unknown provider"})
+    fns = {name: (appliers[name][1], lambda m=appliers[name][0]: forward(m)) for name in providers}
+    ok, failed = probe(fns, device)
+    timing = time_interleaved(ok, device, budget_s=3 * cfg.budget_s, rng=random.Random(0))
+    times = timing.times
     base_flops = flops(model, batch_size=shape.B).flops
-    one_call_ms = _estimate_ms(fns[BASELINE][1], device)
-    reps = repeats or max(5, min(40, int(budget_s * 30_000 / max(one_call_ms * len(fns), 1e-3))))
-    log(
-        f"{shape.name}: B={shape.B}, {len(fns)} providers x {reps} interleaved rounds "
-        f"(about {one_call_ms * len(fns) * reps / 1e3:.0f} s)"
-    )
-    times, warm = interleaved_times(fns, device, repeats=reps, rng=random.Random(0))
-    for name, ts in times.items():
+    rows: list[dict] = []
+    for name in providers:
         T = tokens + model.num_prefix_tokens + extra_tokens.get(name, 0)
         row = {
-            "op": "encoder",
+            "section": "encoder",
             "shape": shape.name,
             "B": shape.B,
             "dtype": str(dtype).replace("torch.", ""),
@@ -193,9 +323,11 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
             "tokens": T,
             "token_overhead_pct": 100.0 * (T / tokens - 1),
             "register_neurons": _count(neurons.get(name, {})),
-            "warmup_calls": warm[name],
-            **summarize(ts),
         }
+        if name in failed:
+            rows.append(error_row("encoder", failed[name], **row))
+            continue
+        row.update(timing_fields(timing, name))
         if name in neurons or name == "extra_token":
             with appliers[name][1]():
                 row["flop_overhead_pct"] = 100.0 * (flops(model, batch_size=shape.B).flops / base_flops - 1)
@@ -203,35 +335,29 @@ def _encoder_rows(shape, device, dtype, providers, repeats, budget_s, log) -> li
             row["flop_overhead_pct"] = 100.0 * (flops(with_regs, batch_size=shape.B).flops / base_flops - 1)
         else:
             row["flop_overhead_pct"] = 0.0
-        row["spread_pct"] = 100.0 * (row["p80_ms"] - row["p20_ms"]) / row["median_ms"]
-        if name != BASELINE:
-            r = ratio_summary(ts, times[BASELINE])
-            row["latency_overhead_pct"] = 100.0 * (r["median"] - 1)
-            row["overhead_p20_pct"] = 100.0 * (r["p20"] - 1)
-            row["overhead_p80_pct"] = 100.0 * (r["p80"] - 1)
-            row["within_noise"] = r["p20"] <= 1.0 <= r["p80"]
+        if name == BASELINE:
+            row["baseline"] = BASELINE
+        elif BASELINE in times:
+            row.update(overhead_fields(times[name], times[BASELINE], "latency_overhead"))
         if name in neurons and "extra_token" in times:  # what the redirection adds to the token itself
-            r = ratio_summary(ts, times["extra_token"])
-            row["vs_extra_token_pct"] = 100.0 * (r["median"] - 1)
-            row["vs_extra_token_p20_pct"] = 100.0 * (r["p20"] - 1)
-            row["vs_extra_token_p80_pct"] = 100.0 * (r["p80"] - 1)
+            row.update(overhead_fields(times[name], times["extra_token"], "vs_extra_token"))
         hooks = {"ttr": "ttr_hooks", "ttr_recursive": "ttr_recursive_hooks"}.get(name)
         if hooks in times:  # the released way against the fused op, paired by round
-            r = ratio_summary(times[hooks], ts)
-            row["hooks_vs_fused_pct"] = 100.0 * (r["median"] - 1)
-            row["hooks_vs_fused_p20_pct"] = 100.0 * (r["p20"] - 1)
-            row["hooks_vs_fused_p80_pct"] = 100.0 * (r["p80"] - 1)
+            row.update(overhead_fields(times[hooks], times[name], "hooks_vs_fused"))
         rows.append(row)
-        log(format_table([row], _COLUMNS).splitlines()[1])
-    return rows + _activation_rows(shape, model, round1, device, dtype, reps, log)
+    return rows
 
 
-def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dict]:
+def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     """The MLP activation alone, at the layer with the most register neurons: plain GELU over
     the patches, the fused op over patches + 1 register, and GELU + the released hook."""
     from dsr_kernels.ops.ttr_activation import _resolve_backend, _ttr_activation
     from dsr_kernels.registers.apply import _released_hook
 
+    device, dtype = cfg.device, cfg.dtype
+    with torch.device("meta"):
+        model = create_model(shape.name)
+    round1, _ = neuron_sets(shape.name, model.mlp_hidden)
     layer = max(round1, key=lambda k: len(round1[k]))
     idx = torch.tensor(round1[layer], device=device)
     N, F = model.patch_embed.num_patches + model.num_prefix_tokens, model.mlp_hidden
@@ -253,11 +379,12 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
         "act_ttr_hooks": lambda: hook(None, None, torch.nn.functional.gelu(h)),
     }
     with torch.inference_mode():  # as the encoder runs it (no autograd dispatch in the way)
-        times, warm = interleaved_times(fns, device, repeats=max(20, 4 * reps), rng=random.Random(1))
+        timing = time_interleaved(fns, device, budget_s=cfg.budget_s, min_reps=20, rng=random.Random(1))
+    times = timing.times
     rows = []
-    for name, ts in times.items():
+    for name in fns:
         row = {
-            "op": "encoder",
+            "section": "encoder",
             "shape": f"{shape.name}:mlp_act",
             "B": shape.B,
             "dtype": str(dtype).replace("torch.", ""),
@@ -267,22 +394,15 @@ def _activation_rows(shape, model, round1, device, dtype, reps, log) -> list[dic
             "token_overhead_pct": 100.0 * (1 / N if name != "act_gelu" else 0.0),
             "register_neurons": int(idx.numel()) if name.startswith("act_ttr") else 0,
             "backend": backend if name == "act_ttr_fused" else "aten",
-            "warmup_calls": warm[name],
-            **summarize(ts),
+            **timing_fields(timing, name),
         }
-        if name != "act_gelu":
-            r = ratio_summary(ts, times["act_gelu"])
-            row["latency_overhead_pct"] = 100.0 * (r["median"] - 1)
-            row["overhead_p20_pct"] = 100.0 * (r["p20"] - 1)
-            row["overhead_p80_pct"] = 100.0 * (r["p80"] - 1)
-            row["within_noise"] = r["p20"] <= 1.0 <= r["p80"]
+        if name == "act_gelu":
+            row["baseline"] = "act_gelu"
+        else:
+            row.update(overhead_fields(times[name], times["act_gelu"], "latency_overhead"))
         if name in ("act_ttr_fused", "act_ttr_hooks"):
-            r = ratio_summary(ts, times["act_gelu_extra_token"])
-            row["vs_extra_token_pct"] = 100.0 * (r["median"] - 1)
-            row["vs_extra_token_p20_pct"] = 100.0 * (r["p20"] - 1)
-            row["vs_extra_token_p80_pct"] = 100.0 * (r["p80"] - 1)
+            row.update(overhead_fields(times[name], times["act_gelu_extra_token"], "vs_extra_token"))
         rows.append(row)
-        log(format_table([row], _COLUMNS).splitlines()[1])
     return rows
 
 
@@ -296,71 +416,4 @@ def _extra_token(model):
         model.set_test_time_registers(None)
 
 
-def _estimate_ms(fn: Callable[[], object], device: torch.device) -> float:
-    import time
-
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
-_COLUMNS = (
-    "shape",
-    "provider",
-    "tokens",
-    "register_neurons",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "token_overhead_pct",
-    "flop_overhead_pct",
-    "latency_overhead_pct",
-    "overhead_p20_pct",
-    "overhead_p80_pct",
-    "within_noise",
-    "vs_extra_token_pct",
-)
-
-
-def targets(rows: list[dict]) -> list[str]:
-    lines = []
-    for r in rows:
-        if "latency_overhead_pct" not in r:
-            continue
-        span = f"[{r['overhead_p20_pct']:+.1f}%, {r['overhead_p80_pct']:+.1f}%]"
-        verdict = "within noise" if r["within_noise"] else f"{r['latency_overhead_pct']:+.1f}%"
-        lines.append(
-            f"{r['shape']} {r['provider']}: {r['token_overhead_pct']:.2f}% more tokens, latency vs plain "
-            f"{verdict} (per-round ratios p20-p80 {span})"
-        )
-    for r in rows:
-        if "vs_extra_token_pct" in r:
-            span = f"[{r['vs_extra_token_p20_pct']:+.1f}%, {r['vs_extra_token_p80_pct']:+.1f}%]"
-            noise = r["vs_extra_token_p20_pct"] <= 0 <= r["vs_extra_token_p80_pct"]
-            verdict = "within noise" if noise else f"{r['vs_extra_token_pct']:+.1f}%"
-            lines.append(f"{r['shape']} {r['provider']} against one extra token alone: {verdict} (p20-p80 {span})")
-    for r in rows:
-        if "hooks_vs_fused_pct" in r:
-            span = f"[{r['hooks_vs_fused_p20_pct']:+.1f}%, {r['hooks_vs_fused_p80_pct']:+.1f}%]"
-            noise = r["hooks_vs_fused_p20_pct"] <= 0 <= r["hooks_vs_fused_p80_pct"]
-            verdict = "within noise" if noise else f"{r['hooks_vs_fused_pct']:+.1f}%"
-            lines.append(
-                f"{r['shape']} {r['provider']}: the released hooks vs the fused op: {verdict} (p20-p80 {span})"
-            )
-    return lines
-
-
-def print_report(env: dict, rows: list[dict], log: Callable[[str], None] = print) -> None:
-    log(
-        f"\nencoder on {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
-        f"torch {env['torch']}, {env['date']}; overheads against '{BASELINE}' in the same run"
-    )
-    log(format_table(rows, _COLUMNS))
-    log("")
-    for line in targets(rows):
-        log(line)
+SECTION = EncoderSection()

@@ -16,13 +16,32 @@ Rows report GB/s of those bytes (inputs read once, outputs written once) next to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dsr_kernels.benchmark.common import environment, format_table, run_suite
+from dsr_kernels.benchmark import plots
+from dsr_kernels.benchmark.common import peak_memory_mb, speedup_fields, time_interleaved, timing_fields
+from dsr_kernels.benchmark.section import (
+    BenchConfig,
+    Case,
+    Section,
+    Table,
+    compute_seconds,
+    error_row,
+    estimate_s,
+    faster_sentence,
+    ms_cell,
+    noise_cell,
+    num,
+    probe,
+    speedup_cell,
+    where,
+)
 from dsr_kernels.ops.norm_modulate import norm_modulate
 
 BASELINE = "eager"
@@ -52,8 +71,8 @@ class NormShape:
 
 
 def default_shapes(device: torch.device) -> list[NormShape]:
-    """DiT-XL's register_start block (B = 32 on CPU, 256 on GPU; N = 256, D = 1152, R = 36)."""
-    batch = 256 if device.type == "cuda" else 32
+    """DiT-XL's register_start block (B = 8 on CPU, 256 on GPU; N = 256, D = 1152, R = 36)."""
+    batch = 256 if device.type == "cuda" else 8
     return [
         NormShape("dit-xl-layernorm", batch, 256, 1152, 36),
         NormShape("lightningdit-xl-rmsnorm", batch, 256, 1152, 36, kind="rmsnorm"),
@@ -140,68 +159,137 @@ def mode_fn(name: str, mode: str, inputs) -> Callable[[], object]:
     return lambda: torch.autograd.grad((out, residual), wrt, (dout, dres), retain_graph=True)
 
 
-_COLUMNS = (
-    "shape",
-    "mode",
-    "provider",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "gb_per_s",
-    "peak_mem_mb",
-    "speedup_vs_baseline",
-    "error",
-)
+class NormModulateSection(Section):
+    """norm_modulate (norm + adaLN modulate + register insertion + token norms) vs the eager sequence."""
+
+    def __init__(self) -> None:
+        super().__init__(name="norm_modulate", title="norm_modulate", baseline=BASELINE, mode_names=MODES)
+
+    def providers(self, device: torch.device) -> list[str]:
+        return available_providers(device)
+
+    def all_providers(self) -> list[str]:
+        return available_providers(torch.device("cuda"))
+
+    def shape_names(self) -> list[str]:
+        return [s.name for s in default_shapes(torch.device("cpu"))]
+
+    def cases(self, cfg: BenchConfig) -> list[Case]:
+        shapes = [s for s in default_shapes(cfg.device) if not cfg.shapes or s.name in cfg.shapes]
+        if cfg.shapes is None and cfg.preset == "quick":
+            shapes = shapes[:1]
+        modes = cfg.modes or {"quick": ("fwd",), "default": ("fwd", "full"), "full": MODES}[cfg.preset]
+        providers = list(cfg.providers or self.providers(cfg.device))
+        if BASELINE not in providers:
+            providers.insert(0, BASELINE)
+        self.notes = (
+            [] if cfg.preset == "full" or cfg.modes else [f"modes other than {', '.join(modes)} run with --full"]
+        )
+        return [
+            Case(
+                "norm_modulate",
+                f"norm_modulate {shape.name} {mode}",
+                lambda shape=shape, mode=mode: _measure(shape, mode, providers, cfg),
+                estimate_s(
+                    cfg, len(providers) * compute_seconds(cfg, nbytes=2 * shape.bytes_moved(mode, 4)), memory=cfg.memory
+                ),
+            )
+            for shape in shapes
+            for mode in modes
+        ]
+
+    def tables(self, rows: list[dict], env: dict) -> list[Table]:
+        display = [
+            {
+                "shape": f"{r['shape']}",
+                "mode": r.get("mode", ""),
+                "provider": r["provider"],
+                "ms [p20, p80]": ms_cell(r),
+                f"x faster than {BASELINE}": speedup_cell(r),
+                "GB/s": num(r.get("gb_per_s")),
+                "peak MiB": num(r.get("peak_mem_mb")),
+                "note": noise_cell(r),
+            }
+            for r in rows
+        ]
+        dims = "; ".join(
+            dict.fromkeys(
+                f"{r['shape']} = B {r.get('B')}, N {r.get('N')}, D {r.get('D')}, R {r.get('R')}" for r in rows
+            )
+        )
+        title = (
+            f"norm_modulate ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against {BASELINE} "
+            "(LayerNorm / RMSNorm, modulate, torch.cat, vector_norm; >1: faster)"
+        )
+        return [Table(title, list(display[0]), display)] if display else []
+
+    def summary(self, rows: list[dict], env: dict) -> list[str]:
+        return [
+            f"norm_modulate {r['shape']} {r['mode']}: {faster_sentence(r['provider'], r, BASELINE)} on {where(env)}."
+            for r in rows
+            if r.get("speedup") is not None
+        ]
+
+    def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
+        ok = [r for r in rows if r.get("speedup") is not None]
+        if not ok:
+            return []
+        groups = list(dict.fromkeys(f"{r['shape']} {r['mode']}" for r in ok))
+        series = {}
+        for p in dict.fromkeys(r["provider"] for r in ok):
+            vals = []
+            for g in groups:
+                r = next((r for r in ok if f"{r['shape']} {r['mode']}" == g and r["provider"] == p), None)
+                vals.append((r["speedup"], r["speedup_p20"], r["speedup_p80"]) if r else (None, None, None))
+            series[p] = vals
+        return [
+            plots.bars(
+                folder / "norm_modulate-speedup.png",
+                groups,
+                series,
+                ylabel=f"x faster than {BASELINE}",
+                reference=1.0,
+                suptitle=plots.title("norm_modulate", f"fused vs {BASELINE} (>1: faster)", env),
+            )
+        ]
 
 
-def run(
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    shapes: Sequence[NormShape] | None = None,
-    providers: Sequence[str] | None = None,
-    modes: Sequence[str] = MODES,
-    memory: bool = True,
-    budget_s: float = 1.0,
-    log: Callable[[str], None] = print,
-) -> tuple[dict, list[dict]]:
-    rows = run_suite(
-        op="norm_modulate",
-        device=device,
-        dtype=dtype,
-        shapes=list(shapes or default_shapes(device)),
-        providers=list(providers or available_providers(device)),
-        modes=modes,
-        baseline=BASELINE,
-        make_inputs=make_inputs,
-        mode_fn=mode_fn,
-        work=lambda shape, mode: {"bytes": shape.bytes_moved(mode, torch.empty(0, dtype=dtype).element_size())},
-        memory=memory,
-        budget_s=budget_s,
-        log=log,
-        columns=_COLUMNS,
-    )
-    return environment(device), rows
-
-
-def targets(rows: list[dict]) -> list[str]:
-    """Measured ratios for the issue's targets (reported, never asserted)."""
-    by = {(r["shape"], r["mode"], r["provider"]): r for r in rows if "median_ms" in r}
-    lines = []
-    for (shape, mode, provider), r in sorted(by.items()):
-        if provider != "dsr":
+def _measure(shape: NormShape, mode: str, providers, cfg: BenchConfig) -> list[dict]:
+    device, dtype = cfg.device, cfg.dtype
+    inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd")
+    rows, fns = {}, {}
+    for p in providers:
+        rows[p] = {
+            "section": "norm_modulate",
+            "shape": shape.name,
+            "B": shape.B,
+            "N": shape.N,
+            "D": shape.D,
+            "R": shape.R,
+            "dtype": str(dtype).replace("torch.", ""),
+            "provider": p,
+            "mode": mode,
+        }
+        try:
+            fns[p] = mode_fn(p, mode, inputs)
+        except Exception as exc:
+            rows[p] = error_row("norm_modulate", exc, **rows[p])
+    ok, failed = probe(fns, device)
+    for p, exc in failed.items():
+        rows[p] = error_row("norm_modulate", exc, **rows[p])
+    timing = time_interleaved(ok, device, budget_s=cfg.budget_s, rng=random.Random(0))
+    for p, row in rows.items():
+        if p not in timing.times:
             continue
-        parts = [f"{shape} {mode}: dsr is {r.get('speedup_vs_baseline') or 0:.2f}x faster than eager"]
-        copy = by.get((shape, mode, "copy"))
-        if copy:
-            parts.append(f"and takes {r['median_ms'] / copy['median_ms']:.2f}x the time of a copy of its bytes")
-        lines.append(" ".join(parts))
-    return lines
+        row.update(timing_fields(timing, p))
+        row["gb_per_s"] = shape.bytes_moved(mode, inputs[1].element_size()) / (row["median_ms"] * 1e-3) / 1e9
+        if p == BASELINE:
+            row["baseline"] = BASELINE
+        elif BASELINE in timing.times:
+            row.update(speedup_fields(timing.times[p], timing.times[BASELINE], BASELINE))
+        if cfg.memory:
+            row["peak_mem_mb"] = peak_memory_mb(ok[p], device)
+    return list(rows.values())
 
 
-def print_report(env: dict, rows: list[dict], log: Callable[[str], None] = print) -> None:
-    log(f"\nnorm_modulate on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
-    log(format_table(rows, _COLUMNS))
-    log("")
-    for line in targets(rows):
-        log(line)
+SECTION = NormModulateSection()

@@ -159,7 +159,7 @@ def apply_test_time_registers_with_hooks(
     A Python forward hook on each selected layer's MLP activation gathers the selected
     columns, reduces them and writes the register and patch rows back with index
     operations: several passes over the activation after the GELU's own. The latency
-    baseline of the fused op (``dsr-kernels bench --op encoder``); it gives the same
+    baseline of the fused op (``dsr-kernels bench --section encoder``); it gives the same
     outputs.
     """
     model, by_layer, settings = _prepare(
