@@ -24,7 +24,9 @@ def _line(r: dict, peak: float | None, bw: float | None) -> str:
     if r.get("gb_per_s") is not None:
         text += f" {r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
     if r.get("speedup") is not None:
-        text += f"  {r['speedup']:.2f}x faster than {r['baseline']}" + (" (noise)" if r["speedup_within_noise"] else "")
+        sp = r["speedup"]
+        text += f"  {sp:.2f}x faster than" if sp >= 1 else f"  {1 / sp:.2f}x slower than"
+        text += f" {r['baseline']}" + (" (within noise)" if r["speedup_within_noise"] else "")
     for key in ("register_overhead", "latency_overhead"):
         if r.get(f"{key}_pct") is not None:
             text += f"  {key.split('_')[0]} overhead {r[f'{key}_pct']:+.1f}%"

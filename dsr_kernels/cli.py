@@ -112,6 +112,10 @@ def _bench_config(args: argparse.Namespace):
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {args.out}: {existing} is not a writable folder")
 
+    if registers is not None and not any(s.uses_registers() for s in chosen):
+        users = [n for n, s in known.items() if s.uses_registers()]
+        raise UsageError(f"--registers applies to sections {', '.join(users)}, none of which is selected")
+
     previous = None
     if args.compare:
         try:
@@ -130,6 +134,11 @@ def _bench_config(args: argparse.Namespace):
         modes=tuple(modes) if modes else None,
         memory=not args.no_memory,
     )
+    if not any(known[name].cases(cfg) for name in selected):
+        raise UsageError(
+            f"the options select nothing to measure in sections {', '.join(selected)} "
+            "(each section keeps only the providers, shapes and modes it knows)"
+        )
     return cfg, selected, out, previous
 
 

@@ -86,6 +86,9 @@ def test_bench_quick_end_to_end_writes_a_new_folder_each_run(tmp_path):
         (["--modes", "sideways"], ["unknown mode 'sideways'", "fwd"]),
         (["--compare", "missing.json"], ["--compare missing.json: cannot read it"]),
         (["--device", "tpu"], ["unknown device 'tpu'", "cpu"]),
+        (["--section", "models", "--providers", "dsr"], ["unknown provider 'dsr' for sections models", "fused"]),
+        (["--section", "norm_modulate", "--registers", "3"], ["--registers applies to sections attention, models"]),
+        (["--section", "attention,models", "--modes", "bwd", "--shapes", "DiT-S/2"], ["select nothing to measure"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args, words):

@@ -250,21 +250,21 @@ class AttentionSection(Section):
             preset = {name: (REGISTERS, MODES) for name in SHAPE_NAMES}
         else:
             preset = _PRESETS[(cfg.preset, "cuda" if cfg.device.type == "cuda" else "cpu")]
-        names = list(cfg.shapes) if cfg.shapes else list(preset)
+        names = self.my_shapes(cfg) or list(preset)
         self.notes = []
-        if not cfg.shapes and cfg.preset != "full":
+        if cfg.shapes is None and cfg.preset != "full":
             left = [n for n in SHAPE_NAMES if n not in preset]
             self.notes.append(f"shapes {', '.join(left)} run with --full (or --shapes)")
         out = []
         for name in names:
             registers, modes = preset.get(name, (REGISTERS, ("fwd", "full")))
-            out.append((shapes[name], tuple(cfg.registers or registers), tuple(cfg.modes or modes)))
+            out.append((shapes[name], tuple(cfg.registers or registers), self.my_modes(cfg) or modes))
         return out
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
-        providers = list(cfg.providers or self.providers(cfg.device))
-        if BASELINE not in providers:
-            providers.insert(0, BASELINE)
+        if self.selects_nothing(cfg):
+            return []
+        providers = self.my_providers(cfg)
         cases = []
         for shape, registers, modes in self.plan(cfg):
             for mode in modes:

@@ -279,12 +279,24 @@ def _quiet_stderr():
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit, with "+dirty" when tracked files differ from it (None outside a checkout)."""
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )
-        return out.stdout.strip() or None
+        commit = out.stdout.strip() or None
+        if commit:
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            if status.stdout.strip():
+                commit += "+dirty"
+        return commit
     except Exception:
         return None
 

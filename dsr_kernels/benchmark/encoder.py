@@ -150,13 +150,13 @@ class EncoderSection(Section):
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         shapes = all_shapes(cfg.device) if cfg.preset == "full" else default_shapes(cfg.device)
-        if cfg.shapes:
+        if self.selects_nothing(cfg):
+            return []
+        if cfg.shapes is not None:
             shapes = [s for s in all_shapes(cfg.device) if s.name in cfg.shapes]
-        providers = list(cfg.providers or PROVIDERS)
-        if BASELINE not in providers:
-            providers.insert(0, BASELINE)
+        providers = self.my_providers(cfg)
         self.notes = []
-        if not cfg.shapes and len(shapes) < len(all_shapes(cfg.device)):
+        if cfg.shapes is None and len(shapes) < len(all_shapes(cfg.device)):
             self.notes.append("vit_so400m_patch14_siglip_224 runs with --full (or --shapes)")
         if cfg.providers is None and cfg.preset == "quick":
             providers = [p for p in providers if p in QUICK_PROVIDERS]

@@ -118,17 +118,19 @@ class ModelsSection(Section):
             preset = {name: (REGISTERS, MODES) for name in shapes}
         else:
             preset = _PRESETS[(cfg.preset, "cuda" if cfg.device.type == "cuda" else "cpu")]
-        names = [n for n in (cfg.shapes or preset) if n in self.shape_names()]
+        if self.selects_nothing(cfg):
+            return []
+        names = self.my_shapes(cfg) or list(preset)
         self.notes = []
-        if not cfg.shapes and cfg.preset != "full":
+        if cfg.shapes is None and cfg.preset != "full":
             left = [n for n in shapes if n not in preset]
             self.notes.append(f"models {', '.join(left)} and the train mode of every model run with --full")
-        providers = list(cfg.providers or PROVIDERS)
+        providers = self.my_providers(cfg)
         cases = []
         for name in names:
             shape = shapes.get(name) or ModelShape(name, 64 if cfg.device.type == "cuda" else 2)
             registers, modes = preset.get(name, (REGISTERS, ("fwd",)))
-            registers, modes = tuple(cfg.registers or registers), tuple(cfg.modes or modes)
+            registers, modes = tuple(cfg.registers or registers), self.my_modes(cfg) or modes
             for mode in modes:
                 cases.append(
                     Case(

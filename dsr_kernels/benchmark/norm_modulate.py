@@ -175,13 +175,13 @@ class NormModulateSection(Section):
         return [s.name for s in default_shapes(torch.device("cpu"))]
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
-        shapes = [s for s in default_shapes(cfg.device) if not cfg.shapes or s.name in cfg.shapes]
+        if self.selects_nothing(cfg):
+            return []
+        shapes = [s for s in default_shapes(cfg.device) if cfg.shapes is None or s.name in cfg.shapes]
         if cfg.shapes is None and cfg.preset == "quick":
             shapes = shapes[:1]
-        modes = cfg.modes or {"quick": ("fwd",), "default": ("fwd", "full"), "full": MODES}[cfg.preset]
-        providers = list(cfg.providers or self.providers(cfg.device))
-        if BASELINE not in providers:
-            providers.insert(0, BASELINE)
+        modes = self.my_modes(cfg) or {"quick": ("fwd",), "default": ("fwd", "full"), "full": MODES}[cfg.preset]
+        providers = self.my_providers(cfg)
         self.notes = (
             [] if cfg.preset == "full" or cfg.modes else [f"modes other than {', '.join(modes)} run with --full"]
         )

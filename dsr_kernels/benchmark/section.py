@@ -97,6 +97,28 @@ class Section:
         """Whether ``--registers`` means something to this section."""
         return False
 
+    # The run's --providers / --shapes / --modes apply to every selected section: each
+    # section keeps the names it knows. An empty list means that the options select
+    # nothing of this section (it then has no cases); None: the section's defaults.
+
+    def my_providers(self, cfg: BenchConfig) -> list[str]:
+        """This section's providers on the device that the run selects, the baseline first (when any)."""
+        mine = self.providers(cfg.device)
+        chosen = mine if cfg.providers is None else [p for p in cfg.providers if p in mine]
+        if chosen and self.baseline in mine and self.baseline not in chosen:
+            chosen = [self.baseline, *chosen]
+        return list(chosen)
+
+    def my_shapes(self, cfg: BenchConfig) -> list[str] | None:
+        return None if cfg.shapes is None else [n for n in cfg.shapes if n in self.shape_names()]
+
+    def my_modes(self, cfg: BenchConfig) -> tuple[str, ...] | None:
+        return None if cfg.modes is None else tuple(m for m in cfg.modes if m in self.mode_names)
+
+    def selects_nothing(self, cfg: BenchConfig) -> bool:
+        """Whether the run's options leave this section nothing to measure."""
+        return not self.my_providers(cfg) or self.my_shapes(cfg) == [] or self.my_modes(cfg) == ()
+
 
 def error_row(section: str, error: BaseException, **fields) -> dict:
     """A row for a provider that could not run: the error, not a hidden gap."""
