@@ -125,8 +125,9 @@ def test_run_folders_never_collide(tmp_path):
 class _FakeSection(Section):
     """Two cases; the second one is interrupted by Ctrl-C."""
 
-    def __init__(self):
+    def __init__(self, crash_only: bool = False):
         super().__init__(name="fake", title="fake", baseline="base", mode_names=("fwd",))
+        self.crash_only = crash_only
 
     def providers(self, device):
         return ["base"]
@@ -138,7 +139,12 @@ class _FakeSection(Section):
         def interrupted():
             raise KeyboardInterrupt
 
+        def crashes():
+            raise MemoryError("out of memory")
+
         row = {"section": "fake", "shape": "s", "provider": "base", "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
+        if self.crash_only:
+            return [Case("fake", "crashes", crashes), Case("fake", "first", lambda: [row])]
         return [Case("fake", "first", lambda: [row]), Case("fake", "second", interrupted)]
 
     def tables(self, rows, env):
@@ -154,6 +160,18 @@ def test_ctrl_c_writes_the_rows_gathered_so_far(tmp_path, monkeypatch):
     assert code == 130
     data = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert data["complete"] is False and [r["provider"] for r in data["rows"]] == ["base"]
+
+
+def test_a_case_that_crashes_is_a_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    from dsr_kernels.benchmark import run as run_module
+
+    monkeypatch.setattr(run_module, "sections", lambda: {"fake": _FakeSection(crash_only=True)})
+    cfg = BenchConfig(device=torch.device("cpu"), dtype=torch.float32)
+    assert run_module.run(cfg, ["fake"], out=tmp_path) == 1
+    rows = json.loads((tmp_path / "latest" / "results.json").read_text())["rows"]
+    assert rows[0]["case_error"] and "MemoryError: out of memory" in rows[0]["error"]
+    assert rows[1]["provider"] == "base"
+    assert "crashes: FAILED: MemoryError" in capsys.readouterr().out
 
 
 def test_compare_flags_only_differences_beyond_the_noise(tmp_path, capsys):

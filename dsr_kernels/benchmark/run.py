@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsr_kernels.benchmark.common import environment
-from dsr_kernels.benchmark.section import BenchConfig, Case, Section
+from dsr_kernels.benchmark.section import BenchConfig, Case, Section, error_row
 
 
 def sections() -> dict[str, Section]:
@@ -150,7 +150,8 @@ def run(
     compare: dict | None = None,
     console=None,
 ) -> int:
-    """Runs the sections' cases; returns the exit code (0, or 130 after Ctrl-C)."""
+    """Runs the sections' cases; returns the exit code: 0; 1 when a self-check failed or a case
+    crashed (its error is a row, the other cases still run); 130 after Ctrl-C."""
     from rich.console import Console
 
     console = console or Console(width=None if sys.stdout.isatty() else 160, highlight=False, markup=False)
@@ -172,7 +173,10 @@ def run(
         for case in cases:
             progress.begin(case)
             t0 = time.perf_counter()
-            case_rows = case.run()
+            try:
+                case_rows = case.run()
+            except Exception as exc:  # one case failing (out of memory, say) does not lose the others
+                case_rows = [error_row(case.section, exc, shape=case.label, provider="(whole case)", case_error=True)]
             for r in case_rows:
                 r.setdefault("case", case.label)
             rows += case_rows
@@ -194,7 +198,7 @@ def run(
         _compare(console, compare, rows)
     console.print(f"\nwrote {folder}/ (results.json, results.csv and the plots); {out / 'latest'} points at it")
     console.print(f"{len(rows)} rows in {env['seconds']:.0f} s")
-    failed = [r for r in rows if r.get("status") == "FAIL"]
+    failed = [r for r in rows if r.get("status") == "FAIL" or r.get("case_error")]
     return 1 if failed else 0
 
 
@@ -224,7 +228,10 @@ def _report(console, env, chosen, rows, folder) -> None:
 
     conclusions: list[str] = []
     for section in chosen:
-        srows = [r for r in rows if r.get("section") == section.name]
+        srows = [r for r in rows if r.get("section") == section.name and not r.get("case_error")]
+        for r in rows:
+            if r.get("section") == section.name and r.get("case_error"):
+                console.print(f"{r['shape']}: FAILED: {r['error']}")
         if not srows:
             continue
         for table in section.tables(srows, env):
@@ -243,7 +250,8 @@ def _report(console, env, chosen, rows, folder) -> None:
         except Exception as exc:  # a plot that fails does not lose the measurements
             console.print(f"  ({section.name}: plotting failed: {type(exc).__name__}: {exc})")
     noisy = sum(1 for r in rows if r.get("noisy"))
-    errors = sum(1 for r in rows if r.get("error") and r.get("section") != "selfcheck")
+    errors = sum(1 for r in rows if r.get("error") and r.get("section") != "selfcheck" and not r.get("case_error"))
+    crashed = sum(1 for r in rows if r.get("case_error"))
     console.print("\nSummary")
     for line in conclusions:
         console.print(f"- {line}")
@@ -254,6 +262,8 @@ def _report(console, env, chosen, rows, folder) -> None:
         )
     if errors:
         console.print(f"- {errors} provider(s) could not run a shape; their rows carry the error")
+    if crashed:
+        console.print(f"- {crashed} measurement(s) failed as a whole (above, and in results.json)")
 
 
 def load_previous(path: Path) -> dict:
