@@ -205,24 +205,25 @@ def test_compare_flags_only_differences_beyond_the_noise(tmp_path, capsys):
 
 
 def test_time_interleaved_warms_until_stable_and_interleaves_rounds():
+    import time
+
     calls: list[str] = []
-    cold = {"a": 3}
+    cold = {"a": [0.05, 0.02, 0.008]}  # a's first calls are slow, each less so: none may be timed
 
     def make(name):
         def fn():
             calls.append(name)
-            if cold.get(name):  # the first calls are slow: they must not be timed
-                cold[name] -= 1
-                x = torch.randn(300, 300)
-                for _ in range(20):
-                    x = x @ x.clamp(-1, 1)
+            time.sleep(cold[name].pop(0) if cold.get(name) else 0.002)
 
         return fn
 
     timing = common.time_interleaved(
-        {"a": make("a"), "b": make("b")}, torch.device("cpu"), budget_s=0.0, min_reps=6, max_reps=6, tolerance=10.0
+        {"a": make("a"), "b": make("b")}, torch.device("cpu"), budget_s=1.0, min_reps=6, max_reps=6, tolerance=0.5
     )
-    assert timing.warmup_calls["a"] >= 2 and len(timing.times["a"]) == len(timing.times["b"]) == 6
+    # 50, 20, 8, 2, 2 ms: no two successive calls agree within 50% before the 4th and 5th,
+    # so the slow calls were all spent in the warm-up, none timed
+    assert timing.warmup_calls["a"] >= 5 and timing.stable["a"]
+    assert len(timing.times["a"]) == len(timing.times["b"]) == 6
     rounds = calls[-12:]
     assert all(sorted(rounds[2 * i : 2 * i + 2]) == ["a", "b"] for i in range(6))  # one call of each per round
 

@@ -130,8 +130,9 @@ def time_interleaved(
     ``fns`` maps a provider to a callable, or to (setup, callable) where ``setup()`` is a
     context manager entered around the provider's calls but outside the timed region
     (switching a model's state, say). Each provider is first called until two successive
-    times agree within ``tolerance`` (at most ``max_warmup`` calls): a cold first call
-    (allocations, autotuning, page faults) is never timed. Then rounds call every provider
+    times agree within ``tolerance`` (at most ``max_warmup`` calls, and past 3 calls no
+    longer than ``budget_s``; a provider that never settles is reported as such): a cold
+    first call (allocations, autotuning, page faults) is never timed. Then rounds call every provider
     once each, in an order shuffled per round, so that drift of the machine's speed hits
     all providers alike, until at least ``min_reps`` rounds and ``budget_s`` seconds of
     rounds have passed (at most ``max_reps``). CUDA events time GPU calls (after an L2
@@ -152,10 +153,11 @@ def time_interleaved(
     stable: dict[str, bool] = {}
     for name, (setup, fn) in entries.items():
         with setup():
-            last, calls, ok = None, 0, False
-            while calls < max_warmup:
+            last, calls, ok, spent = None, 0, False, 0.0
+            # at most max_warmup calls, and no more than the rounds' budget once 3 calls are done
+            while calls < max_warmup and (calls < 3 or spent < max(budget_s, 1e-3) * 1e3):
                 t = once(fn)
-                calls += 1
+                calls, spent = calls + 1, spent + t
                 if last is not None and abs(t - last) <= tolerance * min(t, last):
                     ok = True
                     break
