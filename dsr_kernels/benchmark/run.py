@@ -154,7 +154,7 @@ def run(
     crashed (its error is a row, the other cases still run); 130 after Ctrl-C."""
     from rich.console import Console
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160, highlight=False, markup=False)
+    console = console or Console(width=None if sys.stdout.isatty() else 200, highlight=False, markup=False)
     all_sections = sections()
     chosen = [all_sections[name] for name in selected]
     env = environment(cfg.device)
