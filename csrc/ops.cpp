@@ -13,6 +13,7 @@
 #include <string>
 #include <tuple>
 
+#include "dsr_kernels/cpu_capability.h"
 #include "dsr_kernels/norm_modulate.h"
 #include "dsr_kernels/ttr_activation.h"
 
@@ -90,6 +91,10 @@ FwdResult fwd(const at::Tensor& x, const std::optional<at::Tensor>& shift, const
   if (return_moments) o.moments = at::empty({a.B, T, 2}, stat);
   if (a.kind == NormKind::LayerNorm) o.mean = at::empty({a.B, T}, stat);
   o.rstd = at::empty({a.B, T}, stat);
+  if (x.is_cpu()) {  // tens of MB each at DiT sizes: 2 MiB pages instead of one fault per 4 KiB
+    advise_huge_pages(o.out);
+    advise_huge_pages(o.residual);
+  }
   if (a.B * T > 0 && a.D > 0) {
     if (x.is_cuda()) {
 #ifdef DSR_WITH_CUDA
@@ -122,6 +127,7 @@ BwdResult bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dresidual
   if (dresidual.has_value() && dresidual->defined() && dresidual->numel()) dres = dresidual->contiguous();
   NormModulateGrads g;
   g.dx = at::empty_like(a.x);
+  if (x.is_cpu()) advise_huge_pages(g.dx);
   if (a.R) g.dregisters = at::empty({a.B, a.R, a.D}, acc);
   if (a.shift.defined()) g.dshift_partial = at::empty({a.B, C, a.D}, acc);
   if (a.scale.defined()) g.dscale_partial = at::empty({a.B, C, a.D}, acc);
@@ -300,6 +306,19 @@ TORCH_LIBRARY_IMPL(dsr_kernels, Meta, m) {
 #ifndef DSR_NO_PYTHON
 #include <torch/extension.h>
 
+// setup.py writes build_info.h (into build/generated/, not the source tree) with the
+// reason it left the CUDA kernels out; other builds say only whether they are in.
+#if __has_include("dsr_kernels/build_info.h")
+#include "dsr_kernels/build_info.h"
+#endif
+#ifndef DSR_CUDA_SKIP_REASON
+#ifdef DSR_WITH_CUDA
+#define DSR_CUDA_SKIP_REASON ""
+#else
+#define DSR_CUDA_SKIP_REASON "built without DSR_WITH_CUDA"
+#endif
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dsr_kernels compiled kernels; the ops are registered under torch.ops.dsr_kernels";
   m.def("cuda_built", [] {
@@ -309,7 +328,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
-  m.def("cpu_capability", [] { return std::string(dsr_kernels::ttr_activation_cpu_capability()); },
+  m.def("cuda_skip_reason", [] { return std::string(DSR_CUDA_SKIP_REASON); },
+        "why the CUDA kernels were not built (empty when they were), as setup.py decided it");
+  m.def("cpu_capability", [] { return std::string(dsr_kernels::cpu_isa_name(dsr_kernels::cpu_isa())); },
         "the instruction set the CPU kernels picked at run time (avx512, avx2 or default)");
 }
 #endif

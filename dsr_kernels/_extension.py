@@ -3,6 +3,9 @@
 Importing it registers the ops ``torch.ops.dsr_kernels.norm_modulate_{fwd,bwd}`` with
 their CPU, CUDA (when built) and Meta implementations. The package imports fine without
 it; the compiled backends then report ``extension_unavailable_reason``.
+
+The compiled backends ``"cpu"`` and ``"cuda"`` of norm_modulate and ttr_activation
+declare themselves here (:data:`CPU`, :data:`CUDA`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 
 import torch
+
+from dsr_kernels.types import FLOATS, Backend
 
 _BUILD = "`pip install --no-build-isolation -e .` from the source checkout (it builds against the installed torch)"
 
@@ -68,3 +73,11 @@ def extension_unavailable_reason(device: torch.device) -> str | None:
             return "dsr_kernels._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
         return None
     return f"the compiled kernels do not run on device type {device.type!r}"
+
+
+def _compiled_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return extension_unavailable_reason(device)
+
+
+CPU = Backend("cpu", ("cpu",), FLOATS, _compiled_unavailable_reason)
+CUDA = Backend("cuda", ("cuda",), FLOATS, _compiled_unavailable_reason)

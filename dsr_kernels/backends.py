@@ -1,124 +1,106 @@
-"""Which implementation runs an op, and why the others do not.
+"""Which implementation runs an op, and why the others do not: one registry for every op.
 
-Every op accepts ``backend="auto" | <name>``. ``auto`` picks the best available one for
-the inputs; an explicit name that cannot run them raises :class:`BackendUnavailable`
-with the reason and never falls back silently. ``explain(op, device)`` lists each
-backend with the reason it is or is not available.
+Each implementation declares itself as a :class:`~dsr_kernels.types.Backend` (name,
+devices, dtypes, ``unavailable_reason``) next to its code; :data:`BACKENDS` lists them per
+op, in the order ``backend="auto"`` prefers them. Every op resolves ``backend`` with
+:func:`resolve`: ``auto`` takes the first backend that may be picked on the tensor's
+device and can run its dtype; an explicit name that cannot run the tensors raises
+:class:`BackendUnavailable` with the reason and never falls back silently; an unknown name
+raises ValueError listing the valid ones. :func:`explain` lists each backend with
+"available" or the reason it is not.
+
+Adding a backend: its implementation file (declaring ``BACKEND``) and its line in the table.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
-from dsr_kernels._extension import extension_unavailable_reason
+from dsr_kernels import _extension
+from dsr_kernels import triton as _triton
+from dsr_kernels.cpu import attention as _attention_cpu
+from dsr_kernels.reference import attention as _attention_ref
+from dsr_kernels.reference import norm_modulate as _norm_modulate_ref
+from dsr_kernels.reference import ttr_activation as _ttr_activation_ref
+from dsr_kernels.torch import attention as _attention_torch
+from dsr_kernels.triton import triton_interpreting
+from dsr_kernels.types import Backend
+
+__all__ = [
+    "BACKENDS",
+    "OPS",
+    "Backend",
+    "BackendUnavailable",
+    "check_name",
+    "explain",
+    "names",
+    "resolve",
+    "triton_interpreting",
+]
 
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run these inputs; the message says why."""
 
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# op -> its backends, in the order "auto" prefers them on every device (each backend's
+# devices and auto_devices then leave out those that do not apply to a device).
+BACKENDS: dict[str, tuple[Backend, ...]] = {
+    "attention": (_triton.BACKEND, _attention_cpu.BACKEND, _attention_torch.BACKEND, _attention_ref.BACKEND),
+    "norm_modulate": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _norm_modulate_ref.BACKEND),
+    "ttr_activation": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _ttr_activation_ref.BACKEND),
+}
+OPS = tuple(BACKENDS)
 
 
-@functools.cache
-def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed (pip install triton)"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - broken installs only
-        return f"importing triton failed: {exc!r}"
-    return None
+def _backends(op: str, fn: str) -> tuple[Backend, ...]:
+    if op not in BACKENDS:
+        raise ValueError(f"{fn}(): unknown op {op!r}; expected one of {', '.join(map(repr, OPS))}")
+    return BACKENDS[op]
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None if Triton kernels can run on tensors of ``device``, else the reason."""
-    err = _triton_import_error()
-    if err is not None:
-        return err
-    if device.type == "cuda":
-        if triton_interpreting():
-            return "TRITON_INTERPRET=1 is set, so Triton runs on the CPU; it cannot take CUDA tensors"
-        return None
-    if device.type == "cpu":
-        if triton_interpreting():
-            return None
-        return (
-            "Triton needs CUDA tensors; on the CPU it runs only in its interpreter, "
-            "with TRITON_INTERPRET=1 set before triton is imported"
-        )
-    return f"Triton kernels do not run on device type {device.type!r}"
+def names(op: str) -> tuple[str, ...]:
+    """The backend names of ``op``, in auto's order of preference."""
+    return tuple(b.name for b in _backends(op, "names"))
 
 
-ATTENTION_BACKENDS = ("triton", "torch", "reference")
+def check_name(op: str, backend: object) -> None:
+    """Raises ValueError, listing the valid names, unless ``backend`` is "auto" or a backend of ``op``."""
+    valid = ("auto",) + names(op)
+    if backend not in valid:
+        raise ValueError(f"{op}(): argument 'backend' must be one of {valid}, got {backend!r}")
 
 
-def attention_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "triton":
-        return triton_unavailable_reason(device)
-    if backend in ("torch", "reference"):
-        return None
-    return f"unknown backend {backend!r}; expected one of {('auto',) + ATTENTION_BACKENDS}"
+def resolve(op: str, backend: str, tensor: torch.Tensor) -> str:
+    """The name of the backend of ``op`` that runs ``tensor`` (its device and dtype).
 
-
-# norm_modulate and ttr_activation: compiled CPU / CUDA kernels, Triton kernels, a reference.
-COMPILED_OP_BACKENDS = ("cuda", "cpu", "triton", "reference")
-_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def compiled_op_unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if ``backend`` (one of COMPILED_OP_BACKENDS) can run tensors of this device and dtype, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is None and dtype not in _HALF_AND_FLOAT:
-            reason = f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
-        return reason
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            return f"backend {backend!r} runs {backend} tensors, not {device.type} ones"
-        return extension_unavailable_reason(device)
-    return f"unknown backend {backend!r}; expected one of {('auto',) + COMPILED_OP_BACKENDS}"
-
-
-def resolve_compiled_op_backend(op: str, backend: str, x: torch.Tensor) -> str:
-    """``auto``: the compiled kernels for x's device when built, else Triton on CUDA, else "reference";
-    an explicit backend that cannot run x raises :class:`BackendUnavailable` with the reason."""
+    ``auto``: the first backend of :data:`BACKENDS[op] <BACKENDS>` that auto may pick on
+    the device and that can run it. An explicit name that cannot run it raises
+    :class:`BackendUnavailable` with the reason; an unknown name raises ValueError.
+    """
+    check_name(op, backend)
+    device, dtype = tensor.device, tensor.dtype
     if backend == "auto":
-        for candidate in {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(x.device.type, ()):
-            if compiled_op_unavailable_reason(candidate, x.device, x.dtype) is None:
-                return candidate
-        return "reference"
-    reason = compiled_op_unavailable_reason(backend, x.device, x.dtype)
+        reasons = {}
+        for b in BACKENDS[op]:
+            if not b.picked_by_auto(device):
+                reasons[b.name] = f"auto does not pick it for {device.type} tensors"
+                continue
+            reasons[b.name] = b.why_not(device, dtype)
+            if reasons[b.name] is None:
+                return b.name
+        why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+        raise BackendUnavailable(f"{op}(): no backend runs {dtype} tensors on {device} ({why})")
+    reason = next(b for b in BACKENDS[op] if b.name == backend).why_not(device, dtype)
     if reason is not None:
-        raise BackendUnavailable(f"{op}(backend={backend!r}) cannot run tensors on {x.device}: {reason}")
+        raise BackendUnavailable(f"{op}(backend={backend!r}) cannot run {dtype} tensors on {device}: {reason}")
     return backend
 
 
-def explain_compiled_op(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """Each of COMPILED_OP_BACKENDS mapped to "available" or the reason it cannot run on ``device``."""
-    return {b: compiled_op_unavailable_reason(b, device, dtype) or "available" for b in COMPILED_OP_BACKENDS}
-
-
-def explain_attention(device: torch.device) -> dict[str, str]:
-    """Each of ATTENTION_BACKENDS mapped to "available" or the reason it cannot run on ``device``."""
-    return {name: attention_unavailable_reason(name, device) or "available" for name in ATTENTION_BACKENDS}
-
-
-# Every op that chooses a backend, with the function that explains its backends on a device.
-_EXPLAIN = {"attention": explain_attention, "norm_modulate": explain_compiled_op, "ttr_activation": explain_compiled_op}
-OPS = tuple(_EXPLAIN)
-
-
-def explain(op: str = "attention", device: str | torch.device = "cpu") -> dict[str, str]:
-    """Each backend of ``op`` (one of OPS) on ``device`` mapped to "available" or the reason it is not."""
-    if op not in _EXPLAIN:
-        raise ValueError(f"explain(): unknown op {op!r}; expected one of {', '.join(map(repr, OPS))}")
-    return _EXPLAIN[op](torch.device(device))
+def explain(
+    op: str = "attention", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, str]:
+    """Each backend of ``op`` (one of :data:`OPS`), in auto's order, mapped to "available" or the
+    reason it cannot run ``dtype`` tensors on ``device``."""
+    device = torch.device(device)
+    return {b.name: b.why_not(device, dtype) or "available" for b in _backends(op, "explain")}

@@ -82,7 +82,11 @@ def _extension_lines() -> list[InfoLine]:
     if C is None:
         reason = _extension.extension_unavailable_reason(torch.device("cpu")) or "not built"
         return [InfoLine("extension", reason), InfoLine("extension CUDA kernels", "no (the extension is not built)")]
-    cuda = "yes" if C.cuda_built() else "no (built without CUDA: torch without CUDA, or no nvcc, at build time)"
+    if C.cuda_built():
+        cuda = "yes"
+    else:  # setup.py's reason, compiled in (older builds lack cuda_skip_reason)
+        why = getattr(C, "cuda_skip_reason", lambda: "")() or "built without CUDA"
+        cuda = f"no (CUDA kernels not built: {why})"
     return [InfoLine("extension", f"built ({C.__file__})"), InfoLine("extension CUDA kernels", cuda)]
 
 

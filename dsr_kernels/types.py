@@ -1,10 +1,54 @@
-"""Result types shared by the ops and their implementations."""
+"""Types shared by the ops and their implementations: results, and how a backend declares itself."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
+
+HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+FLOATS = HALF_AND_FLOAT + (torch.float64,)
+
+
+def _always_available(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op, as it declares itself; :mod:`dsr_kernels.backends` lists them per op.
+
+    - ``name``: what ``backend=`` takes ("triton", "torch", "cpu", ...).
+    - ``devices``: the device types whose tensors it takes; None: any device.
+    - ``dtypes``: the input dtypes it takes.
+    - ``unavailable_reason(device, dtype)``: None when it can run there, else why not (a
+      package or build that is missing); asked once device and dtype fit.
+    - ``auto_devices``: the device types on which ``backend="auto"`` may pick it; None: all
+      of ``devices`` (Triton takes CPU tensors in its interpreter, a test tool, so its
+      ``auto`` is CUDA only).
+    """
+
+    name: str
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...]
+    unavailable_reason: Callable[[torch.device, torch.dtype], str | None] = _always_available
+    auto_devices: tuple[str, ...] | None = None
+
+    def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """None if this backend runs tensors of ``device`` and ``dtype``, else the reason."""
+        if self.devices is not None and device.type not in self.devices:
+            return f"backend {self.name!r} runs {' or '.join(self.devices)} tensors, not {device.type} ones"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"backend {self.name!r} takes {names} tensors, not {dtype}"
+        return self.unavailable_reason(device, dtype)
+
+    def picked_by_auto(self, device: torch.device) -> bool:
+        """Whether ``backend="auto"`` may choose it for tensors on ``device`` (when it can run them)."""
+        return self.auto_devices is None or device.type in self.auto_devices
 
 
 class AttentionStats(NamedTuple):
@@ -35,7 +79,7 @@ class NormModulateResult(NamedTuple):
     - ``out`` [B, T, D] in x's dtype: the normalised and modulated tokens, T = R + N with
       registers (registers first), else T = N.
     - ``residual`` [B, R + N, D] in x's dtype: the residual stream with the registers in
-      front (None without registers).
+      front (None without registers, or with R = 0).
     - ``norms`` [B, T] float32: the L2 norm of each input token before normalisation
       (None unless ``return_norms=True``); registers included.
     """

@@ -8,6 +8,7 @@ multiples of any block size, head dims that are not powers of two, R = 0 / 1 / 3
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -190,6 +191,13 @@ requires_interpreter = pytest.mark.skipif(
 )
 
 
+requires_cpu_kernel = pytest.mark.skipif(
+    dsr_kernels.explain("attention", "cpu")["cpu"] != "available",
+    reason="backend 'cpu': " + dsr_kernels.explain("attention", "cpu")["cpu"],
+)
+CPU = pytest.param("cpu", marks=requires_cpu_kernel)
+
+
 @requires_interpreter
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference(case):
@@ -199,6 +207,81 @@ def test_triton_matches_reference(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_torch_backend_matches_reference(case):
     check_case(case, "torch")
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_backend_matches_reference(case):
+    check_case(case, "cpu")
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_cpu_backend_is_bitwise_the_same_for_any_thread_count(direction):
+    case = Case(B=2, H=3, Nq=257, Nk=292, D=72, R=36, sinks=True, key_mask=True, prefix=2)
+    inputs = make_inputs(case)
+    dout = torch.randn(case.B, case.H, case.Nq, case.D)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            kw, wrt = leaves(inputs, None)
+            out, stats = attention(**kw, num_prefix_tokens=case.prefix, return_stats=True, backend="cpu")
+            results.append([out, *stats] if direction == "fwd" else list(torch.autograd.grad(out, wrt, dout)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda a: a.__setitem__("q", a["q"].double()), "q must be float32"),
+        (lambda a: a.__setitem__("k", a["k"][:, :, :, :8]), "k must be [B, H, Nk, D]"),
+        (lambda a: a.__setitem__("v", a["v"][:, :, :5]), "v must have k's shape"),
+        (lambda a: a.update(rk=torch.randn(3, 4, 16), rv=torch.randn(3, 4, 16)), "rk must be [H, R, D] or [B, H"),
+        (lambda a: a.__setitem__("key_mask", torch.ones(2, 3, dtype=torch.bool)), "key_mask must be a bool"),
+        (lambda a: a.__setitem__("out", torch.empty(2, 2, 9, 17)), "out must have q's shape"),
+        (lambda a: a.__setitem__("num_prefix_tokens", 99), "num_prefix_tokens must be in"),
+    ],
+)
+def test_cpu_kernel_direct_calls_check_their_arguments(mutate, words):
+    """torch.ops.dsr_kernels.attention_fwd_cpu called directly: errors, never a crash."""
+    B, H, N, D, R = 2, 2, 9, 16, 3
+    a = dict(
+        q=torch.randn(B, H, N, D),
+        k=torch.randn(B, H, N, D),
+        v=torch.randn(B, H, N, D),
+        rk=torch.randn(H, R, D),
+        rv=torch.randn(H, R, D),
+        key_mask=torch.ones(B, N, dtype=torch.bool),
+        num_prefix_tokens=0,
+        out=torch.empty(B, H, N, D),
+    )
+    mutate(a)
+    lse, stats = torch.empty(B, H, N), [torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, R + N)]
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        torch.ops.dsr_kernels.attention_fwd_cpu(
+            a["q"],
+            a["k"],
+            a["v"],
+            a["rk"],
+            a["rv"],
+            None,
+            a["key_mask"],
+            None,
+            a["num_prefix_tokens"],
+            0.25,
+            None,
+            True,
+            a["out"],
+            lse,
+            *stats,
+        )
 
 
 @pytest.mark.gpu
@@ -218,9 +301,9 @@ def test_torch_backend_chunks_match_single_chunk(monkeypatch):
     case = Case(B=2, Nq=113, Nk=257, D=72, R=36, sinks=True, key_mask=True, causal=True, prefix=4)
     inputs = make_inputs(case)
     full, stats_full = attention(**inputs, causal=True, num_prefix_tokens=4, return_stats=True, backend="torch")
-    from dsr_kernels.chunked import attention as chunked
+    from dsr_kernels.torch import attention as torch_backend
 
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 2 * 7 * (36 + 257))  # 7-row chunks
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 2 * 2 * 7 * (36 + 257))  # 7-row chunks
     small, stats_small = attention(**inputs, causal=True, num_prefix_tokens=4, return_stats=True, backend="torch")
     # Only the float32 summation order differs: a few ulps.
     eps = torch.finfo(torch.float32).eps
@@ -270,7 +353,7 @@ def test_triton_random_shapes_and_options(
     check_case(case, "triton")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, "reference", pytest.param("triton", marks=requires_interpreter)])
 def test_probability_is_conserved(backend):
     """sum_j key_mass + sum_i p_sink = number of queries that can attend anything."""
     case = Case(B=2, H=2, Nq=40, Nk=57, D=72, R=4, sinks=True, key_mask=True)
@@ -286,7 +369,7 @@ def test_probability_is_conserved(backend):
 # ----------------------------------------------------------------------------- edge cases
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, "reference", pytest.param("triton", marks=requires_interpreter)])
 def test_query_with_nothing_to_attend(backend):
     """No attendable key, no register, no sink: out 0, lse -inf, never NaN (grads too)."""
     q, k, v = (torch.randn(2, 2, 9, 24, requires_grad=True) for _ in range(3))
@@ -303,7 +386,7 @@ def test_query_with_nothing_to_attend(backend):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, pytest.param("triton", marks=requires_interpreter)])
 def test_nan_in_one_query_row_stays_in_that_row(backend):
     q, k, v = (torch.randn(1, 2, 70, 72) for _ in range(3))
     q[0, 1, 33, 5] = float("nan")
@@ -315,7 +398,7 @@ def test_nan_in_one_query_row_stays_in_that_row(backend):
     assert torch.equal(nan_rows, expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, pytest.param("triton", marks=requires_interpreter)])
 def test_packed_qkv_views_are_read_in_place(backend):
     """q/k/v as strided views of one [B, N, 3, H, D] projection output, no copy made."""
     B, N, H, D = 2, 37, 3, 80
@@ -377,7 +460,7 @@ def test_triton_path_builds_no_concatenated_tensor():
     assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, pytest.param("triton", marks=requires_interpreter)])
 def test_registers_equal_concatenated_keys(backend):
     """kv_registers behave exactly like R keys/values concatenated in front of k/v."""
     B, H, N, D, R = 2, 2, 31, 64, 5
@@ -418,7 +501,7 @@ def test_torch_backend_gradcheck_float64(path):
     "chunked" (causal + additive mask) recomputes probabilities chunk by chunk;
     "cpu_flash" (key_mask only) merges two calls of PyTorch's CPU flash kernel.
     """
-    from dsr_kernels.chunked.attention import _uses_cpu_flash
+    from dsr_kernels.torch.attention import _uses_cpu_flash
 
     B, H, Nq, Nk, D, R = 2, 2, 5, 6, 8, 3
     args = [
@@ -452,20 +535,21 @@ def test_rope_gradcheck_float64(style):
     assert torch.autograd.gradcheck(f, args)
 
 
-def test_shared_register_gradients_are_summed_over_batch():
+@pytest.mark.parametrize("backend", ["torch", CPU])
+def test_shared_register_gradients_are_summed_over_batch(backend):
     B, H, N, D, R = 3, 2, 11, 16, 4
     q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
     rk = torch.randn(H, R, D, requires_grad=True)
     rv = torch.randn(H, R, D, requires_grad=True)
-    attention(q, k, v, kv_registers=(rk, rv), backend="torch").square().sum().backward()
+    attention(q, k, v, kv_registers=(rk, rv), backend=backend).square().sum().backward()
     rk_b = rk.detach()[None].repeat(B, 1, 1, 1).requires_grad_()
     rv_b = rv.detach()[None].repeat(B, 1, 1, 1).requires_grad_()
-    attention(q, k, v, kv_registers=(rk_b, rv_b), backend="torch").square().sum().backward()
+    attention(q, k, v, kv_registers=(rk_b, rv_b), backend=backend).square().sum().backward()
     assert_close("drk", rk.grad, rk_b.grad.sum(0), atol=1e-5)
     assert_close("drv", rv.grad, rv_b.grad.sum(0), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", CPU, pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     q, k, v = (torch.randn(1, 2, 19, 24) for _ in range(3))
     rk, rv = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
@@ -494,10 +578,11 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd.default, bwd_args)
 
 
-def test_torch_compile_fullgraph_module():
+@pytest.mark.parametrize("backend", ["torch", CPU])
+def test_torch_compile_fullgraph_module(backend):
     """A module calling attention compiles with fullgraph=True (no graph break) and matches eager."""
     torch._dynamo.reset()
-    model = dsr_kernels.RegisterAttention(48, 4, num_kv_registers=3, sinks=True, backend="torch")
+    model = dsr_kernels.RegisterAttention(48, 4, num_kv_registers=3, sinks=True, backend=backend)
     x = torch.randn(2, 13, 48)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     out = compiled(x)
@@ -674,17 +759,20 @@ def test_triton_rejects_float64():
     if not triton_interpreting():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     args = {k: v.double() for k, v in _good().items()}
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(BackendUnavailable, match="float64"):
         attention(**args, backend="triton")
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_the_cpu_kernel_when_built(monkeypatch):
     seen = []
     real = attention_ops._fwd_impl
     monkeypatch.setattr(attention_ops, "_fwd_impl", lambda b: seen.append(b) or real(b))
     attention(**_good())
-    assert seen == ["torch"]
+    built = dsr_kernels.explain("attention", "cpu")["cpu"] == "available"
+    assert seen == ["cpu" if built else "torch"]
     assert dsr_kernels.explain("attention", "cpu")["torch"] == "available"
+    attention(**{k: v.double() for k, v in _good().items()})  # float64: the cpu kernel takes fp32/fp16/bf16
+    assert seen[-1] == "torch"
 
 
 def test_attn_mask_requiring_grad_is_refused():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -141,14 +144,150 @@ def test_cuda_and_triton_on_gpu_match_reference(case, backend):
     check_case(case, backend, device="cuda")
 
 
+def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous view one element into its storage: not 16-byte aligned, and
+    contiguous, so that nothing on the way (``.contiguous()``) copies it into an aligned buffer."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def check_unaligned(backend: str, device: str) -> None:
+    """x, registers and dout at an odd storage offset against the same values aligned.
+
+    D = 1152 is a multiple of every vector width, so only the pointers are unaligned. The
+    CPU kernel's forward loads and stores without alignment assumptions: the same bits.
+    """
+    B, N, D, R = 2, 33, 1152, 4
+    g = torch.Generator().manual_seed(3)
+    x, shift, scale, regs, dout = (
+        torch.randn(*s, generator=g).to(device=device, dtype=torch.bfloat16)
+        for s in ((B, N, D), (B, D), (B, D), (R, D), (B, R + N, D))
+    )
+    odd = [_at_odd_offset(t) for t in (x, regs, dout)]
+    for t in odd:
+        assert t.is_contiguous() and t.contiguous().data_ptr() == t.data_ptr() and t.data_ptr() % 16 != 0
+
+    def run(x, regs, dout):
+        x, regs = x.requires_grad_(True), regs.requires_grad_(True)
+        res = norm_modulate(x, shift, scale, registers=regs, return_norms=True, backend=backend)
+        return (res.out, res.residual, res.norms, *torch.autograd.grad(res.out, (x, regs), dout))
+
+    got = run(*odd)
+    want = run(x.clone(), regs.clone(), dout)
+    ref = norm_modulate_ref(x.double(), shift.double(), scale.double(), registers=regs.double(), return_norms=True)
+    names = ("out", "residual", "norms", "dx", "dregisters")
+    for name, a, b in zip(names, got, want, strict=True):
+        if backend == "cpu" and name in names[:3]:
+            assert torch.equal(a, b), name
+        assert_close(name, a, b, atol=0.05 if name in ("dx", "dregisters") else 0.02)
+    assert_close("out vs reference", got[0], ref.out, atol=0.05)
+
+
+@requires_extension
+def test_cpu_unaligned_inputs():
+    check_unaligned("cpu", "cpu")
+
+
 @pytest.mark.gpu
 def test_cuda_unaligned_rows_take_the_scalar_path():
-    """D = 1153 (odd) and a storage offset: no 16-byte loads, same answers."""
-    case = Case(N=33, D=1153, R=4, affine=True, dtype=torch.bfloat16)
-    check_case(case, "cuda", device="cuda")
-    x = torch.randn(2, 34, 1152, device="cuda", dtype=torch.bfloat16)[:, 1:]  # offset rows
-    out = norm_modulate(x, backend="cuda").out
-    assert_close("offset", out, norm_modulate(x.contiguous(), backend="reference").out, atol=0.05)
+    """D = 1153 (odd), and pointers 2 bytes off 16-byte alignment: no 16-byte loads, same answers."""
+    check_case(Case(N=33, D=1153, R=4, affine=True, dtype=torch.bfloat16), "cuda", device="cuda")
+    check_unaligned("cuda", "cuda")
+
+
+NAN_BACKENDS = [
+    pytest.param("cpu", marks=requires_extension),
+    pytest.param("triton", marks=requires_interpreter),
+    "reference",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_nan_in_x_propagates_to_its_token(backend, kind, dtype):
+    """A NaN in a token makes that token's out, norm and moments NaN (max |h| too, as torch.amax:
+    a larger value in the row must not hide it); the other tokens are untouched."""
+    B, N, D, R = 2, 6, 37, 3  # D = 37: a NaN in a vector block and one in a row's tail
+    g = torch.Generator().manual_seed(4)
+    x, shift, scale = (torch.randn(*s, generator=g).to(dtype) for s in ((B, N, D), (B, D), (B, D)))
+    regs = torch.randn(R, D, generator=g).to(dtype)
+    nan_at = [(0, 0, 0), (1, 2, 5), (1, 4, 36)]
+    for b, n, d in nan_at:
+        x[b, n, d] = float("nan")
+        x[b, n, (d + 1) % D] = 100.0  # the largest |h| of the row
+    res, moments = nm_ops._norm_modulate(
+        x, shift, scale, weight=None, bias=None, kind=kind, eps=1e-6, registers=regs,
+        return_norms=True, return_moments=True, backend=backend,
+    )  # fmt: skip
+    nan_rows = torch.zeros(B, R + N, dtype=torch.bool)
+    for b, n, _ in nan_at:
+        nan_rows[b, R + n] = True
+    for name, t in (("max |h|", moments[..., 0]), ("sum h^4", moments[..., 1]), ("norms", res.norms)):
+        assert torch.equal(t.isnan(), nan_rows), f"{name}: NaN at {t.isnan().nonzero().tolist()}"
+    assert torch.equal(res.out.isnan().all(-1), nan_rows) and torch.equal(res.out.isnan().any(-1), nan_rows)
+    h = res.residual.double()
+    ok = ~nan_rows
+    assert_close("max |h|", moments[..., 0][ok], h.abs().amax(-1)[ok], atol=0, rtol=1e-6)
+    assert_close("sum h^4", moments[..., 1][ok], h.pow(4).sum(-1)[ok], atol=0, rtol=1e-5)
+    ref = norm_modulate_ref(x, shift, scale, kind=kind, registers=regs)
+    assert_close("out", res.out[ok], ref.out[ok], atol=0.05 if dtype == torch.bfloat16 else 1e-5)
+
+
+_ISA_RUN = """
+import sys, torch, dsr_kernels._C as C
+from dsr_kernels.ops import norm_modulate as nm
+g = torch.Generator().manual_seed(5)
+results = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for D in (5, 16, 37, 1152, 1153):
+        for kind in ("layernorm", "rmsnorm"):
+            x, shift, scale = (torch.randn(*s, generator=g).to(dtype) for s in ((2, 7, D), (2, D), (2, D)))
+            x = x * 3 + 1
+            if D > 5:  # a NaN row (its gradients are NaN too: the rows without one are compared as well)
+                x[1, 3, D // 2] = float("nan")
+            regs = torch.randn(3, D, generator=g).to(dtype)
+            weight = torch.randn(D, generator=g).to(dtype) if kind == "rmsnorm" else None
+            leaves = [t.requires_grad_(True) for t in (x, shift, scale, regs, weight) if t is not None]
+            res, moments = nm._norm_modulate(
+                x, shift, scale, weight=weight, bias=None, kind=kind, eps=1e-6, registers=regs,
+                return_norms=True, return_moments=True, backend="cpu",
+            )
+            dout, dres = (torch.randn(res.out.shape, generator=g).to(dtype) for _ in range(2))
+            grads = torch.autograd.grad((res.out, res.residual), leaves, (dout, dres))
+            results[f"{dtype} D{D} {kind}"] = (res.out, res.residual, res.norms, moments, *grads)
+torch.save(results, sys.argv[1])
+print(C.cpu_capability())
+"""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (NaN compares equal to the same NaN)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@requires_extension
+def test_cpu_instruction_sets_give_the_same_bits(tmp_path):
+    """The vector code for each instruction set this processor has (DSR_CPU_CAPABILITY caps the pick, one
+    process each) computes bit-identical outputs, statistics and gradients: dtypes, tails, NaN rows."""
+    order = ["default", "avx2", "avx512"]
+    runs = {}
+    for capability in order:
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, DSR_CPU_CAPABILITY=capability)
+        run = subprocess.run(
+            [sys.executable, "-c", _ISA_RUN, str(path)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        picked = run.stdout.strip().splitlines()[-1]
+        assert order.index(picked) <= order.index(capability), (capability, picked)
+        runs[picked] = torch.load(path)
+    assert "default" in runs
+    base = runs.pop("default")
+    for picked, results in runs.items():
+        for key, tensors in base.items():
+            names = ("out", "residual", "norms", "moments", "dx", "dshift", "dscale", "dregisters", "dweight")
+            for name, a, b in zip(names, tensors, results[key], strict=False):
+                assert torch.equal(_bits(a), _bits(b)), f"{picked} vs default, {key}: {name} differs"
 
 
 @requires_extension
@@ -278,7 +417,7 @@ def test_bad_input_raises_before_launch(monkeypatch, mutate, exc, words):
     def no_launch(*_a, **_k):
         raise AssertionError("an implementation ran before validation failed")
 
-    monkeypatch.setattr(nm_ops, "_resolve_backend", no_launch)  # validation comes first
+    monkeypatch.setattr(nm_ops, "resolve", no_launch)  # validation comes first
     args = _good()
     mutate(args)
     with pytest.raises(exc) as info:
@@ -311,3 +450,54 @@ def test_empty_sequence_with_registers():
     ref = norm_modulate_ref(x, registers=regs, return_norms=True)
     assert_close("out", res.out, ref.out, atol=1e-5)
     assert torch.equal(res.residual, ref.residual)
+
+
+ZERO_R_BACKENDS = [
+    pytest.param("cpu", marks=requires_extension),
+    pytest.param("triton", marks=requires_interpreter),
+    "reference",
+]
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_sample"])
+@pytest.mark.parametrize("backend", ZERO_R_BACKENDS)
+def test_zero_registers_are_no_registers(backend, layout):
+    """registers [0, D] or [B, 0, D] give exactly what no registers give: no residual, T = N, same gradients."""
+    B, N, D = 2, 5, 24
+    g = torch.Generator().manual_seed(1)
+    x, shift, scale, weight = (torch.randn(*s, generator=g) for s in ((B, N, D), (B, D), (B, D), (D,)))
+    dout = torch.randn(B, N, D, generator=g)
+
+    def run(registers):
+        leaves = [t.clone().requires_grad_(True) for t in (x, shift, scale, weight)]
+        res = norm_modulate(*leaves[:3], weight=leaves[3], registers=registers, return_norms=True, backend=backend)
+        (res.out * dout).sum().backward()  # the registers (R = 0) get no gradient, and the backward runs
+        return res, [t.grad for t in leaves]
+
+    regs = torch.zeros((0, D) if layout == "shared" else (B, 0, D), requires_grad=True)
+    got, got_grads = run(regs)
+    want, want_grads = run(None)
+    assert got.residual is None and want.residual is None
+    assert got.out.shape == (B, N, D) and got.norms.shape == (B, N)
+    assert torch.equal(got.out, want.out) and torch.equal(got.norms, want.norms)
+    for name, a, b in zip(("dx", "dshift", "dscale", "dweight"), got_grads, want_grads, strict=True):
+        assert torch.equal(a, b), name
+    ref = norm_modulate_ref(x, shift, scale, weight=weight, registers=regs.detach(), return_norms=True)
+    assert ref.residual is None
+    assert_close("out", got.out, ref.out, atol=1e-4)
+    assert_close("norms", got.norms, ref.norms, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_sample"])
+@pytest.mark.parametrize("backend", ZERO_R_BACKENDS[:2])
+def test_zero_registers_fake_shapes(backend, layout):
+    """Under fake tensors (the Meta / register_fake kernels torch.compile traces with) R = 0 is no registers too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, N, D = 2, 5, 24
+    with FakeTensorMode():
+        x, scale = torch.empty(B, N, D), torch.empty(B, D)
+        regs = torch.empty((0, D) if layout == "shared" else (B, 0, D))
+        res = norm_modulate(x, None, scale, registers=regs, return_norms=True, backend=backend)
+        assert res.residual is None
+        assert res.out.shape == (B, N, D) and res.norms.shape == (B, N)

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Compiles every CUDA source with nvcc for sm_80 and sm_90a (nothing runs the result):
-# run by CI, which has nvcc but no GPU, so a CUDA kernel that does not compile fails CI.
-# Uses the headers of the installed torch (a CPU wheel ships the ATen/c10 CUDA headers).
+# Compiles every CUDA source with nvcc exactly as the extension build does (setup.py's
+# nvcc_flags(): torch.utils.cpp_extension's flags plus ours, for TORCH_CUDA_ARCH_LIST,
+# default 8.0;9.0 as in the build); nothing runs the result. Run by CI, which has nvcc but
+# no GPU, so a CUDA kernel that does not compile fails CI. Uses the headers of the
+# installed torch (a CPU wheel ships the ATen/c10 CUDA headers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-read -r -a TORCH_INC <<<"$("$PY" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")"
-PY_INC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")"
+NVCC="${NVCC:-nvcc}"
+read -r -a FLAGS <<<"$("$PY" -c "
+import runpy, sysconfig
+from torch.utils.cpp_extension import include_paths
+setup = runpy.run_path('setup.py')  # its functions only: setup() runs under __main__
+includes = ['csrc/include', *include_paths(), sysconfig.get_paths()['include']]
+print(' '.join(setup['nvcc_flags']() + ['-I' + p for p in includes]))
+")"
 OUT_DIR="$(mktemp -d)"
 trap 'rm -rf "$OUT_DIR"' EXIT
 status=0
 for src in csrc/cuda/*.cu; do
-  echo "nvcc $src (sm_80, sm_90a)"
-  if ! nvcc -c "$src" -o "$OUT_DIR/$(basename "$src").o" -std=c++20 -O3 -Xcompiler -fPIC \
-      --expt-relaxed-constexpr -DDSR_WITH_CUDA -Icsrc/include "${TORCH_INC[@]}" -I"$PY_INC" \
-      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a; then
+  echo "$NVCC -c $src ${FLAGS[*]}"
+  if ! "$NVCC" -c "$src" -o "$OUT_DIR/$(basename "$src").o" "${FLAGS[@]}"; then
     status=1
   fi
 done

@@ -4,7 +4,7 @@
 //
 // The GELU itself is vectorised with GCC/Clang vector extensions and compiled three
 // times (baseline x86-64, AVX2 + FMA, AVX-512); the instruction set is picked once at
-// run time from the processor (DSR_CPU_CAPABILITY=default|avx2|avx512 caps it). erf is
+// run time (cpu_capability.h: DSR_CPU_CAPABILITY=default|avx2|avx512 caps it). erf is
 // Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, the approximation ATen's own
 // vectorised GELU uses) with a Cephes-style exp, so the result is as accurate as eager
 // PyTorch's float32 GELU. Half and bfloat16 rows are converted to float once, through a
@@ -18,13 +18,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "dsr_kernels/cpu_capability.h"
 #include "dsr_kernels/ttr_activation.h"
 
 namespace dsr_kernels {
@@ -77,39 +76,33 @@ void gelu_row_default(const float* x, float* y, int64_t n, bool tanh_form) {
 
 using GeluRowFn = void (*)(const float*, float*, int64_t, bool);
 
-struct Capability {
-  GeluRowFn fn;
-  const char* name;
-};
-
-Capability pick_capability() {
-  std::string cap;
-  if (const char* env = std::getenv("DSR_CPU_CAPABILITY")) cap = env;
+GeluRowFn pick_gelu_row() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("fma");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && (cap.empty() || cap == "avx512")) return {gelu_row_avx512, "avx512"};
-  if (avx2 && (cap.empty() || cap == "avx512" || cap == "avx2")) return {gelu_row_avx2, "avx2"};
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512:
+      return gelu_row_avx512;
+    case CpuIsa::Avx2:
+      return gelu_row_avx2;
+    default:
+      break;
+  }
 #endif
-  return {gelu_row_default, "default"};
+  return gelu_row_default;
 }
 
-const Capability& capability() {
-  static const Capability cap = pick_capability();
-  return cap;
+GeluRowFn gelu_row() {
+  static const GeluRowFn fn = pick_gelu_row();
+  return fn;
 }
 
 // GELU of n values into float (float, half and bfloat16 inputs).
 template <typename scalar_t>
 void gelu_to_float(const scalar_t* x, float* y, int64_t n, bool tanh_form) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    capability().fn(x, y, n, tanh_form);
+    gelu_row()(x, y, n, tanh_form);
   } else {
     for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i]);
-    capability().fn(y, y, n, tanh_form);
+    gelu_row()(y, y, n, tanh_form);
   }
 }
 
@@ -254,7 +247,5 @@ void ttr_activation_cpu(const TtrActivationArgs& args, TtrColumnValues& values, 
     fwd_impl<scalar_t, acc_t>(args, values, out);
   });
 }
-
-const char* ttr_activation_cpu_capability() { return capability().name; }
 
 }  // namespace dsr_kernels

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "dsr_kernels/cuda_utils.h"
 #include "dsr_kernels/norm_modulate.h"
@@ -35,10 +36,16 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// max(a, b) that, as torch.amax, gives NaN when either is NaN (CUDA's max / fmaxf drop it).
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -120,7 +127,7 @@ __global__ void norm_modulate_fwd_kernel(Pointers<scalar_t> p, scalar_t* __restr
       const acc_t v = static_cast<acc_t>(h.v[j]);
       sum += v;
       sumsq += v * v;
-      absmax = max(absmax, fabs(v));
+      absmax = max_nan(absmax, static_cast<acc_t>(fabs(v)));
       sum4 += v * v * v * v;
     }
   }
@@ -275,6 +282,17 @@ __global__ void norm_modulate_bwd_params_kernel(Pointers<scalar_t> p, const scal
 
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
+// The grids below: one block per row on x (at most 2^31 - 1 blocks), channel tiles on y
+// (at most 65535). Checked before any launch, as the narrowing casts would wrap silently.
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxGridY = 65535;
+
+void check_rows(const NormModulateArgs& a) {
+  const int64_t rows = a.B * a.tokens();
+  TORCH_CHECK(rows <= kMaxGridX, "norm_modulate (CUDA): B * (R + N) = ", a.B, " * ", a.tokens(), " = ", rows,
+              " rows, more than the ", kMaxGridX, " thread blocks a CUDA grid can have; split the batch");
+}
+
 int threads_for(int64_t nvec) {
   const int64_t warps = (nvec + 31) / 32;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(warps, 1), 16) * 32);
@@ -300,6 +318,7 @@ void norm_modulate_fwd_cuda(const NormModulateArgs& a, NormModulateOutputs& o) {
     const bool vec = a.D % kVec == 0 && aligned16(p.x) && (!p.regs || aligned16(p.regs)) &&
                      aligned16(o.out.const_data_ptr()) && (!o.residual.defined() || aligned16(o.residual.const_data_ptr()));
     const int64_t rows = a.B * a.tokens();
+    check_rows(a);
     const auto stream = current_cuda_stream();
     auto launch = [&](auto kernel, int64_t nvec) {
       kernel<<<static_cast<unsigned>(rows), threads_for(nvec), 0, stream>>>(
@@ -325,6 +344,17 @@ void norm_modulate_bwd_cuda(const NormModulateArgs& a, const at::Tensor& dout, c
     const bool vec = a.D % kVec == 0 && aligned16(p.x) && (!p.regs || aligned16(p.regs)) &&
                      aligned16(dout.const_data_ptr()) && aligned16(g.dx.const_data_ptr()) &&
                      (!dresidual.defined() || aligned16(dresidual.const_data_ptr()));
+    check_rows(a);
+    const bool want_params = g.dshift_partial.defined() || g.dscale_partial.defined() ||
+                             g.dweight_partial.defined() || g.dbias_partial.defined();
+    constexpr int kThreads = 128;  // the parameter kernel's block: channels [y * 128, y * 128 + 128)
+    const int64_t tasks = a.B * chunks, tiles = (a.D + kThreads - 1) / kThreads;
+    if (want_params) {
+      TORCH_CHECK(tasks <= kMaxGridX, "norm_modulate backward (CUDA): B * ceil((R + N) / ", kRowsPerChunk,
+                  ") = ", tasks, " row chunks, more than the ", kMaxGridX, " thread blocks a CUDA grid can have");
+      TORCH_CHECK(tiles <= kMaxGridY, "norm_modulate backward (CUDA): D = ", a.D, " needs ", tiles,
+                  " tiles of ", kThreads, " channels, more than the ", kMaxGridY, " a CUDA grid's y dimension allows");
+    }
     const auto stream = current_cuda_stream();
     auto launch = [&](auto kernel, int64_t nvec) {
       kernel<<<static_cast<unsigned>(rows), threads_for(nvec), 0, stream>>>(
@@ -337,10 +367,8 @@ void norm_modulate_bwd_cuda(const NormModulateArgs& a, const at::Tensor& dout, c
       launch(norm_modulate_bwd_dx_kernel<scalar_t, 1>, a.D);
     }
     DSR_CUDA_LAUNCH_CHECK();
-    if (g.dshift_partial.defined() || g.dscale_partial.defined() || g.dweight_partial.defined() ||
-        g.dbias_partial.defined()) {
-      constexpr int kThreads = 128;
-      const dim3 grid(static_cast<unsigned>(a.B * chunks), static_cast<unsigned>((a.D + kThreads - 1) / kThreads));
+    if (want_params) {
+      const dim3 grid(static_cast<unsigned>(tasks), static_cast<unsigned>(tiles));
       norm_modulate_bwd_params_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           p, dout.const_data_ptr<scalar_t>(), cptr_or_null<acc_t>(mean), rstd.const_data_ptr<acc_t>(),
           ptr_or_null<acc_t>(g.dshift_partial), ptr_or_null<acc_t>(g.dscale_partial),

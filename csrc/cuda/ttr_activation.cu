@@ -449,6 +449,7 @@ void ttr_column_values_cuda(const TtrActivationArgs& a, TtrColumnValues& values)
     }
     DSR_CUDA_LAUNCH_CHECK();
     if (layer) {
+      // B <= B * K = tasks, checked above, so the grid fits too.
       ttr_layer_signed_max_kernel<acc_t><<<static_cast<unsigned>(a.B), threads_for(a.K), 0, stream>>>(p.hi, p.lo, p.reg, a.K);
       DSR_CUDA_LAUNCH_CHECK();
     }

@@ -1,4 +1,5 @@
-// C++ test of the CPU kernels (run with ctest): the registered ops against the same
+// C++ test of the CPU kernels (run with ctest, once per instruction set: DSR_CPU_CAPABILITY,
+// and in CI under AddressSanitizer + UBSan): the registered ops against the same
 // computation written with ATen ops in float64, forward and backward (autograd).
 #include <torch/torch.h>
 
@@ -16,12 +17,14 @@ struct Case {
   int64_t B, N, D, R;
   bool shared, rms, modulate, affine;
   at::ScalarType dtype;
+  bool unaligned = false;  // x and registers one element into their storage (contiguous, not 16-byte aligned)
 };
 
 std::string describe(const Case& c) {
   return "B" + std::to_string(c.B) + " N" + std::to_string(c.N) + " D" + std::to_string(c.D) + " R" +
          std::to_string(c.R) + (c.shared ? " shared" : " per-sample") + (c.rms ? " rmsnorm" : " layernorm") +
-         (c.modulate ? " modulate" : "") + (c.affine ? " affine" : "") + " " + c10::toString(c.dtype);
+         (c.modulate ? " modulate" : "") + (c.affine ? " affine" : "") + (c.unaligned ? " unaligned" : "") + " " +
+         c10::toString(c.dtype);
 }
 
 // The definition, in float64 ATen ops (what dsr_kernels.reference.norm_modulate says).
@@ -67,7 +70,12 @@ void run(const Case& c) {
     b = torch::randn({c.D}, opts) * 0.2;
   }
   if (c.R) regs = c.shared ? torch::randn({c.R, c.D}, opts) : torch::randn({c.B, c.R, c.D}, opts);
-  auto cast = [&](const Tensor& t) { return t.defined() ? t.to(c.dtype) : t; };
+  auto cast = [&](const Tensor& t) {
+    if (!t.defined()) return t;
+    if (!c.unaligned) return t.to(c.dtype);
+    Tensor v = torch::empty({t.numel() + 1}, t.options().dtype(c.dtype)).narrow(0, 1, t.numel()).view(t.sizes());
+    return v.copy_(t);
+  };
   // Inputs rounded to the tested dtype, so the reference sees exactly what the kernel sees.
   for (Tensor* t : {&x, &shift, &scale, &w, &b, &regs})
     if (t->defined()) *t = cast(*t).to(torch::kDouble);
@@ -136,6 +144,12 @@ int main() {
       {3, 33, 72, 36, false, false, true, true, torch::kDouble},
       {2, 256, 1152, 36, true, false, true, false, torch::kBFloat16},
       {2, 292, 1153, 0, true, true, true, true, torch::kHalf},
+      // Rows shorter than one vector, and tails (the vector code works in blocks of 16 floats).
+      {1, 3, 1, 2, true, false, true, false, torch::kFloat},
+      {2, 5, 17, 3, false, true, true, true, torch::kBFloat16, true},
+      {2, 4, 5, 1, true, false, true, true, torch::kHalf, true},
+      {1, 9, 16, 0, true, true, false, false, torch::kFloat, true},
+      {2, 6, 33, 2, true, false, true, true, torch::kFloat, true},
   };
   for (const Case& c : cases) run(c);
   std::printf("%s: %zu cases, %d failures\n", failures ? "FAILED" : "OK", cases.size(), failures);

@@ -83,7 +83,7 @@ class AttentionShape:
         return f"B {self.B}, H {self.H}, N {self.N}, D {self.D}"
 
 
-SHAPE_NAMES = ("dsr-dit-xl", "dit-b", "n1024", "n4096", "dsr-dit-xl-d80", "n4096-d128")
+SHAPE_NAMES = ("dsr-dit-xl", "dit-b", "n1024", "n4096", "n4096-h8", "dsr-dit-xl-d80", "n4096-d128")
 
 
 def all_shapes(device: torch.device) -> list[AttentionShape]:
@@ -97,6 +97,7 @@ def all_shapes(device: torch.device) -> list[AttentionShape]:
         AttentionShape("dit-b", 256 if gpu else 2, 12, 256, 64),
         AttentionShape("n1024", 32 if gpu else 1, 16, 1024, 64),
         AttentionShape("n4096", 4 if gpu else 1, 16, 4096, 64),
+        AttentionShape("n4096-h8", 4 if gpu else 1, 8, 4096, 64),  # the CPU kernel's targets (issue 9)
         AttentionShape("dsr-dit-xl-d80", 256 if gpu else 2, 16, 256, 80),
         AttentionShape("n4096-d128", 4 if gpu else 1, 16, 4096, 128),
     ]

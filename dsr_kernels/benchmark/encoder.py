@@ -351,7 +351,8 @@ def _encoder_rows(shape: EncoderShape, providers, cfg: BenchConfig) -> list[dict
 def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     """The MLP activation alone, at the layer with the most register neurons: plain GELU over
     the patches, the fused op over patches + 1 register, and GELU + the released hook."""
-    from dsr_kernels.ops.ttr_activation import _resolve_backend, _ttr_activation
+    from dsr_kernels.backends import resolve
+    from dsr_kernels.ops.ttr_activation import _ttr_activation
     from dsr_kernels.registers.apply import _released_hook
 
     device, dtype = cfg.device, cfg.dtype
@@ -363,7 +364,7 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     N, F = model.patch_embed.num_patches + model.num_prefix_tokens, model.mlp_hidden
     h_plain = torch.randn(shape.B, N, F, device=device, dtype=dtype)
     h = torch.randn(shape.B, N + 1, F, device=device, dtype=dtype)
-    backend = _resolve_backend("ttr_activation", "auto", h)
+    backend = resolve("ttr_activation", "auto", h)
     hook = _released_hook(idx, 1, model.num_prefix_tokens, "zero", "signed_max")
     kw = dict(
         num_registers=1,

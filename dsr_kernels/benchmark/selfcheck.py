@@ -107,7 +107,7 @@ def check_op(op: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
     exact = ref(torch.float64)
     eager_error = _max_error(ref(dtype), exact)
     tol = 2 * eager_error + _ATOL.get(dtype, 1e-5)
-    for backend, reason in explain(op, device).items():
+    for backend, reason in explain(op, device, dtype).items():
         row = {
             "section": "selfcheck",
             "shape": op,

@@ -172,7 +172,7 @@ class EagerNormModulate(NormModulate):
         if (self.record and outliers.active_layer(self) is not None) or return_norms:
             return super().forward(x, shift, scale, registers=registers, return_norms=return_norms)
         residual = None
-        if registers is not None:
+        if registers is not None and registers.shape[-2]:  # R = 0 is no registers, as in norm_modulate
             regs = registers.expand(x.shape[0], -1, -1) if registers.dim() == 2 else registers
             residual = x = torch.cat([regs.to(x.dtype), x], dim=1)
         if self.kind == "layernorm":
@@ -240,7 +240,7 @@ class Block(nn.Module):
         if mod.dim() == 2:
             gate_msa, gate_mlp = gate_msa[:, None], gate_mlp[:, None]
             res = self.norm1(x, shift_msa, scale_msa, registers=prefix)
-            h = res.residual if prefix is not None else x
+            h = res.residual if res.residual is not None else x  # prefix None or R = 0: no residual
             h = h + gate_msa * self.attn(res.out, rope=rope, num_prefix_tokens=num_prefix_tokens)
             return h + gate_mlp * self.mlp(self.norm2(h, shift_mlp, scale_mlp).out)
         # Per-token modulation (DiT^DH's head): norm without modulation, then modulate.

@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsr_kernels.backends import resolve
 from dsr_kernels.models.flops import block_macs, mlp_macs
 from dsr_kernels.models.layers import PatchEmbed, make_norm
 from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.ops.norm_modulate import norm_modulate
-from dsr_kernels.ops.ttr_activation import _resolve_backend, _ttr_activation
+from dsr_kernels.ops.ttr_activation import _ttr_activation
 from dsr_kernels.reference.ttr_activation import ttr_activation_ref
 
 GLOBAL_POOLS = ("token", "avg", "map", "")
@@ -98,7 +99,7 @@ class RegisterNeuronGELU(nn.Module):
         )
         if self.backend == "eager":
             return ttr_activation_ref(h, self.neurons, compute_dtype=h.dtype, **kw)
-        return _ttr_activation(h, self.neurons, backend=_resolve_backend("ttr_activation", self.backend, h), **kw)
+        return _ttr_activation(h, self.neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
 
     def extra_repr(self) -> str:
         k = 0 if self.neurons is None else self.neurons.numel()

@@ -7,24 +7,29 @@ attention_fwd`` / ``attention_bwd`` with fake implementations and autograd), so 
 
 Implementations, side by side:
 - reference: ``dsr_kernels/reference/attention.py`` (float64, the definition)
-- torch:     ``dsr_kernels/chunked/attention.py`` (chunked PyTorch ops, any device)
+- torch:     ``dsr_kernels/torch/attention.py`` (chunked PyTorch ops, any device)
 - triton:    ``dsr_kernels/triton/attention.py`` (fused forward, statistics, backward)
+- cpu:       ``dsr_kernels/cpu/attention.py``, launching the C++ kernels of
+  ``csrc/cpu/attention.cpp`` (statistics in the same pass, FlashAttention-2 backward)
+
+Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
+Backend ``<name>`` other than the reference lives in ``dsr_kernels/<name>/attention.py``
+as ``attention_fwd_<name>`` / ``attention_bwd_<name>``, imported when it first runs.
 """
 
+import importlib
 import math
 
 import torch
 from torch import Tensor
 
-from dsr_kernels.backends import ATTENTION_BACKENDS, BackendUnavailable, attention_unavailable_reason
-from dsr_kernels.chunked.attention import attention_bwd_chunked, attention_fwd_chunked
+from dsr_kernels.backends import resolve
 from dsr_kernels.reference.attention import attention_ref
 from dsr_kernels.rope import ROPE_STYLES
 from dsr_kernels.types import AttentionStats
 
 MAX_HEAD_DIM = 256
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ANY_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_ANY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -179,22 +184,6 @@ def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
             raise NotImplementedError(f"{fn}(): gradients with respect to '{name}' (the rope tables) are not supported")
 
 
-def _resolve_backend(fn: str, backend: str, q: Tensor) -> str:
-    if backend == "auto":
-        if q.device.type == "cuda" and q.dtype in _KERNEL_DTYPES:
-            if attention_unavailable_reason("triton", q.device) is None:
-                return "triton"
-        return "torch"
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"{fn}(): argument 'backend' must be one of {('auto',) + ATTENTION_BACKENDS}, got {backend!r}")
-    reason = attention_unavailable_reason(backend, q.device)
-    if reason is not None:
-        raise BackendUnavailable(f"{fn}(backend={backend!r}) cannot run tensors on {q.device}: {reason}")
-    if backend == "triton" and q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{fn}(backend='triton') supports float16, bfloat16 and float32, got {q.dtype}")
-    return backend
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -233,20 +222,17 @@ def _alloc_bwd(q: Tensor, k: Tensor, rk: Tensor | None, sinks: Tensor | None):
     return bnhd(q), bnhd(k), bnhd(k), drk, drv, dsinks
 
 
-def _fwd_impl(backend: str):
-    if backend == "triton":
-        from dsr_kernels.triton.attention import attention_fwd_triton
+def _impl(backend: str, direction: str):
+    module = importlib.import_module(f"dsr_kernels.{backend}.attention")  # triton is imported only here
+    return getattr(module, f"attention_{direction}_{backend}")
 
-        return attention_fwd_triton
-    return attention_fwd_chunked
+
+def _fwd_impl(backend: str):
+    return _impl(backend, "fwd")
 
 
 def _bwd_impl(backend: str):
-    if backend == "triton":
-        from dsr_kernels.triton.attention import attention_bwd_triton
-
-        return attention_bwd_triton
-    return attention_bwd_chunked
+    return _impl(backend, "bwd")
 
 
 _FWD_SCHEMA = (
@@ -465,7 +451,7 @@ def _attention(
     _check_rope(fn, q, k, rope, rope_style)
     causal_offset = {None: None, "top_left": 0, "bottom_right": k.shape[2] - q.shape[2]}[causal]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _resolve_backend(fn, backend, q)
+    backend = resolve("attention", backend, q)
     if backend == "reference":
         return attention_ref(
             q,

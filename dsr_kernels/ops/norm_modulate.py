@@ -9,6 +9,8 @@ Implementations, side by side:
 - reference: ``dsr_kernels/reference/norm_modulate.py`` (float64, the definition)
 - cpu / cuda: ``csrc/cpu/norm_modulate.cpp``, ``csrc/cuda/norm_modulate.cu``
 - triton:    ``dsr_kernels/triton/norm_modulate.py``
+
+Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
 """
 
 import math
@@ -17,13 +19,11 @@ import torch
 from torch import Tensor
 
 from dsr_kernels._extension import extension_loaded
-from dsr_kernels.backends import COMPILED_OP_BACKENDS, explain_compiled_op, resolve_compiled_op_backend
+from dsr_kernels.backends import check_name, resolve
 from dsr_kernels.reference.norm_modulate import norm_modulate_ref
-from dsr_kernels.types import NormModulateResult
+from dsr_kernels.types import FLOATS, NormModulateResult
 
-NORM_MODULATE_BACKENDS = COMPILED_OP_BACKENDS
 KINDS = ("layernorm", "rmsnorm")
-_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _shape(t: Tensor) -> str:
@@ -32,15 +32,12 @@ def _shape(t: Tensor) -> str:
 
 def _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, registers, backend) -> None:
     fn = "norm_modulate"
-    if backend not in ("auto",) + NORM_MODULATE_BACKENDS:
-        raise ValueError(
-            f"{fn}(): argument 'backend' must be one of {('auto',) + NORM_MODULATE_BACKENDS}, got {backend!r}"
-        )
+    check_name(fn, backend)
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}(): argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
         raise ValueError(f"{fn}(): argument 'x' must be 3-D [B, N, D], got shape {_shape(x)}")
-    if x.dtype not in _HALF_AND_FLOAT + (torch.float64,):
+    if x.dtype not in FLOATS:
         raise TypeError(f"{fn}(): argument 'x' must be float16, bfloat16 or float32, got {x.dtype}")
     B, N, D = x.shape
     if D == 0:
@@ -70,15 +67,6 @@ def _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, register
             raise TypeError(f"{fn}(): argument '{name}' must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but x is on {x.device}")
-
-
-def _resolve_backend(backend: str, x: Tensor) -> str:
-    return resolve_compiled_op_backend("norm_modulate", backend, x)
-
-
-def explain_norm_modulate(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """Each backend mapped to "available" or the reason it cannot run on ``device``."""
-    return explain_compiled_op(device, dtype)
 
 
 # ----------------------------------------------------------------------------- Triton op
@@ -277,7 +265,9 @@ def _norm_modulate(
 ) -> tuple[NormModulateResult, Tensor | None]:
     """norm_modulate plus, with return_moments, [B, T, 2] float32 (max |h_d|, sum h_d^4) per token."""
     _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, registers, backend)
-    backend = _resolve_backend(backend, x)
+    if registers is not None and registers.shape[-2] == 0:
+        registers = None  # R = 0 is no registers, for every backend (no residual; the Meta kernel agrees)
+    backend = resolve("norm_modulate", backend, x)
     if backend == "reference":
         result = norm_modulate_ref(
             x,
@@ -339,7 +329,7 @@ def norm_modulate(
         registers: [R, D] (shared, e.g. a learned parameter) or [B, R, D]. When given
             the kernel also writes the residual stream with the registers in front,
             [B, R + N, D] (no torch.cat), and ``out`` covers all R + N tokens: DSR's
-            register_start block in one pass.
+            register_start block in one pass. R = 0 is the same as None (no residual).
         return_norms: also return the L2 norm of each input token [B, T] float32.
         backend: "auto" (compiled CUDA/CPU kernels when built, else Triton on CUDA, else
             "reference"), "cuda", "cpu", "triton" or "reference". An explicit backend

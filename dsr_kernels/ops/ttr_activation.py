@@ -9,6 +9,8 @@ Implementations, side by side:
 - reference: ``dsr_kernels/reference/ttr_activation.py`` (the definition)
 - cpu / cuda: ``csrc/cpu/ttr_activation.cpp``, ``csrc/cuda/ttr_activation.cu``
 - triton:    ``dsr_kernels/triton/ttr_activation.py``
+
+Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dsr_kernels._extension import extension_loaded
-from dsr_kernels.backends import COMPILED_OP_BACKENDS, explain_compiled_op, resolve_compiled_op_backend
+from dsr_kernels.backends import check_name, resolve
 from dsr_kernels.reference.ttr_activation import (
     APPROXIMATIONS,
     PATCH_VALUES,
@@ -26,9 +28,7 @@ from dsr_kernels.reference.ttr_activation import (
     patch_std,
     ttr_activation_ref,
 )
-
-TTR_ACTIVATION_BACKENDS = COMPILED_OP_BACKENDS
-_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+from dsr_kernels.types import FLOATS
 
 
 def _shape(t: Tensor) -> str:
@@ -68,15 +68,12 @@ def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor
 
 
 def _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend) -> None:
-    if backend not in ("auto",) + TTR_ACTIVATION_BACKENDS:
-        raise ValueError(
-            f"{fn}: argument 'backend' must be one of {('auto',) + TTR_ACTIVATION_BACKENDS}, got {backend!r}"
-        )
+    check_name("ttr_activation", backend)
     if not isinstance(h, Tensor):
         raise TypeError(f"{fn}: argument 'h' must be a torch.Tensor, got {type(h).__name__}")
     if h.dim() != 3:
         raise ValueError(f"{fn}: argument 'h' must be 3-D [B, T, F] (the fc1 output), got shape {_shape(h)}")
-    if h.dtype not in _HALF_AND_FLOAT + (torch.float64,):
+    if h.dtype not in FLOATS:
         raise TypeError(f"{fn}: argument 'h' must be float16, bfloat16, float32 or float64, got {h.dtype}")
     T = h.shape[1]
     if not _is_int(num_registers) or num_registers < 1:
@@ -95,15 +92,6 @@ def _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_
     ):
         if value not in allowed:
             raise ValueError(f"{fn}: argument '{name}' must be one of {allowed}, got {value!r}")
-
-
-def _resolve_backend(fn: str, backend: str, h: Tensor) -> str:
-    return resolve_compiled_op_backend(fn, backend, h)
-
-
-def explain_ttr_activation(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """Each backend mapped to "available" or the reason it cannot run on ``device``."""
-    return explain_compiled_op(device, dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -300,5 +288,5 @@ def ttr_activation(
         patch_values=patch_values,
         register_value=register_value,
         approximate=approximate,
-        backend=_resolve_backend("ttr_activation", backend, h),
+        backend=resolve("ttr_activation", backend, h),
     )

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from dsr_kernels.rope import apply_rope
-from dsr_kernels.types import AttentionStats
+from dsr_kernels.types import FLOATS, AttentionStats, Backend
+
+BACKEND = Backend("reference", None, FLOATS)  # any device, any float dtype: the definition
 
 
 def attention_ref(

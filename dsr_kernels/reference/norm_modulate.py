@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsr_kernels.types import NormModulateResult
+from dsr_kernels.types import FLOATS, Backend, NormModulateResult
+
+BACKEND = Backend("reference", None, FLOATS)  # any device, any float dtype: the definition
 
 
 def norm_modulate_ref(
@@ -28,15 +30,15 @@ def norm_modulate_ref(
     """y = norm(h) * weight + bias; out = y * (1 + scale) + shift, over h = [registers ; x].
 
     Shapes: x [B, N, D]; shift, scale [B, D]; weight, bias [D]; registers [R, D] or
-    [B, R, D]. ``kind`` "layernorm": (h - mean) / sqrt(var + eps), biased variance;
-    "rmsnorm": h / sqrt(mean(h^2) + eps). ``norms`` is ||h||_2 per token, before
-    normalisation, float32.
+    [B, R, D] (R = 0 is the same as None: no residual). ``kind`` "layernorm":
+    (h - mean) / sqrt(var + eps), biased variance; "rmsnorm": h / sqrt(mean(h^2) + eps).
+    ``norms`` is ||h||_2 per token, before normalisation, float32.
     """
     B, N, D = x.shape
     cd = compute_dtype
     h = x
     residual = None
-    if registers is not None:
+    if registers is not None and registers.shape[-2]:
         regs = registers.expand(B, -1, D) if registers.dim() == 2 else registers
         residual = torch.cat([regs.to(x.dtype), x], dim=1)  # [B, R + N, D]
         h = residual

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsr_kernels.types import FLOATS, Backend
+
+BACKEND = Backend("reference", None, FLOATS)  # any device, any float dtype: the definition
+
 PATCH_VALUES = ("zero", "mean", "only_outliers", "same")
 REGISTER_VALUES = ("signed_max", "max", "layer_signed_max")
 APPROXIMATIONS = ("none", "tanh")

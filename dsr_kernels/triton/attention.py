@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.rope import apply_rope_transpose
+from dsr_kernels.triton import triton_interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -772,7 +772,7 @@ def attention_fwd_triton(
     rope_sin: Tensor | None = None,
     rope_style: str = "interleaved",
 ) -> None:
-    """Fills out, lse and (with return_stats) the statistics; see chunked.attention for the contract."""
+    """Fills out, lse and (with return_stats) the statistics; see dsr_kernels/torch/attention.py for the contract."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     R = 0 if rk is None else rk.shape[-2]

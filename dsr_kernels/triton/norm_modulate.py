@@ -13,9 +13,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsr_kernels.backends import triton_interpreting
+from dsr_kernels.triton import triton_interpreting
 
 ROWS_PER_CHUNK = 64  # as kRowsPerChunk in csrc/include/dsr_kernels/norm_modulate.h
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that, as torch.amax, gives NaN when either is NaN (tl.max drops NaN)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -58,7 +64,7 @@ def _norm_modulate_fwd_kernel(
         acc_sum += h
         acc_sq += h * h
         if RETURN_MOMENTS:
-            acc_max = tl.maximum(acc_max, tl.abs(h))
+            acc_max = tl.maximum(acc_max, tl.abs(h), propagate_nan=tl.PropagateNan.ALL)
             acc_4 += h * h * h * h
     sumsq = tl.sum(acc_sq, 1)
     if LAYERNORM:
@@ -80,7 +86,7 @@ def _norm_modulate_fwd_kernel(
     if RETURN_NORMS:
         tl.store(NORMS + rows64, tl.sqrt(sumsq), mask=row_ok)
     if RETURN_MOMENTS:
-        tl.store(MOMENTS + 2 * rows64, tl.max(acc_max, 1), mask=row_ok)
+        tl.store(MOMENTS + 2 * rows64, tl.reduce(acc_max, 1, _max_nan), mask=row_ok)
         tl.store(MOMENTS + 2 * rows64 + 1, tl.sum(acc_4, 1), mask=row_ok)
 
     for start in range(0, D, BLOCK_D):

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.reference.ttr_activation import PATCH_VALUES, bottom_mean_count
+from dsr_kernels.triton import triton_interpreting
 
 
 @triton.jit

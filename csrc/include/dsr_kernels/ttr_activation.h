@@ -52,9 +52,6 @@ struct TtrColumnValues {
 
 // Writes out and fills values (allocated [B, K] by the caller).
 void ttr_activation_cpu(const TtrActivationArgs& args, TtrColumnValues& values, at::Tensor& out);
-// The instruction set the CPU kernel picked at run time: "avx512", "avx2" or "default"
-// (DSR_CPU_CAPABILITY=default|avx2|avx512 caps it, as ATEN_CPU_CAPABILITY does for ATen).
-const char* ttr_activation_cpu_capability();
 
 #ifdef DSR_WITH_CUDA
 void ttr_column_values_cuda(const TtrActivationArgs& args, TtrColumnValues& values);

@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 from dsr_kernels.rope import apply_rope, apply_rope_transpose
+from dsr_kernels.types import FLOATS, Backend
+
+BACKEND = Backend("torch", None, FLOATS)  # PyTorch ops: any device
 
 # Elements of one [B, H, C, R + Nk] logits block. A handful of such blocks are live at
 # once: 2**22 float32 elements (16 MiB each) keeps the working set near 100 MiB.
@@ -219,7 +222,7 @@ def _stats_sweep(
         register_share[:, :, i0:i1] = share
 
 
-def attention_fwd_chunked(
+def attention_fwd_torch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -360,7 +363,7 @@ def _bwd_chunked(
         _store_register_grads(rk, drk_b.mul_(scale), drv_b, drk, drv)
 
 
-def attention_bwd_chunked(
+def attention_bwd_torch(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -396,7 +399,7 @@ def attention_bwd_chunked(
     if rope_cos is not None:
         q_rot, k_rot = _rotated(q, k, rope_cos, rope_sin, rope_style)
         dq_rot, dk_rot = torch.empty_like(dq, dtype=acc), torch.empty_like(dk, dtype=acc)
-        attention_bwd_chunked(
+        attention_bwd_torch(
             dout,
             q_rot,
             k_rot,

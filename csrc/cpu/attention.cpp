@@ -1,0 +1,595 @@
+// Register attention with its statistics in one pass, and its backward, on the CPU.
+// See csrc/include/dsr_kernels/attention.h for the algorithm; the definition is
+// dsr_kernels/reference/attention.py. GEMMs go through ATen's CPU BLAS (MKL / OpenBLAS,
+// one thread inside the parallel region), the row operations through the vector code of
+// attention_vec.h compiled for SSE, AVX2 and AVX-512 and picked at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "dsr_kernels/attention.h"
+#include "dsr_kernels/cpu_capability.h"
+
+namespace dsr_kernels {
+namespace {
+
+#if defined(__GNUC__)
+#define DSR_VEC_NS attn_vec_default
+#define DSR_VEC_BYTES 16
+#include "attention_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define DSR_VEC_NS attn_vec_avx2
+#define DSR_VEC_BYTES 32
+#include "attention_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
+#define DSR_VEC_NS attn_vec_avx512
+#define DSR_VEC_BYTES 64
+#include "attention_vec.h"
+#undef DSR_VEC_NS
+#undef DSR_VEC_BYTES
+#pragma GCC pop_options
+#endif
+#else
+#error "csrc/cpu/attention.cpp needs GCC or Clang vector extensions"
+#endif
+
+// The row operations of one instruction set.
+struct RowOps {
+  float (*row_max)(const float*, int64_t);
+  void (*exp_row)(float*, int64_t, float, bool, float*, float*);
+  float (*row_sum)(const float*, int64_t);
+  void (*scale_row)(float*, int64_t, float);
+  void (*add_row)(float*, const float*, int64_t);
+  void (*softmax_grad_row)(const float*, float*, int64_t, float);
+  const char* name;
+};
+
+#define DSR_ROW_OPS(ns, label)                                                                                  \
+  RowOps {                                                                                                      \
+    ns::row_max, ns::exp_row, ns::row_sum, ns::scale_row, ns::add_row, ns::softmax_grad_row, label             \
+  }
+
+RowOps pick_row_ops() {
+  switch (cpu_isa()) {  // csrc/cpu/cpu_capability.cpp: what the processor has, capped by DSR_CPU_CAPABILITY
+#if defined(__x86_64__)
+    case CpuIsa::Avx512:
+      return DSR_ROW_OPS(attn_vec_avx512, "avx512");
+    case CpuIsa::Avx2:
+      return DSR_ROW_OPS(attn_vec_avx2, "avx2");
+#endif
+    default:
+      return DSR_ROW_OPS(attn_vec_default, "default");
+  }
+}
+
+const RowOps& ops() {
+  static const RowOps o = pick_row_ops();
+  return o;
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+}  // namespace
+}  // namespace dsr_kernels
+
+// The Fortran BLAS sgemm of the BLAS libtorch links (MKL on x86 wheels, OpenBLAS or
+// Accelerate elsewhere), which libtorch_cpu exports; ATen's own cpublas::gemm is not
+// exported to extensions. Weak: where it is missing, gemm_rm falls back to at::addmm_out.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (libtorch_cpu exports it where torch links MKL): inside our
+// parallel region each GEMM must run on its own thread; MKL does not see libgomp's region
+// and would start threads of its own on every call (measured: 5x slower on 2 cores).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // (mkl_set_num_threads_local: by pointer)
+
+namespace dsr_kernels {
+namespace {
+
+// Within its scope, BLAS calls of this thread run on this thread only.
+class SerialBlas {
+ public:
+  SerialBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+at::Tensor view_rm(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+  at::Tensor t = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+  return trans ? t.t() : t;
+}
+
+// Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, through the column-major BLAS
+// (C^T = op(B)^T op(A)^T: a row-major matrix read column-major is its transpose).
+void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_ != nullptr) {
+    constexpr int64_t kMax = std::numeric_limits<int>::max();
+    TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+                "attention (cpu): a block of ", M, " x ", N, " x ", K, " exceeds the 32-bit BLAS interface");
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  at::Tensor c = view_rm(C, M, N, ldc, false);
+  at::Tensor a = trans_a ? view_rm(A, K, M, lda, true) : view_rm(A, M, K, lda, false);
+  at::Tensor b = trans_b ? view_rm(B, N, K, ldb, true) : view_rm(B, K, N, ldb, false);
+  if (beta == 0.0f) c.zero_();  // addmm's beta = 0 still reads C (NaN * 0)
+  at::addmm_out(c, c, a, b, beta, alpha);
+}
+
+// Everything a task needs to read one (b, h): base pointers and row strides.
+struct Operands {
+  int64_t B = 0, H = 0, Nq = 0, Nk = 0, D = 0, R = 0;
+  const float *q = nullptr, *k = nullptr, *v = nullptr, *rk = nullptr, *rv = nullptr, *sinks = nullptr;
+  int64_t sq[3]{}, sk[3]{}, sv[3]{}, srk[3]{}, srv[3]{};  // strides of dims b, h, n (elements)
+  const bool* key_mask = nullptr;                          // [B, Nk] contiguous
+  at::Tensor attn_mask;                                    // [B, H, Nq, Nk] (strided), or undefined
+  std::optional<int64_t> causal;
+  float scale = 1.0f;
+
+  const float* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * sq[0] + h * sq[1] + i * sq[2]; }
+  const float* k_rows(int64_t b, int64_t h) const { return k + b * sk[0] + h * sk[1]; }
+  const float* v_rows(int64_t b, int64_t h) const { return v + b * sv[0] + h * sv[1]; }
+  const float* rk_rows(int64_t b, int64_t h) const { return rk + b * srk[0] + h * srk[1]; }
+  const float* rv_rows(int64_t b, int64_t h) const { return rv + b * srv[0] + h * srv[1]; }
+};
+
+void strides3(const at::Tensor& t, int64_t* s) {  // [B, H, N, D] -> (b, h, n); [H, R, D] -> (0, h, n)
+  if (t.dim() == 4) {
+    s[0] = t.stride(0), s[1] = t.stride(1), s[2] = t.stride(2);
+  } else {
+    s[0] = 0, s[1] = t.stride(0), s[2] = t.stride(1);
+  }
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t dim_lo, int64_t dim_hi) {
+  TORCH_CHECK(t.device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "attention (cpu): ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= dim_lo && t.dim() <= dim_hi, "attention (cpu): ", name, " has ", t.dim(),
+              " dims, expected ", dim_lo == dim_hi ? std::to_string(dim_lo) : "3 or 4");
+  TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, "attention (cpu): ", name,
+              " must have a contiguous last dim, got strides ", t.strides());
+}
+
+Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+                       const std::optional<at::Tensor>& attn_mask, double scale,
+                       std::optional<int64_t> causal_offset, at::Tensor& key_mask_holder) {
+  check_f32(q, "q", 4, 4);
+  check_f32(k, "k", 4, 4);
+  check_f32(v, "v", 4, 4);
+  Operands o;
+  o.B = q.size(0), o.H = q.size(1), o.Nq = q.size(2), o.D = q.size(3), o.Nk = k.size(2);
+  TORCH_CHECK(o.B > 0 && o.H > 0 && o.Nq > 0 && o.Nk > 0 && o.D > 0, "attention (cpu): empty inputs, q ",
+              q.sizes(), " k ", k.sizes());
+  TORCH_CHECK(k.size(0) == o.B && k.size(1) == o.H && k.size(3) == o.D, "attention (cpu): k must be [B, H, Nk, D]",
+              " matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "attention (cpu): v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  o.q = q.data_ptr<float>(), o.k = k.data_ptr<float>(), o.v = v.data_ptr<float>();
+  strides3(q, o.sq), strides3(k, o.sk), strides3(v, o.sv);
+  TORCH_CHECK(rk.has_value() == rv.has_value(), "attention (cpu): rk and rv must be given together");
+  if (rk.has_value()) {
+    check_f32(*rk, "rk", 3, 4);
+    check_f32(*rv, "rv", 3, 4);
+    TORCH_CHECK(rk->sizes() == rv->sizes(), "attention (cpu): rk and rv shapes differ: ", rk->sizes(), " vs ",
+                rv->sizes());
+    const bool shared = rk->dim() == 3;
+    TORCH_CHECK((shared && rk->size(0) == o.H && rk->size(2) == o.D) ||
+                    (!shared && rk->size(0) == o.B && rk->size(1) == o.H && rk->size(3) == o.D),
+                "attention (cpu): rk must be [H, R, D] or [B, H, R, D] for q ", q.sizes(), ", got ", rk->sizes());
+    o.R = rk->size(-2);
+    o.rk = rk->data_ptr<float>(), o.rv = rv->data_ptr<float>();
+    strides3(*rk, o.srk), strides3(*rv, o.srv);
+  }
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->size(0) == o.H &&
+                    sinks->is_contiguous() && sinks->device().is_cpu(),
+                "attention (cpu): sinks must be a contiguous float32 CPU tensor [H = ", o.H, "], got ",
+                sinks->sizes(), " ", sinks->scalar_type());
+    o.sinks = sinks->data_ptr<float>();
+  }
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == o.B &&
+                    key_mask->size(1) == o.Nk && key_mask->device().is_cpu(),
+                "attention (cpu): key_mask must be a bool CPU tensor [B, Nk] = [", o.B, ", ", o.Nk, "], got ",
+                key_mask->sizes(), " ", key_mask->scalar_type());
+    key_mask_holder = key_mask->contiguous();
+    o.key_mask = key_mask_holder.data_ptr<bool>();
+  }
+  if (attn_mask.has_value()) {
+    TORCH_CHECK(attn_mask->device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor");
+    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == o.B && attn_mask->size(1) == o.H &&
+                    attn_mask->size(2) == o.Nq && attn_mask->size(3) == o.Nk,
+                "attention (cpu): attn_mask must be expanded to [B, H, Nq, Nk] = [", o.B, ", ", o.H, ", ", o.Nq,
+                ", ", o.Nk, "], got ", attn_mask->sizes());
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool || at::isFloatingType(attn_mask->scalar_type()),
+                "attention (cpu): attn_mask must be bool or floating, got ", attn_mask->scalar_type());
+    o.attn_mask = *attn_mask;
+  }
+  o.causal = causal_offset;
+  o.scale = static_cast<float>(scale);
+  return o;
+}
+
+// The masks on the token part of a logits block: rows i0 .. i0 + m of (b, h), s[r * ld + j].
+void apply_masks(const Operands& o, int64_t b, int64_t h, int64_t i0, int64_t m, float* s, int64_t ld) {
+  if (o.key_mask != nullptr) {
+    const bool* km = o.key_mask + b * o.Nk;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < o.Nk; ++j)
+        if (!km[j]) s[r * ld + j] = kNegInf;
+  }
+  if (o.causal.has_value()) {
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t first_hidden = std::max<int64_t>(0, i0 + r + *o.causal + 1);
+      for (int64_t j = first_hidden; j < o.Nk; ++j) s[r * ld + j] = kNegInf;
+    }
+  }
+  if (o.attn_mask.defined()) {
+    const at::Tensor& am = o.attn_mask;
+    const int64_t s0 = am.stride(0), s1 = am.stride(1), s2 = am.stride(2), s3 = am.stride(3);
+    if (am.scalar_type() == at::kBool) {
+      const bool* base = am.data_ptr<bool>() + b * s0 + h * s1;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < o.Nk; ++j)
+          if (!base[(i0 + r) * s2 + j * s3]) s[r * ld + j] = kNegInf;
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.scalar_type(), "attention_cpu_mask", [&] {
+        const scalar_t* base = am.data_ptr<scalar_t>() + b * s0 + h * s1;
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j < o.Nk; ++j) s[r * ld + j] += static_cast<float>(base[(i0 + r) * s2 + j * s3]);
+      });
+    }
+  }
+}
+
+// Logits of queries i0 .. i0 + m of (b, h) against [registers ; tokens]: s [m, R + Nk].
+void logits_block(const Operands& o, int64_t b, int64_t h, int64_t i0, int64_t m, float* s) {
+  const int64_t T = o.R + o.Nk;
+  const float* q = o.q_row(b, h, i0);
+  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, o.sq[2], o.rk_rows(b, h), o.srk[2], 0.0f, s, T);
+  gemm_rm(false, true, m, o.Nk, o.D, o.scale, q, o.sq[2], o.k_rows(b, h), o.sk[2], 0.0f, s + o.R, T);
+  apply_masks(o, b, h, i0, m, s + o.R, T);
+}
+
+// Query rows per block: the [BM, R + Nk] logits block (and, backward, its gradient)
+// should stay in L2 (~1 MiB per core on current x86 servers).
+int64_t block_rows(int64_t T, int64_t Nq, int64_t buffers) {
+  const int64_t budget = (int64_t(1) << 18) / buffers;  // floats (1 MiB in all)
+  const int64_t bm = std::clamp<int64_t>(budget / std::max<int64_t>(T, 1), 16, 256);
+  return std::min(bm, Nq);
+}
+
+}  // namespace
+
+void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+                       const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
+                       std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
+                       const at::Tensor& key_mass) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  const int64_t B = o.B, H = o.H, Nq = o.Nq, D = o.D, R = o.R, T = R + o.Nk;
+  TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens <= o.Nk, "attention (cpu): num_prefix_tokens must be in [0, ",
+              o.Nk, "], got ", num_prefix_tokens);
+  check_f32(out, "out", 4, 4);
+  TORCH_CHECK(out.sizes() == q.sizes(), "attention (cpu): out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
+              "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
+  if (return_stats) {
+    for (const at::Tensor* t : {&entropy, &register_share}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * H * Nq,
+                  "attention (cpu): entropy and register_share must be contiguous float32 [B, H, Nq] tensors");
+    }
+    TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.numel() == B * H * T,
+                "attention (cpu): key_mass must be a contiguous float32 [B, H, R + Nk] tensor");
+  }
+  const int64_t BM = block_rows(T, Nq, 1);
+  const int64_t nblk = (Nq + BM - 1) / BM;
+  float* out_p = out.data_ptr<float>();
+  const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  float* lse_p = lse.data_ptr<float>();
+  float* ent_p = return_stats ? entropy.data_ptr<float>() : nullptr;
+  float* share_p = return_stats ? register_share.data_ptr<float>() : nullptr;
+  // Column sums of p per (b, h, query block), reduced over the blocks in order afterwards.
+  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(B * H * nblk * T) : 0);
+  const int64_t shared_cols = R + num_prefix_tokens;  // the register share's columns
+  const RowOps& vo = ops();
+
+  at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial;
+    std::vector<float> s(static_cast<size_t>(BM * T));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task % nblk, bh = task / nblk, b = bh / H, h = bh % H;
+      const int64_t i0 = blk * BM, m = std::min(BM, Nq - i0);
+      logits_block(o, b, h, i0, m, s.data());
+      const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = s.data() + r * T;
+        const int64_t idx = bh * Nq + i0 + r;
+        const float mx = std::max(vo.row_max(row, T), sink);
+        if (mx == kNegInf) {  // nothing to attend (every key masked, no sink): out = 0, lse = -inf
+          std::fill(row, row + T, 0.0f);
+          lse_p[idx] = kNegInf;
+          if (return_stats) ent_p[idx] = 0.0f, share_p[idx] = 0.0f;
+          continue;
+        }
+        float sum_e = 0.0f, sum_es = 0.0f;
+        vo.exp_row(row, T, mx, return_stats, &sum_e, &sum_es);
+        if (sink != kNegInf) {
+          const float es = std::exp(sink - mx);
+          sum_e += es;
+          sum_es += es * sink;
+        }
+        const float inv = 1.0f / sum_e;
+        const float row_lse = mx + std::log(sum_e);
+        lse_p[idx] = row_lse;
+        if (return_stats) {
+          // entropy = -sum p log p = lse - sum p s, with p = e / sum_e
+          ent_p[idx] = row_lse - sum_es * inv;
+          share_p[idx] = vo.row_sum(row, shared_cols) * inv;
+        }
+        vo.scale_row(row, T, inv);
+      }
+      float* o_rows = out_p + b * so[0] + h * so[1] + i0 * so[2];
+      if (R > 0) gemm_rm(false, false, m, D, R, 1.0f, s.data(), T, o.rv_rows(b, h), o.srv[2], 0.0f, o_rows, so[2]);
+      gemm_rm(false, false, m, D, o.Nk, 1.0f, s.data() + R, T, o.v_rows(b, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
+              so[2]);
+      if (return_stats) {
+        float* part = mass_parts.data() + task * T;
+        std::copy(s.data(), s.data() + T, part);
+        for (int64_t r = 1; r < m; ++r) vo.add_row(part, s.data() + r * T, T);
+      }
+    }
+  });
+
+  if (return_stats) {
+    float* mass = key_mass.data_ptr<float>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        float* dst = mass + bh * T;
+        std::copy(mass_parts.data() + bh * nblk * T, mass_parts.data() + (bh * nblk + 1) * T, dst);
+        for (int64_t blk = 1; blk < nblk; ++blk) vo.add_row(dst, mass_parts.data() + (bh * nblk + blk) * T, T);
+      }
+    });
+  }
+}
+
+void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+                       const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
+                       double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
+                       const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
+                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  const int64_t B = o.B, H = o.H, Nq = o.Nq, Nk = o.Nk, D = o.D, R = o.R, T = R + Nk;
+  check_f32(dout, "dout", 4, 4);
+  check_f32(out, "out", 4, 4);
+  for (const at::Tensor* t : {&dout, &out, &dq}) {
+    TORCH_CHECK(t->sizes() == q.sizes(), "attention (cpu): dout, out and dq must have q's shape ", q.sizes());
+  }
+  check_f32(dq, "dq", 4, 4);
+  check_f32(dk, "dk", 4, 4);
+  check_f32(dv, "dv", 4, 4);
+  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), "attention (cpu): dk, dv must have k's shape");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
+              "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
+  const bool shared = R > 0 && rk->dim() == 3;
+  if (R > 0) {
+    TORCH_CHECK(drk.has_value() && drv.has_value(), "attention (cpu): drk and drv are needed with registers");
+    for (const at::Tensor* t : {&*drk, &*drv}) {
+      TORCH_CHECK(t->sizes() == rk->sizes() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                  "attention (cpu): drk, drv must be contiguous float32 tensors of rk's shape ", rk->sizes());
+    }
+  }
+  if (dsinks.has_value()) {
+    TORCH_CHECK(o.sinks != nullptr && dsinks->scalar_type() == at::kFloat && dsinks->numel() == H &&
+                    dsinks->is_contiguous(),
+                "attention (cpu): dsinks must be a contiguous float32 [H] tensor, given with sinks");
+  }
+  const int64_t BM = block_rows(T, Nq, 2);
+  const float* lse_p = lse.data_ptr<float>();
+  const float* do_p = dout.data_ptr<float>();
+  const float* o_p = out.data_ptr<float>();
+  float* dq_p = dq.data_ptr<float>();
+  float* dk_p = dk.data_ptr<float>();
+  float* dv_p = dv.data_ptr<float>();
+  int64_t sdo[3], sout[3], sdq[3], sdk[3], sdv[3];
+  strides3(dout, sdo), strides3(out, sout), strides3(dq, sdq), strides3(dk, sdk), strides3(dv, sdv);
+  // Register gradients per (b, h): written in place for per-sample registers, summed over
+  // b in order afterwards for shared ones; the sink's per (b, h), summed the same way.
+  std::vector<float> reg_parts(shared ? static_cast<size_t>(2 * B * H * R * D) : 0);
+  std::vector<float> sink_parts(static_cast<size_t>(B * H), 0.0f);
+  const RowOps& vo = ops();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial;
+    std::vector<float> p(static_cast<size_t>(BM * T)), dp(static_cast<size_t>(BM * T));
+    std::vector<float> delta(static_cast<size_t>(BM));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* dk_rows = dk_p + b * sdk[0] + h * sdk[1];
+      float* dv_rows = dv_p + b * sdv[0] + h * sdv[1];
+      float *drk_rows = nullptr, *drv_rows = nullptr;
+      if (R > 0) {
+        if (shared) {
+          drk_rows = reg_parts.data() + (bh * 2) * R * D;
+          drv_rows = reg_parts.data() + (bh * 2 + 1) * R * D;
+        } else {
+          drk_rows = drk->data_ptr<float>() + (b * H + h) * R * D;
+          drv_rows = drv->data_ptr<float>() + (b * H + h) * R * D;
+        }
+      }
+      const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
+      float dsink = 0.0f;
+      for (int64_t i0 = 0; i0 < Nq; i0 += BM) {
+        const int64_t m = std::min(BM, Nq - i0);
+        const float beta = i0 == 0 ? 0.0f : 1.0f;  // the first block initialises dk, dv, drk, drv
+        logits_block(o, b, h, i0, m, p.data());
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          const float row_lse = lse_p[bh * Nq + i];
+          float* row = p.data() + r * T;
+          const float* dor = do_p + b * sdo[0] + h * sdo[1] + i * sdo[2];
+          const float* orow = o_p + b * sout[0] + h * sout[1] + i * sout[2];
+          float d = 0.0f;
+          for (int64_t c = 0; c < D; ++c) d += dor[c] * orow[c];
+          delta[r] = d;
+          if (row_lse == kNegInf) {  // a query that attends nothing: no gradient
+            std::fill(row, row + T, 0.0f);
+            continue;
+          }
+          float unused_e, unused_es;
+          vo.exp_row(row, T, row_lse, false, &unused_e, &unused_es);  // p = exp(s - lse)
+          if (sink != kNegInf) dsink -= std::exp(sink - row_lse) * d;
+        }
+        const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + i0 * sdo[2];
+        // dV += P^T dO
+        gemm_rm(true, false, Nk, D, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
+        if (R > 0) gemm_rm(true, false, R, D, m, 1.0f, p.data(), T, do_rows, sdo[2], beta, drv_rows, D);
+        // dP = dO V^T; dS = P (dP - delta)
+        gemm_rm(false, true, m, Nk, D, 1.0f, do_rows, sdo[2], o.v_rows(b, h), o.sv[2], 0.0f, dp.data() + R, T);
+        if (R > 0) gemm_rm(false, true, m, R, D, 1.0f, do_rows, sdo[2], o.rv_rows(b, h), o.srv[2], 0.0f, dp.data(), T);
+        for (int64_t r = 0; r < m; ++r) vo.softmax_grad_row(p.data() + r * T, dp.data() + r * T, T, delta[r]);
+        // dQ = scale dS [rk ; k]; dK += scale dS^T Q
+        float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + i0 * sdq[2];
+        if (R > 0) {
+          gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(b, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
+        }
+        gemm_rm(false, false, m, D, Nk, o.scale, dp.data() + R, T, o.k_rows(b, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
+                dq_rows, sdq[2]);
+        const float* q_rows = o.q_row(b, h, i0);
+        gemm_rm(true, false, Nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
+        if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, o.sq[2], beta, drk_rows, D);
+      }
+      sink_parts[bh] = dsink;
+    }
+  });
+
+  if (shared) {  // sum over the batch, in order
+    float* gk = drk->data_ptr<float>();
+    float* gv = drv->data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t b = 0; b < B; ++b) {
+        const float* pk = reg_parts.data() + ((b * H + h) * 2) * R * D;
+        const float* pv = reg_parts.data() + ((b * H + h) * 2 + 1) * R * D;
+        if (b == 0) {
+          std::copy(pk, pk + R * D, gk + h * R * D);
+          std::copy(pv, pv + R * D, gv + h * R * D);
+        } else {
+          vo.add_row(gk + h * R * D, pk, R * D);
+          vo.add_row(gv + h * R * D, pv, R * D);
+        }
+      }
+    }
+  }
+  if (dsinks.has_value()) {
+    float* g = dsinks->data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < B; ++b) acc += sink_parts[b * H + h];
+      g[h] = acc;
+    }
+  }
+}
+
+const char* attention_cpu_capability() { return ops().name; }
+
+namespace {
+
+void fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rk,
+            const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& sinks,
+            const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& attn_mask,
+            int64_t num_prefix_tokens, double scale, std::optional<int64_t> causal_offset, bool return_stats,
+            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
+            const at::Tensor& key_mass) {
+  attention_fwd_cpu(q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset,
+                    return_stats, out, lse, entropy, register_share, key_mass);
+}
+
+void bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+            const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+            const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
+            std::optional<int64_t> causal_offset, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+            const std::optional<at::Tensor>& drk, const std::optional<at::Tensor>& drv,
+            const std::optional<at::Tensor>& dsinks) {
+  attention_bwd_cpu(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal_offset, dq, dk, dv,
+                    drk, drv, dsinks);
+}
+
+// Shape-only checks for the Meta kernels: the outputs are the caller's, nothing to compute.
+void fwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, int64_t, double, std::optional<int64_t>, bool, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+
+void bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const at::Tensor&, double, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&) {}
+
+}  // namespace
+}  // namespace dsr_kernels
+
+// The attention ops write into outputs the Python launcher allocates (dsr_kernels/cpu/
+// attention.py), which is what the Python custom op dsr_kernels::attention_fwd / _bwd
+// calls for backend "cpu".
+TORCH_LIBRARY_FRAGMENT(dsr_kernels, m) {
+  m.def(
+      "attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, "
+      "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, bool return_stats, "
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass) -> ()");
+  m.def(
+      "attention_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
+      "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks) -> ()");
+  m.def("attention_cpu_capability() -> str", [] { return std::string(dsr_kernels::attention_cpu_capability()); });
+}
+
+TORCH_LIBRARY_IMPL(dsr_kernels, CPU, m) {
+  m.impl("attention_fwd_cpu", &dsr_kernels::fwd_op);
+  m.impl("attention_bwd_cpu", &dsr_kernels::bwd_op);
+}
+
+TORCH_LIBRARY_IMPL(dsr_kernels, Meta, m) {
+  m.impl("attention_fwd_cpu", &dsr_kernels::fwd_meta);
+  m.impl("attention_bwd_cpu", &dsr_kernels::bwd_meta);
+}

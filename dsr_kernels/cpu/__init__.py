@@ -1,0 +1,1 @@
+"""Python launchers of the compiled C++ CPU kernels (``backend="cpu"``): csrc/cpu/."""

@@ -1,0 +1,170 @@
+"""Backend ``"cpu"`` of register attention: the C++ kernel of csrc/cpu/attention.cpp.
+
+The kernel computes in float32 and writes into the outputs that
+``dsr_kernels.ops.attention`` allocates: out, lse and, with statistics, the entropy,
+register share and key mass, all from one pass over each query block's logits. This
+launcher converts fp16 / bf16 operands to float32 (float32 accumulation; float32 inputs
+are passed as they are, views included) and applies the rotary tables to q and the token
+keys before the call; the backward rotates the gradients of q and k back with the
+tables' transpose. float64 stays on the ``"torch"`` and ``"reference"`` backends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsr_kernels._extension import extension_unavailable_reason
+from dsr_kernels.rope import apply_rope, apply_rope_transpose
+from dsr_kernels.types import HALF_AND_FLOAT, Backend
+
+
+def _unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = extension_unavailable_reason(device)
+    if reason is None and not hasattr(torch.ops.dsr_kernels, "attention_fwd_cpu"):
+        reason = "dsr_kernels._C was built from sources without csrc/cpu/attention.cpp: rebuild the extension"
+    return reason
+
+
+# C++ kernels for CPU tensors, float32 accumulation; float64 stays on "torch" / "reference".
+BACKEND = Backend("cpu", ("cpu",), HALF_AND_FLOAT, _unavailable_reason)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
+def _rotated(q: Tensor, k: Tensor, rope_cos: Tensor | None, rope_sin: Tensor | None, rope_style: str):
+    q32, k32 = q.float(), k.float()
+    if rope_cos is not None:
+        q32, k32 = apply_rope(q32, rope_cos, rope_sin, rope_style), apply_rope(k32, rope_cos, rope_sin, rope_style)
+    return q32, k32
+
+
+def _bnhd_f32(t: Tensor) -> Tensor:
+    """A float32 buffer of t's shape [B, H, N, D] in [B, N, H, D] memory order."""
+    B, H, N, D = t.shape
+    return torch.empty(B, N, H, D, dtype=torch.float32, device=t.device).transpose(1, 2)
+
+
+def attention_fwd_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    num_prefix_tokens: int,
+    scale: float,
+    causal_offset: int | None,
+    return_stats: bool,
+    out: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    register_share: Tensor,
+    key_mass: Tensor,
+    *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
+) -> None:
+    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics."""
+    q32, k32 = _rotated(q, k, rope_cos, rope_sin, rope_style)
+    o32 = out if out.dtype == torch.float32 else _bnhd_f32(out)
+    torch.ops.dsr_kernels.attention_fwd_cpu(
+        q32,
+        k32,
+        v.float(),
+        _f32(rk),
+        _f32(rv),
+        None if sinks is None else sinks.float().contiguous(),
+        key_mask,
+        attn_mask,
+        num_prefix_tokens,
+        scale,
+        causal_offset,
+        return_stats,
+        o32,
+        lse,
+        entropy,
+        register_share,
+        key_mass,
+    )
+    if o32 is not out:
+        out.copy_(o32)
+
+
+def attention_bwd_cpu(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    key_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal_offset: int | None,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    drk: Tensor | None,
+    drv: Tensor | None,
+    dsinks: Tensor | None,
+    *,
+    rope_cos: Tensor | None = None,
+    rope_sin: Tensor | None = None,
+    rope_style: str = "interleaved",
+) -> None:
+    """Fills dq, dk, dv and, when given, drk, drv (rk's shape) and dsinks ([H])."""
+    q32, k32 = _rotated(q, k, rope_cos, rope_sin, rope_style)
+    direct = rope_cos is None and q.dtype == torch.float32
+    dq32, dk32 = (dq, dk) if direct else (_bnhd_f32(dq), _bnhd_f32(dk))
+    dv32 = dv if dv.dtype == torch.float32 else _bnhd_f32(dv)
+    regs = None
+    if rk is not None:
+        regs = [g if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.shape) for g in (drk, drv)]
+    ds32 = None
+    if dsinks is not None:
+        ds32 = dsinks if dsinks.dtype == torch.float32 else torch.empty(dsinks.shape, dtype=torch.float32)
+    do32 = dout.float()
+    if do32.stride(-1) != 1:  # e.g. the expanded ones of out.sum().backward()
+        do32 = do32.contiguous()
+    torch.ops.dsr_kernels.attention_bwd_cpu(
+        do32,
+        q32,
+        k32,
+        v.float(),
+        _f32(rk),
+        _f32(rv),
+        None if sinks is None else sinks.float().contiguous(),
+        key_mask,
+        attn_mask,
+        out.float(),
+        lse.float(),
+        scale,
+        causal_offset,
+        dq32,
+        dk32,
+        dv32,
+        None if regs is None else regs[0],
+        None if regs is None else regs[1],
+        ds32,
+    )
+    if rope_cos is not None:
+        dq32 = apply_rope_transpose(dq32, rope_cos, rope_sin, rope_style)
+        dk32 = apply_rope_transpose(dk32, rope_cos, rope_sin, rope_style)
+    for dst, src in ((dq, dq32), (dk, dk32), (dv, dv32)):
+        if src is not dst:
+            dst.copy_(src)
+    if regs is not None:
+        for dst, src in zip((drk, drv), regs, strict=True):
+            if src is not dst:
+                dst.copy_(src)
+    if ds32 is not None and ds32 is not dsinks:
+        dsinks.copy_(ds32)

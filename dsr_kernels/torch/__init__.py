@@ -1,0 +1,1 @@
+"""Backend ``"torch"``: ops written with PyTorch operations (any device), one module per op (``torch/<op>.py``)."""
