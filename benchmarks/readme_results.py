@@ -38,7 +38,8 @@ def render_run(folder: Path) -> str:
     else:
         where = f"{env['processor']}, {env['cpu_threads']} threads, C++ kernels for {env.get('cpu_kernels_isa')}"
     lines = [
-        f"### {env['device']}: {where}, {str(env['date'])[:10]}",
+        f"### {', '.join(env.get('sections', []))} ({env.get('dtype')}) on {env['device']}: {where}, "
+        f"{str(env['date'])[:10]}",
         "",
         f"`{env.get('command')}` (preset {env.get('preset')}, {env.get('dtype')}), torch {env['torch']}, "
         f"triton {env['triton']}, commit {env.get('git_commit')}, {env.get('seconds')} s; files: `{rel}/`"
