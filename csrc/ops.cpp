@@ -166,7 +166,9 @@ FwdResult fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& shift,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& registers,
                    c10::string_view kind, double eps, bool return_norms, bool return_moments) {
   const c10::SymInt B = x.sym_size(0), N = x.sym_size(1), D = x.sym_size(2);
-  const bool has_regs = registers.has_value() && registers->defined();
+  // R = 0 registers are no registers, as in the CPU and CUDA kernels (no residual output).
+  const bool has_regs =
+      registers.has_value() && registers->defined() && registers->sym_size(-2) != 0;
   const c10::SymInt T = has_regs ? registers->sym_size(-2) + N : N;
   const auto stat = x.options().dtype(acc_type(x.scalar_type()));
   const bool layernorm = parse_kind(kind) == NormKind::LayerNorm;
@@ -186,8 +188,10 @@ BwdResult bwd_meta(const at::Tensor& dout, const std::optional<at::Tensor>& dres
   auto like = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() && t->defined() ? at::empty_symint(t->sym_sizes(), t->options()) : at::empty({0}, x.options());
   };
+  const bool has_regs =
+      registers.has_value() && registers->defined() && registers->sym_size(-2) != 0;
   return {at::empty_symint(x.sym_sizes(), x.options()), like(shift), like(scale), like(weight), like(bias),
-          like(registers)};
+          has_regs ? like(registers) : at::empty({0}, x.options())};
 }
 
 // ----------------------------------------------------------------------------- ttr_activation

@@ -70,7 +70,9 @@ def extension_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cuda":
         if not _C.cuda_built():
-            return "dsr_kernels._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+            why = getattr(_C, "cuda_skip_reason", lambda: "")()  # setup.py's reason, compiled in
+            why = why or "torch without CUDA or no nvcc at build time"
+            return f"dsr_kernels._C was built without CUDA kernels ({why})"
         return None
     return f"the compiled kernels do not run on device type {device.type!r}"
 

@@ -501,3 +501,27 @@ def test_zero_registers_fake_shapes(backend, layout):
         res = norm_modulate(x, None, scale, registers=regs, return_norms=True, backend=backend)
         assert res.residual is None
         assert res.out.shape == (B, N, D) and res.norms.shape == (B, N)
+
+
+def test_direct_op_with_zero_registers_agrees_with_its_fake_kernel():
+    """torch.ops.dsr_kernels.norm_modulate_fwd / _bwd called directly with R = 0: the Meta kernels give the
+    real kernels' shapes (no residual, no register gradient), so FakeTensor tracing matches the run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not hasattr(torch.ops.dsr_kernels, "norm_modulate_fwd"):
+        pytest.skip("the compiled extension is not built: " + str(dsr_kernels.explain("norm_modulate", "cpu")["cpu"]))
+    x, regs = torch.randn(2, 5, 16), torch.zeros(0, 16)
+    real = torch.ops.dsr_kernels.norm_modulate_fwd(x, None, None, None, None, regs, "layernorm", 1e-6, True, False)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.dsr_kernels.norm_modulate_fwd(
+            mode.from_tensor(x), None, None, None, None, mode.from_tensor(regs), "layernorm", 1e-6, True, False
+        )
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+    assert tuple(real[1].shape) == (0,)  # no residual without registers
+    dout = torch.randn_like(real[0])
+    args = (dout, None, x, None, None, None, None, regs, real[4], real[5], "layernorm")
+    real_g = torch.ops.dsr_kernels.norm_modulate_bwd(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake_g = torch.ops.dsr_kernels.norm_modulate_bwd(*fake_args)
+    assert [tuple(t.shape) for t in fake_g] == [tuple(t.shape) for t in real_g]
