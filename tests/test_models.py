@@ -373,6 +373,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         results["params_equal"] = torch.equal(gathered[0], gathered[1])
         results["register_grads_equal"] = torch.equal(grads[0], grads[1])
         results["register_grads_nonzero"] = bool(grads[0].abs().sum() > 0)
+    # Both ranks tear the group down together, and nothing holds it afterwards (DDP's reducer
+    # keeps a reference): a gloo group destroyed at interpreter exit, or while the other rank
+    # still talks to it, can abort the process ("terminate called without an active exception").
+    del ddp, opt
+    dist.barrier()
     dist.destroy_process_group()
 
 
