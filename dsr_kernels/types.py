@@ -41,6 +41,9 @@ class Backend:
         """None if this backend runs tensors of ``device`` and ``dtype``, else the reason."""
         if self.devices is not None and device.type not in self.devices:
             return f"backend {self.name!r} runs {' or '.join(self.devices)} tensors, not {device.type} ones"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            return f"no CUDA device here (torch.cuda.is_available() is False; torch {torch.__version__} is {built})"
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"backend {self.name!r} takes {names} tensors, not {dtype}"

@@ -93,6 +93,10 @@ def test_explain_says_why_on_the_wrong_device():
         dsr_kernels.explain("attention", "meta")["triton"] == "backend 'triton' runs cuda or cpu tensors, not meta ones"
     )
     assert dsr_kernels.explain("attention", "meta")["torch"] == "available"
+    if not torch.cuda.is_available():  # no backend claims a device that is not there
+        for op in backends.OPS:
+            for name, reason in dsr_kernels.explain(op, "cuda").items():
+                assert reason.startswith("no CUDA device here") or "not cuda ones" in reason, (op, name, reason)
 
 
 def test_explain_unknown_op_lists_the_ops():
@@ -161,6 +165,7 @@ def test_auto_on_cpu_runs_what_resolve_says(monkeypatch):
 def test_auto_on_cuda_prefers_in_table_order(monkeypatch):
     """attention: Triton, else "torch"; norm_modulate / ttr_activation: the CUDA kernels, then Triton, then the
     reference. Checked on the table with patched reasons, so that it runs without a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one
     for op in ("norm_modulate", "ttr_activation"):
         _patched(monkeypatch, op, cuda=None, triton=None)
         assert backends.resolve(op, "auto", _cuda_like()) == "cuda"
@@ -186,7 +191,8 @@ def test_auto_with_nothing_available_lists_every_backend(monkeypatch):
         assert part in message, message
 
 
-def test_backend_checks_device_then_dtype_then_its_reason():
+def test_backend_checks_device_then_dtype_then_its_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one
     calls = []
 
     def reason(device, dtype):
@@ -202,6 +208,8 @@ def test_backend_checks_device_then_dtype_then_its_reason():
     assert b.picked_by_auto(torch.device("cuda"))
     assert not dataclasses.replace(b, auto_devices=()).picked_by_auto(torch.device("cuda"))
     assert Backend("any", None, (torch.float32,)).why_not(torch.device("meta"), torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert b.why_not(torch.device("cuda"), torch.float16).startswith("no CUDA device here")
 
 
 def test_importing_the_package_imports_no_triton_and_no_cycle():

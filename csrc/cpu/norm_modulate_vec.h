@@ -11,15 +11,11 @@
 // changes the speed only.
 namespace DSR_VEC_NS {
 
-constexpr int W = DSR_VEC_BYTES;
-constexpr int64_t L = W / 4;       // float lanes of one vector
+#include "vec_base.h"
+
 constexpr int64_t V = kLanes / L;  // vectors per 16-lane block
-typedef float F __attribute__((vector_size(W)));
-typedef int32_t I __attribute__((vector_size(W)));
 typedef uint32_t U __attribute__((vector_size(W)));
 typedef uint16_t H __attribute__((vector_size(W / 2)));  // L 16-bit values
-
-inline F splat(float x) { return F{} + x; }
 
 template <typename To, typename From>
 inline To bits(const From& v) {
@@ -28,8 +24,6 @@ inline To bits(const From& v) {
   std::memcpy(&r, &v, sizeof(r));
   return r;
 }
-
-inline F abs_value(F x) { return bits<F>(bits<U>(x) & 0x7fffffffu); }
 
 // max(a, b) that, as torch.amax, gives NaN when either is NaN.
 inline F max_nan(F a, F b) { return ((a > b) | (a != a)) ? a : b; }

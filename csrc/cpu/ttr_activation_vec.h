@@ -3,33 +3,14 @@
 // DSR_VEC_BYTES the vector width: 16 SSE, 32 AVX2, 64 AVX-512). Not a standalone header.
 //
 // GELU(x) = 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <=
-// 1.5e-7: the approximation ATen's vectorised GELU uses), exp by a Cephes-style
-// polynomial; the tanh form as 0.5 x (1 + tanh(u)), tanh(u) = sign(u) (1 - e) / (1 + e)
+// 1.5e-7: the approximation ATen's vectorised GELU uses), exp by vec_base.h's
+// exp_nonpositive; the tanh form as 0.5 x (1 + tanh(u)), tanh(u) = sign(u) (1 - e) / (1 + e)
 // with e = exp(-2 |u|).
 namespace DSR_VEC_NS {
 
-constexpr int W = DSR_VEC_BYTES;
-constexpr int64_t L = W / 4;  // float lanes
-typedef float F __attribute__((vector_size(W)));
-typedef int32_t I __attribute__((vector_size(W)));
+#include "vec_base.h"
 
-inline F splat(float x) { return F{} + x; }
-inline F as_float(I x) { return reinterpret_cast<const F&>(x); }
-inline I as_int(F x) { return reinterpret_cast<const I&>(x); }
-inline F abs_value(F x) { return as_float(as_int(x) & 0x7fffffff); }
 inline F with_sign_of(F x, F sign) { return as_float(as_int(x) ^ (as_int(sign) & int32_t(0x80000000u))); }
-
-inline F maximum(F a, F b) {
-#if defined(__x86_64__) && DSR_VEC_BYTES == 64
-  return _mm512_max_ps(a, b);
-#elif defined(__x86_64__) && DSR_VEC_BYTES == 32
-  return _mm256_max_ps(a, b);
-#elif defined(__x86_64__)
-  return _mm_max_ps(a, b);
-#else
-  return a < b ? b : a;
-#endif
-}
 
 // 1 / x. The vector division is the slowest instruction here (on AMD Zen 4 one AVX-512
 // division issues every ~10 cycles), so AVX2 / AVX-512 take the hardware estimate and one
@@ -44,23 +25,6 @@ inline F reciprocal(F x) {
 #else
   return splat(1.0f) / x;
 #endif
-}
-
-// exp(x) for x <= 0 (clamped at -87, below float's smallest normal): x = n ln2 + r,
-// |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial, 2^n from the exponent bits.
-inline F exp_nonpositive(F x) {
-  x = maximum(x, splat(-87.0f));
-  const I n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), I);
-  const F nf = __builtin_convertvector(n, F);
-  const F r = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
-  F p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
-  return p * as_float((n + 127) << 23);
 }
 
 inline F gelu(F x, bool tanh_form) {

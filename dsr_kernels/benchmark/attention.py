@@ -83,7 +83,7 @@ class AttentionShape:
         return f"B {self.B}, H {self.H}, N {self.N}, D {self.D}"
 
 
-SHAPE_NAMES = ("dsr-dit-xl", "dit-b", "n1024", "n4096", "n4096-h8", "dsr-dit-xl-d80", "n4096-d128")
+SHAPE_NAMES = ("dsr-dit-xl", "dsr-dit-xl-b8", "dit-b", "n1024", "n4096", "n4096-h8", "dsr-dit-xl-d80", "n4096-d128")
 
 
 def all_shapes(device: torch.device) -> list[AttentionShape]:
@@ -94,6 +94,7 @@ def all_shapes(device: torch.device) -> list[AttentionShape]:
     gpu = device.type == "cuda"
     return [
         AttentionShape("dsr-dit-xl", 256 if gpu else 2, 16, 256, 72),
+        AttentionShape("dsr-dit-xl-b8", 8, 16, 256, 72),  # the CPU kernel's targets at DSR's shape (issue 9)
         AttentionShape("dit-b", 256 if gpu else 2, 12, 256, 64),
         AttentionShape("n1024", 32 if gpu else 1, 16, 1024, 64),
         AttentionShape("n4096", 4 if gpu else 1, 16, 4096, 64),
