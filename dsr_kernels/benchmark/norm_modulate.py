@@ -79,6 +79,11 @@ def default_shapes(device: torch.device) -> list[NormShape]:
     ]
 
 
+def all_shapes(device: torch.device) -> list[NormShape]:
+    """The default shapes, and (with --full or --shapes) the CPU kernel's target shape at batch 32."""
+    return default_shapes(device) + [NormShape("dit-xl-layernorm-b32", 32, 256, 1152, 36)]
+
+
 def available_providers(device: torch.device) -> list[str]:
     return [BASELINE, "dsr"] + (["dsr_triton", "copy"] if device.type == "cuda" else [])
 
@@ -172,12 +177,13 @@ class NormModulateSection(Section):
         return available_providers(torch.device("cuda"))
 
     def shape_names(self) -> list[str]:
-        return [s.name for s in default_shapes(torch.device("cpu"))]
+        return [s.name for s in all_shapes(torch.device("cpu"))]
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         if self.selects_nothing(cfg):
             return []
-        shapes = [s for s in default_shapes(cfg.device) if cfg.shapes is None or s.name in cfg.shapes]
+        pool = all_shapes(cfg.device) if cfg.shapes is not None or cfg.preset == "full" else default_shapes(cfg.device)
+        shapes = [s for s in pool if cfg.shapes is None or s.name in cfg.shapes]
         if cfg.shapes is None and cfg.preset == "quick":
             shapes = shapes[:1]
         modes = self.my_modes(cfg) or {"quick": ("fwd",), "default": ("fwd", "full"), "full": MODES}[cfg.preset]
