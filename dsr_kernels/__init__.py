@@ -6,9 +6,16 @@ from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.modules.norm_modulate import NormModulate
 from dsr_kernels.ops.attention import attention
-from dsr_kernels.ops.attention_dropin import flash_attn_func, scaled_dot_product_attention
+from dsr_kernels.ops.attention_dropin import (
+    SDPAError,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    scaled_dot_product_attention,
+)
 from dsr_kernels.ops.norm_modulate import norm_modulate
 from dsr_kernels.ops.ttr_activation import ttr_activation
+from dsr_kernels.patching import patch
 from dsr_kernels.types import AttentionStats, NormModulateResult
 
 __version__ = "0.1.0"
@@ -20,13 +27,17 @@ __all__ = [
     "NormModulate",
     "NormModulateResult",
     "RegisterAttention",
+    "SDPAError",
     "attention",
     "explain",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flops",
     "models",
     "norm_modulate",
     "outliers",
+    "patch",
     "registers",
     "scaled_dot_product_attention",
     "ttr_activation",

@@ -14,6 +14,8 @@ Adding a backend: its implementation file (declaring ``BACKEND``) and its line i
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dsr_kernels import _extension
@@ -46,7 +48,12 @@ class BackendUnavailable(RuntimeError):
 # op -> its backends, in the order "auto" prefers them on every device (each backend's
 # devices and auto_devices then leave out those that do not apply to a device).
 BACKENDS: dict[str, tuple[Backend, ...]] = {
-    "attention": (_triton.BACKEND, _attention_cpu.BACKEND, _attention_torch.BACKEND, _attention_ref.BACKEND),
+    "attention": (
+        dataclasses.replace(_triton.BACKEND, lacks=("value_head_dim",)),
+        _attention_cpu.BACKEND,
+        _attention_torch.BACKEND,
+        _attention_ref.BACKEND,
+    ),
     "norm_modulate": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _norm_modulate_ref.BACKEND),
     "ttr_activation": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _ttr_activation_ref.BACKEND),
 }
@@ -71,11 +78,12 @@ def check_name(op: str, backend: object) -> None:
         raise ValueError(f"{op}(): argument 'backend' must be one of {valid}, got {backend!r}")
 
 
-def resolve(op: str, backend: str, tensor: torch.Tensor) -> str:
+def resolve(op: str, backend: str, tensor: torch.Tensor, needs: tuple[str, ...] = ()) -> str:
     """The name of the backend of ``op`` that runs ``tensor`` (its device and dtype).
 
     ``auto``: the first backend of :data:`BACKENDS[op] <BACKENDS>` that auto may pick on
-    the device and that can run it. An explicit name that cannot run it raises
+    the device, that can run it and that has the features in ``needs`` (names of
+    :data:`dsr_kernels.types.FEATURES`). An explicit name that cannot run it raises
     :class:`BackendUnavailable` with the reason; an unknown name raises ValueError.
     """
     check_name(op, backend)
@@ -86,14 +94,18 @@ def resolve(op: str, backend: str, tensor: torch.Tensor) -> str:
             if not b.picked_by_auto(device):
                 reasons[b.name] = f"auto does not pick it for {device.type} tensors"
                 continue
-            reasons[b.name] = b.why_not(device, dtype)
+            reasons[b.name] = b.why_not(device, dtype) or b.missing(needs)
             if reasons[b.name] is None:
                 return b.name
         why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
         raise BackendUnavailable(f"{op}(): no backend runs {dtype} tensors on {device} ({why})")
-    reason = next(b for b in BACKENDS[op] if b.name == backend).why_not(device, dtype)
+    chosen = next(b for b in BACKENDS[op] if b.name == backend)
+    reason = chosen.why_not(device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"{op}(backend={backend!r}) cannot run {dtype} tensors on {device}: {reason}")
+    reason = chosen.missing(needs)
+    if reason is not None:
+        raise BackendUnavailable(f"{op}(backend={backend!r}) cannot run this call: {reason}")
     return backend
 
 

@@ -17,6 +17,13 @@ def _always_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+# Parts of an op's contract that some implementations lack (Backend.lacks), as the reason words them.
+FEATURES = {
+    "value_head_dim": "a value head dim different from the key head dim",
+    "varlen": "packed variable-length sequences (cu_seqlens)",
+}
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of an op, as it declares itself; :mod:`dsr_kernels.backends` lists them per op.
@@ -29,6 +36,9 @@ class Backend:
     - ``auto_devices``: the device types on which ``backend="auto"`` may pick it; None: all
       of ``devices`` (Triton takes CPU tensors in its interpreter, a test tool, so its
       ``auto`` is CUDA only).
+    - ``lacks``: features of the op's contract this implementation does not have (names in
+      :data:`FEATURES`); a call that needs one goes to the next backend under ``auto`` and
+      raises for an explicit request.
     """
 
     name: str
@@ -36,6 +46,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     unavailable_reason: Callable[[torch.device, torch.dtype], str | None] = _always_available
     auto_devices: tuple[str, ...] | None = None
+    lacks: tuple[str, ...] = ()
 
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None if this backend runs tensors of ``device`` and ``dtype``, else the reason."""
@@ -48,6 +59,11 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"backend {self.name!r} takes {names} tensors, not {dtype}"
         return self.unavailable_reason(device, dtype)
+
+    def missing(self, needs: tuple[str, ...]) -> str | None:
+        """None if this backend has every feature in ``needs``, else the reason."""
+        gaps = [FEATURES[f] for f in needs if f in self.lacks]
+        return f"backend {self.name!r} does not support {' or '.join(gaps)}" if gaps else None
 
     def picked_by_auto(self, device: torch.device) -> bool:
         """Whether ``backend="auto"`` may choose it for tensors on ``device`` (when it can run them)."""

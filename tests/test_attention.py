@@ -42,6 +42,16 @@ class Case:
     prefix: int = 0
     rope: str | None = None  # None | "interleaved" | "half" (self-attention only)
     dtype: torch.dtype = torch.float32
+    Hk: int | None = None  # K/V heads (grouped-query attention); None: H
+    Dv: int | None = None  # value head dim; None: D
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.Hk is None else self.Hk
+
+    @property
+    def value_dim(self) -> int:
+        return self.D if self.Dv is None else self.Dv
 
     def __str__(self) -> str:
         parts = [f"B{self.B}H{self.H}", f"q{self.Nq}k{self.Nk}", f"d{self.D}", f"r{self.R}"]
@@ -49,6 +59,8 @@ class Case:
         parts += [f"{self.attn_mask}_mask"] if self.attn_mask else []
         parts += [f"prefix{self.prefix}"] if self.prefix else []
         parts += [f"rope_{self.rope}"] if self.rope else []
+        parts += [f"hk{self.Hk}"] if self.Hk is not None else []
+        parts += [f"dv{self.Dv}"] if self.Dv is not None else []
         return "-".join(parts + [str(self.dtype).replace("torch.", "")])
 
 
@@ -85,6 +97,18 @@ CASES = [
     Case(Nq=292, Nk=292, D=72, prefix=36, rope="interleaved", dtype=torch.bfloat16),
     Case(Nq=113, Nk=113, D=80, R=4, sinks=True, rope="half", causal=True),
     Case(B=2, Nq=57, Nk=57, D=64, R=1, key_mask=True, rope="interleaved", dtype=torch.float16),
+    # Grouped-query attention (K/V read in place) and MQA.
+    Case(B=2, H=4, Hk=2, Nq=113, Nk=203, D=72, R=4, sinks=True, key_mask=True, prefix=2),
+    Case(H=3, Hk=1, Nq=147, Nk=147, D=80, R=1, per_sample_registers=True, causal=True, dtype=torch.bfloat16),
+    Case(H=4, Hk=2, Nq=57, Nk=57, D=64, rope="half", attn_mask="float", dtype=torch.float16),
+]
+
+# A value head dim different from the key head dim: not in the Triton kernels (auto takes
+# the next backend there; tests/test_backends.py checks the explicit request raises).
+VALUE_DIM_CASES = [
+    Case(B=2, Nq=113, Nk=57, D=72, Dv=40, R=36, sinks=True, key_mask=True),
+    Case(H=4, Hk=2, Nq=65, Nk=65, D=32, Dv=80, R=1, causal=True, rope="interleaved", dtype=torch.bfloat16),
+    Case(Nq=29, Nk=31, D=16, Dv=3, R=4, per_sample_registers=True, attn_mask="bool", dtype=torch.float16),
 ]
 
 
@@ -95,11 +119,12 @@ def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
 
     B, H, D = case.B, case.H, case.D
-    inputs = dict(q=rand(B, H, case.Nq, D), k=rand(B, H, case.Nk, D), v=rand(B, H, case.Nk, D))
+    Hk, Dv = case.kv_heads, case.value_dim
+    inputs = dict(q=rand(B, H, case.Nq, D), k=rand(B, Hk, case.Nk, D), v=rand(B, Hk, case.Nk, Dv))
     if case.R:
-        shape = (B, H, case.R, D) if case.per_sample_registers else (H, case.R, D)
+        shape = (B, H, case.R) if case.per_sample_registers else (H, case.R)
         # Large register keys: registers take a real share of the attention, as they do.
-        inputs["kv_registers"] = (rand(*shape, scale=2.0), rand(*shape))
+        inputs["kv_registers"] = (rand(*shape, D, scale=2.0), rand(*shape, Dv))
     if case.sinks:
         inputs["sinks"] = (torch.randn(H, generator=g) + 1.0).to(device)
     if case.key_mask:
@@ -160,11 +185,11 @@ def run_reference(case: Case, inputs: dict, dout: torch.Tensor, compute_dtype: t
 
 def check_case(case: Case, backend: str, device: str = "cpu", seed: int = 0) -> None:
     inputs = make_inputs(case, device, seed)
-    dout = torch.randn(case.B, case.H, case.Nq, case.D, device=device).to(case.dtype)
+    dout = torch.randn(case.B, case.H, case.Nq, case.value_dim, device=device).to(case.dtype)
 
     kw, wrt = leaves(inputs, None)
     out, stats = attention(**kw, causal=case.causal, num_prefix_tokens=case.prefix, return_stats=True, backend=backend)
-    assert out.dtype == case.dtype and out.shape == (case.B, case.H, case.Nq, case.D)
+    assert out.dtype == case.dtype and out.shape == (case.B, case.H, case.Nq, case.value_dim)
     assert all(s.dtype == torch.float32 and not s.requires_grad for s in stats)
     grads = torch.autograd.grad(out, wrt, dout)
 
@@ -175,7 +200,8 @@ def check_case(case: Case, backend: str, device: str = "cpu", seed: int = 0) -> 
     ref_out, ref_stats, ref_grads = run_reference(case, cpu, dout.cpu(), torch.float64)
     eager_out, eager_stats, eager_grads = run_reference(case, cpu, dout.cpu(), case.dtype)
 
-    K = max(case.Nq, case.R + case.Nk, case.D)  # the longest reduction of the forward and backward
+    # the longest reduction of the forward and backward (dk, dv of grouped heads: G x Nq)
+    K = max(case.Nq * case.H // case.kv_heads, case.R + case.Nk, case.D, case.value_dim)
     assert_within_eager_error("out", out, ref_out, eager_out, case.dtype, reduction=K)
     for name, got, ref, eager in zip(AttentionStats._fields, stats, ref_stats, eager_stats, strict=True):
         assert_within_eager_error(name, got, ref, eager, case.dtype, reduction=K)
@@ -230,12 +256,25 @@ def test_cpu_backend_matches_reference_at_small_odd_head_dims(case):
     check_case(case, "cpu")
 
 
+@pytest.mark.parametrize("backend", [CPU, "torch"])
+@pytest.mark.parametrize("case", VALUE_DIM_CASES, ids=str)
+def test_value_head_dim_differs_from_key_head_dim(case, backend):
+    check_case(case, backend)
+
+
 @requires_cpu_kernel
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
-def test_cpu_backend_is_bitwise_the_same_for_any_thread_count(direction):
-    case = Case(B=2, H=3, Nq=257, Nk=292, D=72, R=36, sinks=True, key_mask=True, prefix=2)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, H=3, Nq=257, Nk=292, D=72, R=36, sinks=True, key_mask=True, prefix=2),
+        Case(B=2, H=4, Hk=2, Nq=129, Nk=77, D=40, Dv=24, R=4, sinks=True),  # grouped heads add into one dk
+    ],
+    ids=str,
+)
+def test_cpu_backend_is_bitwise_the_same_for_any_thread_count(direction, case):
     inputs = make_inputs(case)
-    dout = torch.randn(case.B, case.H, case.Nq, case.D)
+    dout = torch.randn(case.B, case.H, case.Nq, case.value_dim)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -256,11 +295,11 @@ def test_cpu_backend_is_bitwise_the_same_for_any_thread_count(direction):
     "mutate, words",
     [
         (lambda a: a.__setitem__("q", a["q"].double()), "q must be float32"),
-        (lambda a: a.__setitem__("k", a["k"][:, :, :, :8]), "k must be [B, H, Nk, D]"),
-        (lambda a: a.__setitem__("v", a["v"][:, :, :5]), "v must have k's shape"),
+        (lambda a: a.__setitem__("k", a["k"][:, :, :, :8]), "k must be [B, Hk, Nk, D] with Hk dividing H"),
+        (lambda a: a.__setitem__("v", a["v"][:, :, :5]), "v must be [B, Hk, Nk, Dv] matching k"),
         (lambda a: a.update(rk=torch.randn(3, 4, 16), rv=torch.randn(3, 4, 16)), "rk must be [H, R, D] or [B, H"),
         (lambda a: a.__setitem__("key_mask", torch.ones(2, 3, dtype=torch.bool)), "key_mask must be a bool"),
-        (lambda a: a.__setitem__("out", torch.empty(2, 2, 9, 17)), "out must have q's shape"),
+        (lambda a: a.__setitem__("out", torch.empty(2, 2, 9, 17)), "out must be [B, H, Nq, Dv]"),
         (lambda a: a.__setitem__("num_prefix_tokens", 99), "num_prefix_tokens must be in"),
     ],
 )
@@ -446,7 +485,7 @@ def test_triton_path_builds_no_concatenated_tensor():
     case = Case(Nq=40, Nk=57, D=72, R=36, sinks=True)
     x = make_inputs(case)
     rk, rv = x["kv_registers"]
-    outs = attention_ops._alloc_fwd(x["q"], x["k"], rk, True)
+    outs = attention_ops._alloc_fwd(x["q"], x["k"], x["v"], rk, True)
 
     def forbidden(ops):  # (the interpreter itself moves data with new_empty / set_)
         return [op for op in ops if any(w in op for w in ("cat", "clone", "contiguous", "_to_copy", "stack"))]
@@ -454,7 +493,7 @@ def test_triton_path_builds_no_concatenated_tensor():
     with Record() as rec:
         attention_fwd_triton(x["q"], x["k"], x["v"], rk, rv, x["sinks"], None, None, 0, 0.1, None, True, *outs)
     assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
-    grads = attention_ops._alloc_bwd(x["q"], x["k"], rk, x["sinks"])
+    grads = attention_ops._alloc_bwd(x["q"], x["k"], x["v"], rk, rv, x["sinks"])
     with Record() as rec:
         attention_bwd_triton(
             torch.randn_like(outs[0]),
@@ -527,7 +566,7 @@ def test_torch_backend_gradcheck_float64(path):
         options = dict(attn_mask=torch.randn(1, H, Nq, Nk, dtype=torch.float64), causal=True)
     else:
         options = dict(key_mask=torch.tensor([[True, False, True, True, False, True]] * B))
-    assert _uses_cpu_flash(args[0], options.get("attn_mask"), 0 if options.get("causal") else None) == (
+    assert _uses_cpu_flash(args[0], args[2], options.get("attn_mask"), 0 if options.get("causal") else None) == (
         path == "cpu_flash"
     )
 
@@ -621,12 +660,19 @@ BAD_INPUTS = [
     ("q rank", lambda a: a.update(q=torch.randn(3, 10, 16)), ValueError, ["'q'", "4-D", "[3, 10, 16]"]),
     ("k batch", lambda a: a.update(k=torch.randn(1, 3, 12, 16)), ValueError, ["'k'", "B=2", "[1, 3, 12, 16]"]),
     ("k heads", lambda a: a.update(k=torch.randn(2, 4, 12, 16)), ValueError, ["'k'", "H=3", "[2, 4, 12, 16]"]),
+    ("k heads divide", lambda a: a.update(k=torch.randn(2, 2, 12, 16)), ValueError, ["'k'", "dividing H=3"]),
+    (
+        "value register dim",
+        lambda a: a.update(v=torch.randn(2, 3, 12, 8), kv_registers=(torch.randn(3, 2, 16), torch.randn(3, 2, 16))),
+        ValueError,
+        ["'kv_registers[1]'", "Dv=8", "[3, 2, 16]"],
+    ),
     ("k head dim", lambda a: a.update(k=torch.randn(2, 3, 12, 8)), ValueError, ["'k'", "D=16", "[2, 3, 12, 8]"]),
     (
         "v shape",
         lambda a: a.update(v=torch.randn(2, 3, 11, 16)),
         ValueError,
-        ["'v'", "[2, 3, 12, 16]", "[2, 3, 11, 16]"],
+        ["'v'", "[B=2, Hk=3, Nk=12, Dv]", "[2, 3, 11, 16]"],
     ),
     ("k dtype", lambda a: a.update(k=a["k"].half()), TypeError, ["'k'", "torch.float32", "torch.float16"]),
     ("q dtype", lambda a: a.update(q=a["q"].int()), TypeError, ["'q'", "torch.int32"]),

@@ -32,7 +32,7 @@ class TimmAttention(nn.Module):
 
 def test_loads_timm_state_dict_and_matches():
     timm_attn = TimmAttention(96, 4)
-    ours = RegisterAttention(96, 4)
+    ours = RegisterAttention(96, 4, qkv_bias=True)  # (timm's default is qkv_bias=False, as ours)
     ours.load_state_dict(timm_attn.state_dict(), strict=True)
     x = torch.randn(2, 37, 96)
     assert_close("out", ours(x), timm_attn(x), atol=2e-6)

@@ -227,3 +227,16 @@ def test_importing_the_package_imports_no_triton_and_no_cycle():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_a_backend_without_a_feature_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """attention with Dv != D: Triton lacks it, so auto takes the next backend; an explicit request raises."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one
+    _patched(monkeypatch, "attention", triton=None)
+    assert backends.resolve("attention", "auto", _cuda_like()) == "triton"
+    assert backends.resolve("attention", "auto", _cuda_like(), ("value_head_dim",)) == "torch"
+    with pytest.raises(BackendUnavailable, match="does not support a value head dim different from the key head dim"):
+        backends.resolve("attention", "triton", _cuda_like(), ("value_head_dim",))
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 4)
+    with pytest.raises(BackendUnavailable, match="value head dim"):
+        dsr_kernels.attention(q, k, v, backend="triton")

@@ -79,9 +79,10 @@ def attention_launches():
     from dsr_kernels.rope import rope_1d_tables
     from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
 
-    def run(dtype, D, *, R=4, sinks=True, key_mask=False, attn_mask=None, causal=None, rope=None, stats=True):
+    def run(dtype, D, *, R=4, sinks=True, key_mask=False, attn_mask=None, causal=None, rope=None, stats=True, Hk=2):
         B, H, N = 1, 2, 40
-        q, k, v = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(3))
+        q = torch.randn(B, H, N, D, dtype=dtype)
+        k, v = (torch.randn(B, Hk, N, D, dtype=dtype) for _ in range(2))
         rk = rv = torch.randn(H, R, D, dtype=dtype) if R else None
         s = torch.randn(H) if sinks else None
         km = torch.rand(B, N) > 0.5 if key_mask else None
@@ -95,9 +96,9 @@ def attention_launches():
         if rope:
             cos, sin = rope_1d_tables(N, D, style=rope)
             kw = dict(rope_cos=cos, rope_sin=sin, rope_style=rope)
-        outs = ops._alloc_fwd(q, k, rk, stats)
+        outs = ops._alloc_fwd(q, k, v, rk, stats)
         attention_fwd_triton(q, k, v, rk, rv, s, km, am, 2, 0.1, causal, stats, *outs, **kw)
-        grads = ops._alloc_bwd(q, k, rk, s)
+        grads = ops._alloc_bwd(q, k, v, rk, rv, s)
         attention_bwd_triton(
             torch.randn_like(outs[0]), q, k, v, rk, rv, s, km, am, outs[0], outs[1], 0.1, causal, *grads, **kw
         )
@@ -113,6 +114,7 @@ def attention_launches():
         lambda: run(torch.bfloat16, 256, R=1, causal=3),
         lambda: run(torch.float32, 160, key_mask=True),
         lambda: run(torch.bfloat16, 16, R=0, sinks=False),
+        lambda: run(torch.bfloat16, 72, Hk=1, key_mask=True),  # MQA: K/V head = query head // 2
     ]
     return configs
 

@@ -148,8 +148,10 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
 }
 
 // Everything a task needs to read one (b, h): base pointers and row strides.
+// Grouped K/V heads (MQA / GQA): query head h reads K/V head h / G, with G = H / Hk; the
+// registers belong to the query heads. v and rv have their own head dim Dv (out: [.., Dv]).
 struct Operands {
-  int64_t B = 0, H = 0, Nq = 0, Nk = 0, D = 0, R = 0;
+  int64_t B = 0, H = 0, Hk = 0, G = 1, Nq = 0, Nk = 0, D = 0, Dv = 0, R = 0;
   const float *q = nullptr, *k = nullptr, *v = nullptr, *rk = nullptr, *rv = nullptr, *sinks = nullptr;
   int64_t sq[3]{}, sk[3]{}, sv[3]{}, srk[3]{}, srv[3]{};  // strides of dims b, h, n (elements)
   const bool* key_mask = nullptr;                          // [B, Nk] contiguous
@@ -158,8 +160,8 @@ struct Operands {
   float scale = 1.0f;
 
   const float* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * sq[0] + h * sq[1] + i * sq[2]; }
-  const float* k_rows(int64_t b, int64_t h) const { return k + b * sk[0] + h * sk[1]; }
-  const float* v_rows(int64_t b, int64_t h) const { return v + b * sv[0] + h * sv[1]; }
+  const float* k_rows(int64_t b, int64_t h) const { return k + b * sk[0] + (h / G) * sk[1]; }
+  const float* v_rows(int64_t b, int64_t h) const { return v + b * sv[0] + (h / G) * sv[1]; }
   const float* rk_rows(int64_t b, int64_t h) const { return rk + b * srk[0] + h * srk[1]; }
   const float* rv_rows(int64_t b, int64_t h) const { return rv + b * srv[0] + h * srv[1]; }
 };
@@ -191,23 +193,29 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_f32(v, "v", 4, 4);
   Operands o;
   o.B = q.size(0), o.H = q.size(1), o.Nq = q.size(2), o.D = q.size(3), o.Nk = k.size(2);
-  TORCH_CHECK(o.B > 0 && o.H > 0 && o.Nq > 0 && o.Nk > 0 && o.D > 0, "attention (cpu): empty inputs, q ",
-              q.sizes(), " k ", k.sizes());
-  TORCH_CHECK(k.size(0) == o.B && k.size(1) == o.H && k.size(3) == o.D, "attention (cpu): k must be [B, H, Nk, D]",
-              " matching q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "attention (cpu): v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  o.Hk = k.size(1), o.Dv = v.size(3);
+  TORCH_CHECK(o.B > 0 && o.H > 0 && o.Hk > 0 && o.Nq > 0 && o.Nk > 0 && o.D > 0 && o.Dv > 0,
+              "attention (cpu): empty inputs, q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  TORCH_CHECK(k.size(0) == o.B && o.H % o.Hk == 0 && k.size(3) == o.D,
+              "attention (cpu): k must be [B, Hk, Nk, D] with Hk dividing H, matching q ", q.sizes(), ", got ",
+              k.sizes());
+  o.G = o.H / o.Hk;
+  TORCH_CHECK(v.size(0) == o.B && v.size(1) == o.Hk && v.size(2) == o.Nk, "attention (cpu): v must be [B, Hk, Nk, Dv]",
+              " matching k ", k.sizes(), ", got ", v.sizes());
   o.q = q.data_ptr<float>(), o.k = k.data_ptr<float>(), o.v = v.data_ptr<float>();
   strides3(q, o.sq), strides3(k, o.sk), strides3(v, o.sv);
   TORCH_CHECK(rk.has_value() == rv.has_value(), "attention (cpu): rk and rv must be given together");
   if (rk.has_value()) {
     check_f32(*rk, "rk", 3, 4);
     check_f32(*rv, "rv", 3, 4);
-    TORCH_CHECK(rk->sizes() == rv->sizes(), "attention (cpu): rk and rv shapes differ: ", rk->sizes(), " vs ",
-                rv->sizes());
     const bool shared = rk->dim() == 3;
     TORCH_CHECK((shared && rk->size(0) == o.H && rk->size(2) == o.D) ||
                     (!shared && rk->size(0) == o.B && rk->size(1) == o.H && rk->size(3) == o.D),
                 "attention (cpu): rk must be [H, R, D] or [B, H, R, D] for q ", q.sizes(), ", got ", rk->sizes());
+    TORCH_CHECK(rv->dim() == rk->dim() && rv->sizes().slice(0, rk->dim() - 1) == rk->sizes().slice(0, rk->dim() - 1) &&
+                    rv->size(-1) == o.Dv,
+                "attention (cpu): rv must be rk's shape with v's head dim ", o.Dv, ", got rk ", rk->sizes(), " rv ",
+                rv->sizes());
     o.R = rk->size(-2);
     o.rk = rk->data_ptr<float>(), o.rv = rv->data_ptr<float>();
     strides3(*rk, o.srk), strides3(*rv, o.srv);
@@ -302,11 +310,13 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& key_mass) {
   at::Tensor km_holder;
   const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
-  const int64_t B = o.B, H = o.H, Nq = o.Nq, D = o.D, R = o.R, T = R + o.Nk;
+  const int64_t B = o.B, H = o.H, Nq = o.Nq, Dv = o.Dv, R = o.R, T = R + o.Nk;
   TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens <= o.Nk, "attention (cpu): num_prefix_tokens must be in [0, ",
               o.Nk, "], got ", num_prefix_tokens);
   check_f32(out, "out", 4, 4);
-  TORCH_CHECK(out.sizes() == q.sizes(), "attention (cpu): out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == Nq && out.size(3) == Dv,
+              "attention (cpu): out must be [B, H, Nq, Dv] = [", B, ", ", H, ", ", Nq, ", ", Dv, "], got ",
+              out.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
               "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
   if (return_stats) {
@@ -365,8 +375,8 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         vo.scale_row(row, T, inv);
       }
       float* o_rows = out_p + b * so[0] + h * so[1] + i0 * so[2];
-      if (R > 0) gemm_rm(false, false, m, D, R, 1.0f, s.data(), T, o.rv_rows(b, h), o.srv[2], 0.0f, o_rows, so[2]);
-      gemm_rm(false, false, m, D, o.Nk, 1.0f, s.data() + R, T, o.v_rows(b, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
+      if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s.data(), T, o.rv_rows(b, h), o.srv[2], 0.0f, o_rows, so[2]);
+      gemm_rm(false, false, m, Dv, o.Nk, 1.0f, s.data() + R, T, o.v_rows(b, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
               so[2]);
       if (return_stats) {
         float* part = mass_parts.data() + task * T;
@@ -397,25 +407,27 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                        const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
   at::Tensor km_holder;
   const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
-  const int64_t B = o.B, H = o.H, Nq = o.Nq, Nk = o.Nk, D = o.D, R = o.R, T = R + Nk;
+  const int64_t B = o.B, H = o.H, Hk = o.Hk, G = o.G, Nq = o.Nq, Nk = o.Nk, D = o.D, Dv = o.Dv, R = o.R;
+  const int64_t T = R + Nk;
   check_f32(dout, "dout", 4, 4);
   check_f32(out, "out", 4, 4);
-  for (const at::Tensor* t : {&dout, &out, &dq}) {
-    TORCH_CHECK(t->sizes() == q.sizes(), "attention (cpu): dout, out and dq must have q's shape ", q.sizes());
-  }
+  const std::vector<int64_t> out_shape{B, H, Nq, Dv};
+  TORCH_CHECK(dout.sizes() == out_shape && out.sizes() == out_shape,
+              "attention (cpu): dout and out must be [B, H, Nq, Dv]");
   check_f32(dq, "dq", 4, 4);
   check_f32(dk, "dk", 4, 4);
   check_f32(dv, "dv", 4, 4);
-  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), "attention (cpu): dk, dv must have k's shape");
+  TORCH_CHECK(dq.sizes() == q.sizes(), "attention (cpu): dq must have q's shape ", q.sizes());
+  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "attention (cpu): dk, dv must have k's, v's shapes");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
               "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
   const bool shared = R > 0 && rk->dim() == 3;
   if (R > 0) {
     TORCH_CHECK(drk.has_value() && drv.has_value(), "attention (cpu): drk and drv are needed with registers");
-    for (const at::Tensor* t : {&*drk, &*drv}) {
-      TORCH_CHECK(t->sizes() == rk->sizes() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                  "attention (cpu): drk, drv must be contiguous float32 tensors of rk's shape ", rk->sizes());
-    }
+    TORCH_CHECK(drk->sizes() == rk->sizes() && drv->sizes() == rv->sizes() && drk->scalar_type() == at::kFloat &&
+                    drv->scalar_type() == at::kFloat && drk->is_contiguous() && drv->is_contiguous(),
+                "attention (cpu): drk, drv must be contiguous float32 tensors of rk's, rv's shapes ", rk->sizes(), ", ",
+                rv->sizes());
   }
   if (dsinks.has_value()) {
     TORCH_CHECK(o.sinks != nullptr && dsinks->scalar_type() == at::kFloat && dsinks->numel() == H &&
@@ -433,71 +445,80 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   strides3(dout, sdo), strides3(out, sout), strides3(dq, sdq), strides3(dk, sdk), strides3(dv, sdv);
   // Register gradients per (b, h): written in place for per-sample registers, summed over
   // b in order afterwards for shared ones; the sink's per (b, h), summed the same way.
-  std::vector<float> reg_parts(shared ? static_cast<size_t>(2 * B * H * R * D) : 0);
+  const int64_t RD = R * D, RDv = R * Dv;
+  std::vector<float> reg_parts(shared ? static_cast<size_t>(B * H * (RD + RDv)) : 0);
   std::vector<float> sink_parts(static_cast<size_t>(B * H), 0.0f);
   const RowOps& vo = ops();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // One task per (b, K/V head): its G query heads run in order and add into the same dk,
+  // dv rows, so grouped heads need no atomics and no expanded copy.
+  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     std::vector<float> p(static_cast<size_t>(BM * T)), dp(static_cast<size_t>(BM * T));
     std::vector<float> delta(static_cast<size_t>(BM));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      float* dk_rows = dk_p + b * sdk[0] + h * sdk[1];
-      float* dv_rows = dv_p + b * sdv[0] + h * sdv[1];
-      float *drk_rows = nullptr, *drv_rows = nullptr;
-      if (R > 0) {
-        if (shared) {
-          drk_rows = reg_parts.data() + (bh * 2) * R * D;
-          drv_rows = reg_parts.data() + (bh * 2 + 1) * R * D;
-        } else {
-          drk_rows = drk->data_ptr<float>() + (b * H + h) * R * D;
-          drv_rows = drv->data_ptr<float>() + (b * H + h) * R * D;
-        }
-      }
-      const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
-      float dsink = 0.0f;
-      for (int64_t i0 = 0; i0 < Nq; i0 += BM) {
-        const int64_t m = std::min(BM, Nq - i0);
-        const float beta = i0 == 0 ? 0.0f : 1.0f;  // the first block initialises dk, dv, drk, drv
-        logits_block(o, b, h, i0, m, p.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t i = i0 + r;
-          const float row_lse = lse_p[bh * Nq + i];
-          float* row = p.data() + r * T;
-          const float* dor = do_p + b * sdo[0] + h * sdo[1] + i * sdo[2];
-          const float* orow = o_p + b * sout[0] + h * sout[1] + i * sout[2];
-          float d = 0.0f;
-          for (int64_t c = 0; c < D; ++c) d += dor[c] * orow[c];
-          delta[r] = d;
-          if (row_lse == kNegInf) {  // a query that attends nothing: no gradient
-            std::fill(row, row + T, 0.0f);
-            continue;
-          }
-          float unused_e, unused_es;
-          vo.exp_row(row, T, row_lse, false, &unused_e, &unused_es);  // p = exp(s - lse)
-          if (sink != kNegInf) dsink -= std::exp(sink - row_lse) * d;
-        }
-        const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + i0 * sdo[2];
-        // dV += P^T dO
-        gemm_rm(true, false, Nk, D, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
-        if (R > 0) gemm_rm(true, false, R, D, m, 1.0f, p.data(), T, do_rows, sdo[2], beta, drv_rows, D);
-        // dP = dO V^T; dS = P (dP - delta)
-        gemm_rm(false, true, m, Nk, D, 1.0f, do_rows, sdo[2], o.v_rows(b, h), o.sv[2], 0.0f, dp.data() + R, T);
-        if (R > 0) gemm_rm(false, true, m, R, D, 1.0f, do_rows, sdo[2], o.rv_rows(b, h), o.srv[2], 0.0f, dp.data(), T);
-        for (int64_t r = 0; r < m; ++r) vo.softmax_grad_row(p.data() + r * T, dp.data() + r * T, T, delta[r]);
-        // dQ = scale dS [rk ; k]; dK += scale dS^T Q
-        float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + i0 * sdq[2];
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / Hk, hk = bhk % Hk;
+      float* dk_rows = dk_p + b * sdk[0] + hk * sdk[1];
+      float* dv_rows = dv_p + b * sdv[0] + hk * sdv[1];
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t bh = b * H + h;
+        float *drk_rows = nullptr, *drv_rows = nullptr;
         if (R > 0) {
-          gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(b, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
+          if (shared) {
+            drk_rows = reg_parts.data() + bh * (RD + RDv);
+            drv_rows = drk_rows + RD;
+          } else {
+            drk_rows = drk->data_ptr<float>() + bh * RD;
+            drv_rows = drv->data_ptr<float>() + bh * RDv;
+          }
         }
-        gemm_rm(false, false, m, D, Nk, o.scale, dp.data() + R, T, o.k_rows(b, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
-                dq_rows, sdq[2]);
-        const float* q_rows = o.q_row(b, h, i0);
-        gemm_rm(true, false, Nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
-        if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, o.sq[2], beta, drk_rows, D);
+        const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
+        float dsink = 0.0f;
+        for (int64_t i0 = 0; i0 < Nq; i0 += BM) {
+          const int64_t m = std::min(BM, Nq - i0);
+          const float beta_r = i0 == 0 ? 0.0f : 1.0f;               // the first block initialises drk, drv
+          const float beta = i0 == 0 && h == hk * G ? 0.0f : 1.0f;  // ... and the group's first head dk, dv
+          logits_block(o, b, h, i0, m, p.data());
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            const float row_lse = lse_p[bh * Nq + i];
+            float* row = p.data() + r * T;
+            const float* dor = do_p + b * sdo[0] + h * sdo[1] + i * sdo[2];
+            const float* orow = o_p + b * sout[0] + h * sout[1] + i * sout[2];
+            float d = 0.0f;
+            for (int64_t c = 0; c < Dv; ++c) d += dor[c] * orow[c];
+            delta[r] = d;
+            if (row_lse == kNegInf) {  // a query that attends nothing: no gradient
+              std::fill(row, row + T, 0.0f);
+              continue;
+            }
+            float unused_e, unused_es;
+            vo.exp_row(row, T, row_lse, false, &unused_e, &unused_es);  // p = exp(s - lse)
+            if (sink != kNegInf) dsink -= std::exp(sink - row_lse) * d;
+          }
+          const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + i0 * sdo[2];
+          // dV += P^T dO
+          gemm_rm(true, false, Nk, Dv, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
+          if (R > 0) gemm_rm(true, false, R, Dv, m, 1.0f, p.data(), T, do_rows, sdo[2], beta_r, drv_rows, Dv);
+          // dP = dO V^T; dS = P (dP - delta)
+          gemm_rm(false, true, m, Nk, Dv, 1.0f, do_rows, sdo[2], o.v_rows(b, h), o.sv[2], 0.0f, dp.data() + R, T);
+          if (R > 0) {
+            gemm_rm(false, true, m, R, Dv, 1.0f, do_rows, sdo[2], o.rv_rows(b, h), o.srv[2], 0.0f, dp.data(), T);
+          }
+          for (int64_t r = 0; r < m; ++r) vo.softmax_grad_row(p.data() + r * T, dp.data() + r * T, T, delta[r]);
+          // dQ = scale dS [rk ; k]; dK += scale dS^T Q
+          float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + i0 * sdq[2];
+          if (R > 0) {
+            gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(b, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
+          }
+          gemm_rm(false, false, m, D, Nk, o.scale, dp.data() + R, T, o.k_rows(b, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
+                  dq_rows, sdq[2]);
+          const float* q_rows = o.q_row(b, h, i0);
+          gemm_rm(true, false, Nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
+          if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, o.sq[2], beta_r, drk_rows, D);
+        }
+        sink_parts[bh] = dsink;
       }
-      sink_parts[bh] = dsink;
     }
   });
 
@@ -506,14 +527,14 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     float* gv = drv->data_ptr<float>();
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t b = 0; b < B; ++b) {
-        const float* pk = reg_parts.data() + ((b * H + h) * 2) * R * D;
-        const float* pv = reg_parts.data() + ((b * H + h) * 2 + 1) * R * D;
+        const float* pk = reg_parts.data() + (b * H + h) * (RD + RDv);
+        const float* pv = pk + RD;
         if (b == 0) {
-          std::copy(pk, pk + R * D, gk + h * R * D);
-          std::copy(pv, pv + R * D, gv + h * R * D);
+          std::copy(pk, pk + RD, gk + h * RD);
+          std::copy(pv, pv + RDv, gv + h * RDv);
         } else {
-          vo.add_row(gk + h * R * D, pk, R * D);
-          vo.add_row(gv + h * R * D, pv, R * D);
+          vo.add_row(gk + h * RD, pk, RD);
+          vo.add_row(gv + h * RDv, pv, RDv);
         }
       }
     }

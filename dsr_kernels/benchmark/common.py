@@ -82,7 +82,9 @@ class CpuLoad:
         cpus = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
         if wall <= 0:
             return None
-        self.foreign_pct = max(0.0, 100.0 * (busy - own) / (wall * cpus))
+        # /proc/stat counts in clock ticks (10 ms): over a short window the quantised busy
+        # time can exceed wall x cpus, so the share is clamped to [0, 100].
+        self.foreign_pct = min(100.0, max(0.0, 100.0 * (busy - own) / (wall * cpus)))
         return self.foreign_pct
 
 

@@ -61,10 +61,10 @@ def _check_attention_args(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(fn, name, t)
         if t.dim() != 4:
-            what = "[B, H, Nq, D]" if name == "q" else "[B, H, Nk, D]"
+            what = {"q": "[B, H, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}[name]
             raise ValueError(f"{fn}(): argument '{name}' must be 4-D {what}, got shape {_shape(t)}")
     B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if q.dtype not in _ANY_DTYPES:
         raise TypeError(f"{fn}(): argument 'q' must be float16, bfloat16 or float32, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -72,14 +72,17 @@ def _check_attention_args(
             raise TypeError(f"{fn}(): argument '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"{fn}(): argument 'k' must have shape [B={B}, H={H}, Nk, D={D}] to match q, got {_shape(k)}")
-    if v.shape != k.shape:
-        raise ValueError(f"{fn}(): argument 'v' must have k's shape {_shape(k)}, got {_shape(v)}")
-    if Nq == 0 or Nk == 0 or B == 0 or H == 0:
-        raise ValueError(f"{fn}(): empty inputs are not supported, got q {_shape(q)} and k {_shape(k)}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"{fn}(): head dim D must be at most {MAX_HEAD_DIM}, got D={D} (q {_shape(q)})")
+    if k.shape[0] != B or k.shape[3] != D or Hk == 0 or H % Hk != 0:
+        raise ValueError(
+            f"{fn}(): argument 'k' must have shape [B={B}, Hk, Nk, D={D}] with Hk dividing H={H} "
+            f"(Hk < H: grouped-query attention) to match q, got {_shape(k)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{fn}(): argument 'v' must have shape [B={B}, Hk={Hk}, Nk={Nk}, Dv] as k, got {_shape(v)}")
+    if Nq == 0 or Nk == 0 or B == 0 or H == 0 or D == 0 or Dv == 0:
+        raise ValueError(f"{fn}(): empty inputs are not supported, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}(): head dims must be at most {MAX_HEAD_DIM}, got D={D}, Dv={Dv} (q {_shape(q)})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(
@@ -93,15 +96,16 @@ def _check_attention_args(
                 f"{fn}(): argument 'kv_registers' must be a pair (rk, rv), got {type(kv_registers).__name__}"
             )
         rk, rv = kv_registers
-        for name, t in (("kv_registers[0]", rk), ("kv_registers[1]", rv)):
+        for name, t, d in (("kv_registers[0]", rk, D), ("kv_registers[1]", rv, Dv)):
             _check_tensor(fn, name, t)
-            ok = (t.dim() == 3 and t.shape[0] == H and t.shape[2] == D) or (
-                t.dim() == 4 and t.shape[0] == B and t.shape[1] == H and t.shape[3] == D
+            ok = (t.dim() == 3 and t.shape[0] == H and t.shape[2] == d) or (
+                t.dim() == 4 and t.shape[0] == B and t.shape[1] == H and t.shape[3] == d
             )
             if not ok or t.shape[-2] == 0:
+                what = "D" if d == D else "Dv"
                 raise ValueError(
-                    f"{fn}(): argument '{name}' must have shape [H={H}, R, D={D}] or "
-                    f"[B={B}, H={H}, R, D={D}] with R >= 1, got {_shape(t)}"
+                    f"{fn}(): argument '{name}' must have shape [H={H}, R, {what}={d}] or "
+                    f"[B={B}, H={H}, R, {what}={d}] with R >= 1 (one register per query head), got {_shape(t)}"
                 )
             if t.dtype != q.dtype:
                 raise TypeError(f"{fn}(): argument '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
@@ -111,9 +115,10 @@ def _check_attention_args(
                 raise ValueError(
                     f"{fn}(): argument '{name}' must have a contiguous last dimension, got strides {tuple(t.stride())}"
                 )
-        if rk.shape != rv.shape:
+        if rk.shape[:-1] != rv.shape[:-1]:
             raise ValueError(
-                f"{fn}(): kv_registers keys and values must have the same shape, got {_shape(rk)} and {_shape(rv)}"
+                f"{fn}(): kv_registers keys and values must have the same shape but for the head dim, "
+                f"got {_shape(rk)} and {_shape(rv)}"
             )
 
     if sinks is not None:
@@ -187,16 +192,17 @@ def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _alloc_fwd(q: Tensor, k: Tensor, rk: Tensor | None, return_stats: bool):
-    B, H, Nq, D = q.shape
+def _alloc_fwd(q: Tensor, k: Tensor, v: Tensor, rk: Tensor | None, return_stats: bool):
+    B, H, Nq, _ = q.shape
+    Dv = v.shape[3]
     R = 0 if rk is None else rk.shape[-2]
     f32 = dict(dtype=torch.float32, device=q.device)
     # lse is also what the backward recomputes probabilities from: float64 for float64
     # inputs (the public statistics are float32 either way).
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # out is written in [B, Nq, H, D] memory order: out.transpose(1, 2).reshape(B, Nq, H * D)
+    # out is written in [B, Nq, H, Dv] memory order: out.transpose(1, 2).reshape(B, Nq, H * Dv)
     # is then free, which is the layout the output projection of a transformer block reads.
-    out = torch.empty(B, Nq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = torch.empty(B, Nq, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, Nq, dtype=lse_dtype, device=q.device)
     if return_stats:
         return (
@@ -210,16 +216,16 @@ def _alloc_fwd(q: Tensor, k: Tensor, rk: Tensor | None, return_stats: bool):
     return out, lse, empty, empty.clone(), empty.clone()
 
 
-def _alloc_bwd(q: Tensor, k: Tensor, rk: Tensor | None, sinks: Tensor | None):
+def _alloc_bwd(q: Tensor, k: Tensor, v: Tensor, rk: Tensor | None, rv: Tensor | None, sinks: Tensor | None):
     def bnhd(t: Tensor) -> Tensor:  # gradient in [B, N, H, D] memory order, seen as [B, H, N, D]
         B, H, N, D = t.shape
         return torch.empty(B, N, H, D, dtype=t.dtype, device=t.device).transpose(1, 2)
 
     none = torch.empty(0, dtype=q.dtype, device=q.device)
     drk = torch.empty(rk.shape, dtype=rk.dtype, device=rk.device) if rk is not None else none
-    drv = torch.empty(rk.shape, dtype=rk.dtype, device=rk.device) if rk is not None else none.clone()
+    drv = torch.empty(rv.shape, dtype=rv.dtype, device=rv.device) if rv is not None else none.clone()
     dsinks = torch.empty(sinks.shape, dtype=sinks.dtype, device=sinks.device) if sinks is not None else none.clone()
-    return bnhd(q), bnhd(k), bnhd(k), drk, drv, dsinks
+    return bnhd(q), bnhd(k), bnhd(v), drk, drv, dsinks
 
 
 def _impl(backend: str, direction: str):
@@ -274,7 +280,7 @@ def _attention_fwd_op(
     return_stats,
     backend,
 ):
-    outputs = _alloc_fwd(q, k, rk, return_stats)
+    outputs = _alloc_fwd(q, k, v, rk, return_stats)
     _fwd_impl(backend)(
         q,
         k,
@@ -313,7 +319,7 @@ def _(
     return_stats,
     backend,
 ):
-    return _alloc_fwd(q, k, rk, return_stats)
+    return _alloc_fwd(q, k, v, rk, return_stats)
 
 
 @torch.library.custom_op("dsr_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
@@ -336,7 +342,7 @@ def _attention_bwd_op(
     rope_style,
     backend,
 ):
-    grads = _alloc_bwd(q, k, rk, sinks)
+    grads = _alloc_bwd(q, k, v, rk, rv, sinks)
     dq, dk, dv, drk, drv, dsinks = grads
     _bwd_impl(backend)(
         dout,
@@ -383,7 +389,7 @@ def _(
     rope_style,
     backend,
 ):
-    return _alloc_bwd(q, k, rk, sinks)
+    return _alloc_bwd(q, k, v, rk, rv, sinks)
 
 
 def _setup_context(ctx, inputs, output):
@@ -451,7 +457,8 @@ def _attention(
     _check_rope(fn, q, k, rope, rope_style)
     causal_offset = {None: None, "top_left": 0, "bottom_right": k.shape[2] - q.shape[2]}[causal]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve("attention", backend, q)
+    needs = ("value_head_dim",) if v.shape[-1] != q.shape[-1] else ()
+    backend = resolve("attention", backend, q, needs)
     if backend == "reference":
         return attention_ref(
             q,
@@ -517,15 +524,19 @@ def attention(
     s_ij = scale * q_i . key_j over the R register keys followed by the Nk token keys,
     p_ij = exp(s_ij - lse_i) where lse_i = log(sum_j exp(s_ij) + exp(sinks[h])), and
     out_i = sum_j p_ij value_j. No concatenated K/V tensor and no [Nq, Nk] matrix is built
-    (backends "triton" and "torch").
+    (backends "triton", "cpu" and "torch").
 
     Args:
         q: [B, H, Nq, D] float16 / bfloat16 / float32 (float64 for "torch"/"reference").
             Any strides with a contiguous last dim: a view of a packed qkv projection
             output [B, N, 3, H, D] is read in place.
-        k, v: [B, H, Nk, D], q's dtype and device.
-        kv_registers: (rk, rv), each [H, R, D] (shared by the batch, e.g. learned) or
-            [B, H, R, D]: R register keys/values placed before the tokens. Never masked.
+        k: [B, Hk, Nk, D] and v: [B, Hk, Nk, Dv], q's dtype and device. Hk may divide H
+            (grouped-query attention, MQA when Hk = 1): query head h reads K/V head
+            h // (H / Hk) in place (the "torch" backend repeats them). Dv may differ
+            from D (not in the Triton kernels: "auto" then takes the next backend).
+        kv_registers: (rk, rv), rk [H, R, D] (shared by the batch, e.g. learned) or
+            [B, H, R, D], rv the same with Dv: R register keys/values per query head,
+            placed before the tokens. Never masked.
         sinks: [H] logits of attention sinks: exp(sinks[h]) joins the denominator of
             head h as one more outcome with no value vector.
         key_mask: [B, Nk] bool, True where a token key may be attended.
@@ -543,9 +554,11 @@ def attention(
             cos 1, sin 0 leave a token unrotated (``dsr_kernels.rope``).
         rope_style: "interleaved" (pairs 2i, 2i + 1: EVA, LightningDiT, JiT) or "half"
             (pairs i, i + D/2).
-        backend: "auto" (Triton for CUDA tensors, else "torch"), "triton", "torch"
-            (chunked PyTorch, memory O(chunk * Nk)) or "reference" (float64, materialises
-            the probabilities). An explicit backend that cannot run raises.
+        backend: "auto" (Triton for CUDA tensors; the C++ kernel "cpu" for CPU tensors
+            when the extension is built; else "torch"), "triton", "cpu", "torch" (chunked
+            PyTorch, memory O(chunk * Nk)) or "reference" (float64, materialises the
+            probabilities). An explicit backend that cannot run the call raises
+            :class:`~dsr_kernels.BackendUnavailable` with the reason.
 
     A query with no attendable key, no register and no sink gets out = 0, lse = -inf.
     Gradients flow to q, k, v, the registers (summed over the batch when shared) and
@@ -553,7 +566,7 @@ def attention(
     deterministic.
 
     Returns:
-        out [B, H, Nq, D] in q's dtype (memory order [B, Nq, H, D]), or
+        out [B, H, Nq, Dv] in q's dtype (memory order [B, Nq, H, Dv]), or
         ``(out, stats)`` with ``return_stats=True``.
     """
     out, stats = _attention(

@@ -34,9 +34,11 @@ def attention_ref(
 ) -> tuple[Tensor, AttentionStats]:
     """Attention over [registers ; tokens] with an optional sink, and its statistics.
 
-    Shapes: q [B, H, Nq, D]; k, v [B, H, Nk, D]; kv_registers (rk, rv), each [H, R, D] or
-    [B, H, R, D]; sinks [H]; key_mask [B, Nk] bool (True = may be attended); attn_mask
-    bool or additive float, broadcastable to [B, H, Nq, Nk], applied to token keys only;
+    Shapes: q [B, H, Nq, D]; k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] with Hk dividing H (query
+    head h reads K/V head h // (H / Hk): grouped-query attention); kv_registers (rk, rv),
+    rk [H, R, D] or [B, H, R, D], rv the same with Dv; sinks [H]; key_mask [B, Nk] bool
+    (True = may be attended); attn_mask bool or additive float, broadcastable to
+    [B, H, Nq, Nk], applied to token keys only;
     causal_offset: when not None, token key j is visible to query i iff j <= i + offset.
     rope: (cos, sin) tables [N, D] (N = Nq = Nk) rotating q and the token keys
     (``dsr_kernels.rope.apply_rope``); the register keys are not rotated.
@@ -44,7 +46,7 @@ def attention_ref(
     Registers are never masked. The sink adds exp(sinks[h]) to the softmax denominator
     and is one outcome of the distribution, with no value vector.
 
-    Returns ``out`` [B, H, Nq, D] in q's dtype and :class:`AttentionStats` in float32
+    Returns ``out`` [B, H, Nq, Dv] in q's dtype and :class:`AttentionStats` in float32
     (detached). Everything is computed in ``compute_dtype`` (float64 for the oracle; the
     input dtype gives "eager PyTorch at that dtype", the error baseline of the tests).
     """
@@ -53,6 +55,8 @@ def attention_ref(
     scale = D**-0.5 if scale is None else scale
     cd = compute_dtype
     q_, k_, v_ = q.to(cd), k.to(cd), v.to(cd)
+    if k.shape[1] != H:  # grouped K/V heads: the definition may copy them
+        k_, v_ = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k_, v_))
     if rope is not None:
         cos, sin = (t.to(cd) for t in rope)
         q_, k_ = apply_rope(q_, cos, sin, rope_style), apply_rope(k_, cos, sin, rope_style)
@@ -75,7 +79,7 @@ def attention_ref(
     logits, values = [token_logits], [v_]
     R = 0
     if kv_registers is not None:
-        rk, rv = (t.to(cd).expand(B, H, -1, D) for t in kv_registers)
+        rk, rv = (t.to(cd).expand(B, H, -1, -1) for t in kv_registers)
         R = rk.shape[2]
         logits.insert(0, (q_ @ rk.transpose(-1, -2)) * scale)  # [B, H, Nq, R]
         values.insert(0, rv)

@@ -39,8 +39,24 @@ _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _cpu_flash_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _uses_cpu_flash(q: Tensor, attn_mask: Tensor | None, causal_offset: int | None) -> bool:
-    return q.device.type == "cpu" and attn_mask is None and causal_offset is None and _cpu_flash is not None
+def _uses_cpu_flash(q: Tensor, v: Tensor, attn_mask: Tensor | None, causal_offset: int | None) -> bool:
+    # (PyTorch's CPU flash kernel needs one head dim for q, k and v.)
+    return (
+        q.device.type == "cpu"
+        and attn_mask is None
+        and causal_offset is None
+        and _cpu_flash is not None
+        and v.shape[-1] == q.shape[-1]
+    )
+
+
+def _repeat_heads(t: Tensor, group: int) -> Tensor:
+    """[B, Hk, N, D] -> [B, Hk * group, N, D], head h reading head h // group (grouped K/V).
+
+    This backend repeats grouped K/V heads (a copy); the "cpu" and "triton" kernels read
+    them in place.
+    """
+    return t.repeat_interleave(group, dim=1)
 
 
 def _acc_dtype(q: Tensor) -> torch.dtype:
@@ -57,8 +73,8 @@ def _chunks(q: Tensor, num_keys: int, chunk_elements: int | None):
 def _registers(q: Tensor, rk: Tensor | None, rv: Tensor | None, dtype: torch.dtype):
     if rk is None:
         return None, None
-    B, H, _, D = q.shape
-    return rk.to(dtype).expand(B, H, -1, D), rv.to(dtype).expand(B, H, -1, D)
+    B, H = q.shape[:2]
+    return rk.to(dtype).expand(B, H, -1, -1), rv.to(dtype).expand(B, H, -1, -1)
 
 
 def _token_logits(
@@ -246,13 +262,16 @@ def attention_fwd_torch(
     rope_style: str = "interleaved",
     chunk_elements: int | None = None,
 ) -> None:
-    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics.
+    """Fills out [B, H, Nq, Dv], lse [B, H, Nq] and, with return_stats, the statistics.
 
     With rope tables, q and the token keys are rotated first (the registers are not).
     """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     if rope_cos is not None:
         q, k = _rotated(q, k, rope_cos, rope_sin, rope_style)
-    if _uses_cpu_flash(q, attn_mask, causal_offset):
+    if _uses_cpu_flash(q, v, attn_mask, causal_offset):
         _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
     else:
         _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements)
@@ -396,6 +415,39 @@ def attention_bwd_torch(
     gradients of the rotated q and k are rotated back (the transpose of the rotation).
     """
     acc = _acc_dtype(q)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # gradients of the repeated heads, summed over each group
+        B, Hk, Nk = k.shape[:3]
+        dk_rep = torch.empty(B, Hk * group, Nk, k.shape[3], dtype=acc, device=k.device)
+        dv_rep = torch.empty(B, Hk * group, Nk, v.shape[3], dtype=acc, device=v.device)
+        attention_bwd_torch(
+            dout,
+            q,
+            _repeat_heads(k, group),
+            _repeat_heads(v, group),
+            rk,
+            rv,
+            sinks,
+            key_mask,
+            attn_mask,
+            out,
+            lse,
+            scale,
+            causal_offset,
+            dq,
+            dk_rep,
+            dv_rep,
+            drk,
+            drv,
+            dsinks,
+            rope_cos=rope_cos,
+            rope_sin=rope_sin,
+            rope_style=rope_style,
+            chunk_elements=chunk_elements,
+        )
+        dk.copy_(dk_rep.unflatten(1, (Hk, group)).sum(2))
+        dv.copy_(dv_rep.unflatten(1, (Hk, group)).sum(2))
+        return
     if rope_cos is not None:
         q_rot, k_rot = _rotated(q, k, rope_cos, rope_sin, rope_style)
         dq_rot, dk_rot = torch.empty_like(dq, dtype=acc), torch.empty_like(dk, dtype=acc)
@@ -425,7 +477,7 @@ def attention_bwd_torch(
         dq.copy_(apply_rope_transpose(dq_rot, cos, sin, rope_style))
         dk.copy_(apply_rope_transpose(dk_rot, cos, sin, rope_style))
         return
-    if _uses_cpu_flash(q, attn_mask, causal_offset):
+    if _uses_cpu_flash(q, v, attn_mask, causal_offset):
         _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv)
         if sinks is not None:
             dsinks.copy_(_sink_grad(sinks, lse, (dout.to(acc) * out.to(acc)).sum(-1)))

@@ -196,7 +196,7 @@ def _attn_fwd_kernel(
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
     stride_ob, stride_oh, stride_om,
-    H, NQ, NK, R, NUM_PREFIX, CAUSAL_OFFSET, qk_scale,
+    H, KV_GROUP, NQ, NK, R, NUM_PREFIX, CAUSAL_OFFSET, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -247,8 +247,8 @@ def _attn_fwd_kernel(
     hi = NK
     if IS_CAUSAL:  # key j is visible to query i iff j <= i + CAUSAL_OFFSET
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh
+    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh
     for start_n in range(0, hi, BLOCK_N):
         acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
             acc0, acc1, m_i, l_i, t_i, r_i,
@@ -335,7 +335,7 @@ def _attn_key_mass_kernel(
     stride_rkb, stride_rkh, stride_rkn,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
-    H, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale,
+    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -364,7 +364,7 @@ def _attn_key_mass_kernel(
     else:
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         mass = _key_mass_tile(
-            Q, LSE, K + b64 * stride_kb + h64 * stride_kh, stride_kn, start_n, NK,
+            Q, LSE, K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh, stride_kn, start_n, NK,
             bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
@@ -495,7 +495,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
-    H, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale,
+    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -537,7 +537,7 @@ def _attn_bwd_dkdv_kernel(
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         dk0, dk1, dv0, dv1 = _dkdv_tile(
             Q, DOUT, LSE, DELTA,
-            K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
+            K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh, V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh,
             stride_kn, stride_vn, start_n, NK, bh, b64, h64,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
@@ -605,7 +605,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
-    H, NQ, NK, R, CAUSAL_OFFSET, qk_scale, sm_scale,
+    H, KV_GROUP, NQ, NK, R, CAUSAL_OFFSET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -651,8 +651,8 @@ def _attn_bwd_dq_kernel(
     hi = NK
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh
+    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh
     for start_n in range(0, hi, BLOCK_N):
         dq0, dq1 = _dq_tile(
             dq0, dq1, q0, q1, do0, do1, lse2, delta,
@@ -799,7 +799,7 @@ def attention_fwd_triton(
         *_reg_strides(rk), *_reg_strides(rv),
         *km_strides, *am_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        H, NQ, NK, R, num_prefix_tokens, causal, qk_scale,
+        H, H // k.shape[1], NQ, NK, R, num_prefix_tokens, causal, qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=sinks is not None,
         RETURN_STATS=return_stats, num_warps=warps, num_stages=stages, **flags,
     )
@@ -812,7 +812,7 @@ def attention_fwd_triton(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *_reg_strides(rk), *km_strides, *am_strides,
-        H, NQ, NK, R, n_reg_blocks, causal, qk_scale,
+        H, H // k.shape[1], NQ, NK, R, n_reg_blocks, causal, qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
 
@@ -863,11 +863,17 @@ def attention_bwd_triton(
     qk_scale = scale * LOG2E
     rk_, rv_ = (rk, rv) if rk is not None else (q, q)
     cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
-    dq_out, dk_out = dq, dk
+    dq_out, dk_out, dv_out = dq, dk, dv
+    group = H // k.shape[1]
     if rope_cos is not None:
-        dq, dk = torch.empty(dq.shape, dtype=torch.float32, device=q.device), torch.empty(
-            dk.shape, dtype=torch.float32, device=q.device
-        )
+        dq = torch.empty(dq.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(dk.shape, dtype=torch.float32, device=q.device)
+    if group > 1:
+        # Grouped K/V heads: the dk, dv kernel writes one gradient per query head (float32),
+        # summed over each group afterwards (as flash-attn 2's backward does), so no two
+        # programs add into the same rows: deterministic, no atomics, K/V read in place.
+        dk = torch.empty(B, H, NK, D, dtype=torch.float32, device=q.device)
+        dv = torch.empty(B, H, NK, v.shape[3], dtype=torch.float32, device=q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
 
@@ -904,7 +910,7 @@ def attention_bwd_triton(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         *km_strides, *am_strides,
-        H, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
+        H, group, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     if R:
@@ -923,9 +929,14 @@ def attention_bwd_triton(
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *km_strides, *am_strides,
-        H, NQ, NK, R, causal, qk_scale, scale,
+        H, group, NQ, NK, R, causal, qk_scale, scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
+    if group > 1:
+        dk = dk.unflatten(1, (H // group, group)).sum(2)
+        dv_out.copy_(dv.unflatten(1, (H // group, group)).sum(2))
     if rope_cos is not None:
         dq_out.copy_(apply_rope_transpose(dq, rope_cos, rope_sin, rope_style))
-        dk_out.copy_(apply_rope_transpose(dk, rope_cos, rope_sin, rope_style))
+        dk = apply_rope_transpose(dk, rope_cos, rope_sin, rope_style)
+    if dk is not dk_out:
+        dk_out.copy_(dk)
