@@ -11,8 +11,12 @@ from dsr_kernels.ops.attention_dropin import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
+from dsr_kernels.ops.attention_varlen import attention_varlen
 from dsr_kernels.ops.norm_modulate import norm_modulate
 from dsr_kernels.ops.ttr_activation import ttr_activation
 from dsr_kernels.patching import patch
@@ -29,10 +33,14 @@ __all__ = [
     "RegisterAttention",
     "SDPAError",
     "attention",
+    "attention_varlen",
     "explain",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flops",
     "models",
     "norm_modulate",

@@ -20,7 +20,7 @@ def _always_available(device: torch.device, dtype: torch.dtype) -> str | None:
 # Parts of an op's contract that some implementations lack (Backend.lacks), as the reason words them.
 FEATURES = {
     "value_head_dim": "a value head dim different from the key head dim",
-    "varlen": "packed variable-length sequences (cu_seqlens)",
+    "varlen": "packed variable-length sequences (cu_seqlens; attention_varlen)",
 }
 
 

@@ -130,6 +130,13 @@ at::Tensor view_rm(const float* p, int64_t rows, int64_t cols, int64_t ld, bool 
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // C = beta C (an empty product; BLAS would reject the zero leading dimension of A)
+    for (int64_t i = 0; i < M; ++i) {
+      float* row = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) row[j] = beta == 0.0f ? 0.0f : beta * row[j];
+    }
+    return;
+  }
   if (sgemm_ != nullptr) {
     constexpr int64_t kMax = std::numeric_limits<int>::max();
     TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
@@ -147,23 +154,40 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
   at::addmm_out(c, c, a, b, beta, alpha);
 }
 
-// Everything a task needs to read one (b, h): base pointers and row strides.
-// Grouped K/V heads (MQA / GQA): query head h reads K/V head h / G, with G = H / Hk; the
-// registers belong to the query heads. v and rv have their own head dim Dv (out: [.., Dv]).
+// Everything a task needs to read one (sequence, head): base pointers, row strides and the
+// sequences. Batch mode: sequence s is batch entry s (B sequences of Nq queries and Nk
+// keys). Varlen mode (cu_seqlens given): q, k, v are [1, H, Tq / Tk, D] views of packed
+// [T, H, D] tensors, and sequence s owns query rows cu_q[s] .. cu_q[s + 1] and key rows
+// cu_k[s] .. cu_k[s + 1]; per-sample registers are then per sequence.
 struct Operands {
   int64_t B = 0, H = 0, Hk = 0, G = 1, Nq = 0, Nk = 0, D = 0, Dv = 0, R = 0;
+  int64_t S = 0;                                // sequences
+  int64_t max_nq = 0, max_nk = 0;               // the longest sequence's query / key count
+  std::vector<int64_t> cu_q, cu_k;              // varlen offsets (S + 1 each), empty in batch mode
   const float *q = nullptr, *k = nullptr, *v = nullptr, *rk = nullptr, *rv = nullptr, *sinks = nullptr;
   int64_t sq[3]{}, sk[3]{}, sv[3]{}, srk[3]{}, srv[3]{};  // strides of dims b, h, n (elements)
-  const bool* key_mask = nullptr;                          // [B, Nk] contiguous
+  const bool* key_mask = nullptr;                          // [B, Nk] contiguous (batch mode)
   at::Tensor attn_mask;                                    // [B, H, Nq, Nk] (strided), or undefined
-  std::optional<int64_t> causal;
+  std::optional<int64_t> causal;  // batch: the offset; varlen: bottom-right in each sequence
   float scale = 1.0f;
 
-  const float* q_row(int64_t b, int64_t h, int64_t i) const { return q + b * sq[0] + h * sq[1] + i * sq[2]; }
-  const float* k_rows(int64_t b, int64_t h) const { return k + b * sk[0] + (h / G) * sk[1]; }
-  const float* v_rows(int64_t b, int64_t h) const { return v + b * sv[0] + (h / G) * sv[1]; }
-  const float* rk_rows(int64_t b, int64_t h) const { return rk + b * srk[0] + h * srk[1]; }
-  const float* rv_rows(int64_t b, int64_t h) const { return rv + b * srv[0] + h * srv[1]; }
+  bool varlen() const { return !cu_q.empty(); }
+  int64_t b(int64_t s) const { return varlen() ? 0 : s; }  // the batch index of sequence s
+  int64_t qoff(int64_t s) const { return varlen() ? cu_q[s] : 0; }
+  int64_t koff(int64_t s) const { return varlen() ? cu_k[s] : 0; }
+  int64_t nq(int64_t s) const { return varlen() ? cu_q[s + 1] - cu_q[s] : Nq; }
+  int64_t nk(int64_t s) const { return varlen() ? cu_k[s + 1] - cu_k[s] : Nk; }
+  std::optional<int64_t> causal_offset(int64_t s) const {
+    if (!causal.has_value()) return std::nullopt;
+    return varlen() ? nk(s) - nq(s) : *causal;
+  }
+  const float* q_row(int64_t s, int64_t h, int64_t i) const {
+    return q + b(s) * sq[0] + h * sq[1] + (qoff(s) + i) * sq[2];
+  }
+  const float* k_rows(int64_t s, int64_t h) const { return k + b(s) * sk[0] + (h / G) * sk[1] + koff(s) * sk[2]; }
+  const float* v_rows(int64_t s, int64_t h) const { return v + b(s) * sv[0] + (h / G) * sv[1] + koff(s) * sv[2]; }
+  const float* rk_rows(int64_t s, int64_t h) const { return rk + s * srk[0] + h * srk[1]; }
+  const float* rv_rows(int64_t s, int64_t h) const { return rv + s * srv[0] + h * srv[1]; }
 };
 
 void strides3(const at::Tensor& t, int64_t* s) {  // [B, H, N, D] -> (b, h, n); [H, R, D] -> (0, h, n)
@@ -183,18 +207,35 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim_lo, int64_t di
               " must have a contiguous last dim, got strides ", t.strides());
 }
 
+std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t total) {
+  TORCH_CHECK(cu.device().is_cpu() && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong) &&
+                  cu.dim() == 1 && cu.numel() >= 2,
+              "attention (cpu): ", name, " must be a 1-D int32 / int64 CPU tensor of S + 1 >= 2 offsets, got ",
+              cu.sizes(), " ", cu.scalar_type());
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  TORCH_CHECK(v.front() == 0 && v.back() == total, "attention (cpu): ", name, " must run from 0 to ", total,
+              ", got ", v.front(), " .. ", v.back());
+  for (size_t i = 1; i < v.size(); ++i) {
+    TORCH_CHECK(v[i] >= v[i - 1], "attention (cpu): ", name, " must not decrease, got ", v[i - 1], " then ", v[i]);
+  }
+  return v;
+}
+
 Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
                        const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
                        const std::optional<at::Tensor>& attn_mask, double scale,
-                       std::optional<int64_t> causal_offset, at::Tensor& key_mask_holder) {
+                       std::optional<int64_t> causal_offset, at::Tensor& key_mask_holder,
+                       const at::Tensor* cu_seqlens_q = nullptr, const at::Tensor* cu_seqlens_k = nullptr) {
   check_f32(q, "q", 4, 4);
   check_f32(k, "k", 4, 4);
   check_f32(v, "v", 4, 4);
   Operands o;
   o.B = q.size(0), o.H = q.size(1), o.Nq = q.size(2), o.D = q.size(3), o.Nk = k.size(2);
   o.Hk = k.size(1), o.Dv = v.size(3);
-  TORCH_CHECK(o.B > 0 && o.H > 0 && o.Hk > 0 && o.Nq > 0 && o.Nk > 0 && o.D > 0 && o.Dv > 0,
+  const bool varlen = cu_seqlens_q != nullptr;
+  TORCH_CHECK(o.B > 0 && o.H > 0 && o.Hk > 0 && o.D > 0 && o.Dv > 0 && (varlen || (o.Nq > 0 && o.Nk > 0)),
               "attention (cpu): empty inputs, q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
   TORCH_CHECK(k.size(0) == o.B && o.H % o.Hk == 0 && k.size(3) == o.D,
               "attention (cpu): k must be [B, Hk, Nk, D] with Hk dividing H, matching q ", q.sizes(), ", got ",
@@ -202,6 +243,18 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   o.G = o.H / o.Hk;
   TORCH_CHECK(v.size(0) == o.B && v.size(1) == o.Hk && v.size(2) == o.Nk, "attention (cpu): v must be [B, Hk, Nk, Dv]",
               " matching k ", k.sizes(), ", got ", v.sizes());
+  if (varlen) {
+    TORCH_CHECK(o.B == 1, "attention (cpu): varlen q, k, v must be [1, H, T, D] views of packed [T, H, D] tensors");
+    o.cu_q = offsets(*cu_seqlens_q, "cu_seqlens_q", o.Nq);
+    o.cu_k = offsets(*cu_seqlens_k, "cu_seqlens_k", o.Nk);
+    TORCH_CHECK(o.cu_q.size() == o.cu_k.size(), "attention (cpu): cu_seqlens_q and cu_seqlens_k must have one length, ",
+                "got ", o.cu_q.size(), " and ", o.cu_k.size());
+    TORCH_CHECK(!key_mask.has_value() && !attn_mask.has_value(), "attention (cpu): varlen takes no key_mask or attn_mask");
+    o.S = static_cast<int64_t>(o.cu_q.size()) - 1;
+  } else {
+    o.S = o.B;
+  }
+  for (int64_t s = 0; s < o.S; ++s) o.max_nq = std::max(o.max_nq, o.nq(s)), o.max_nk = std::max(o.max_nk, o.nk(s));
   o.q = q.data_ptr<float>(), o.k = k.data_ptr<float>(), o.v = v.data_ptr<float>();
   strides3(q, o.sq), strides3(k, o.sk), strides3(v, o.sv);
   TORCH_CHECK(rk.has_value() == rv.has_value(), "attention (cpu): rk and rv must be given together");
@@ -210,10 +263,11 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     check_f32(*rv, "rv", 3, 4);
     const bool shared = rk->dim() == 3;
     TORCH_CHECK((shared && rk->size(0) == o.H && rk->size(2) == o.D) ||
-                    (!shared && rk->size(0) == o.B && rk->size(1) == o.H && rk->size(3) == o.D),
-                "attention (cpu): rk must be [H, R, D] or [B, H, R, D] for q ", q.sizes(), ", got ", rk->sizes());
-    TORCH_CHECK(rv->dim() == rk->dim() && rv->sizes().slice(0, rk->dim() - 1) == rk->sizes().slice(0, rk->dim() - 1) &&
-                    rv->size(-1) == o.Dv,
+                    (!shared && rk->size(0) == o.S && rk->size(1) == o.H && rk->size(3) == o.D),
+                "attention (cpu): rk must be [H, R, D] or [", varlen ? "S" : "B", ", H, R, D] for q ", q.sizes(),
+                ", got ", rk->sizes());
+    TORCH_CHECK(rv->dim() == rk->dim() &&
+                    rv->sizes().slice(0, rk->dim() - 1) == rk->sizes().slice(0, rk->dim() - 1) && rv->size(-1) == o.Dv,
                 "attention (cpu): rv must be rk's shape with v's head dim ", o.Dv, ", got rk ", rk->sizes(), " rv ",
                 rv->sizes());
     o.R = rk->size(-2);
@@ -245,50 +299,51 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                 "attention (cpu): attn_mask must be bool or floating, got ", attn_mask->scalar_type());
     o.attn_mask = *attn_mask;
   }
-  o.causal = causal_offset;
+  o.causal = varlen && causal_offset.has_value() ? std::optional<int64_t>(0) : causal_offset;
   o.scale = static_cast<float>(scale);
   return o;
 }
 
-// The masks on the token part of a logits block: rows i0 .. i0 + m of (b, h), s[r * ld + j].
-void apply_masks(const Operands& o, int64_t b, int64_t h, int64_t i0, int64_t m, float* s, int64_t ld) {
+// The masks on the token part of a logits block: rows i0 .. i0 + m of (s, h), s[r * ld + j]
+// (the key and attention masks exist in batch mode only: sequence s is batch entry s).
+void apply_masks(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t ld) {
+  const int64_t nk = o.nk(seq);
   if (o.key_mask != nullptr) {
-    const bool* km = o.key_mask + b * o.Nk;
+    const bool* km = o.key_mask + seq * o.Nk;
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t j = 0; j < o.Nk; ++j)
+      for (int64_t j = 0; j < nk; ++j)
         if (!km[j]) s[r * ld + j] = kNegInf;
   }
-  if (o.causal.has_value()) {
+  if (const auto offset = o.causal_offset(seq)) {
     for (int64_t r = 0; r < m; ++r) {
-      const int64_t first_hidden = std::max<int64_t>(0, i0 + r + *o.causal + 1);
-      for (int64_t j = first_hidden; j < o.Nk; ++j) s[r * ld + j] = kNegInf;
+      const int64_t first_hidden = std::max<int64_t>(0, i0 + r + *offset + 1);
+      for (int64_t j = first_hidden; j < nk; ++j) s[r * ld + j] = kNegInf;
     }
   }
   if (o.attn_mask.defined()) {
     const at::Tensor& am = o.attn_mask;
     const int64_t s0 = am.stride(0), s1 = am.stride(1), s2 = am.stride(2), s3 = am.stride(3);
     if (am.scalar_type() == at::kBool) {
-      const bool* base = am.data_ptr<bool>() + b * s0 + h * s1;
+      const bool* base = am.data_ptr<bool>() + seq * s0 + h * s1;
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < o.Nk; ++j)
+        for (int64_t j = 0; j < nk; ++j)
           if (!base[(i0 + r) * s2 + j * s3]) s[r * ld + j] = kNegInf;
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.scalar_type(), "attention_cpu_mask", [&] {
-        const scalar_t* base = am.data_ptr<scalar_t>() + b * s0 + h * s1;
+        const scalar_t* base = am.data_ptr<scalar_t>() + seq * s0 + h * s1;
         for (int64_t r = 0; r < m; ++r)
-          for (int64_t j = 0; j < o.Nk; ++j) s[r * ld + j] += static_cast<float>(base[(i0 + r) * s2 + j * s3]);
+          for (int64_t j = 0; j < nk; ++j) s[r * ld + j] += static_cast<float>(base[(i0 + r) * s2 + j * s3]);
       });
     }
   }
 }
 
-// Logits of queries i0 .. i0 + m of (b, h) against [registers ; tokens]: s [m, R + Nk].
-void logits_block(const Operands& o, int64_t b, int64_t h, int64_t i0, int64_t m, float* s) {
-  const int64_t T = o.R + o.Nk;
-  const float* q = o.q_row(b, h, i0);
-  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, o.sq[2], o.rk_rows(b, h), o.srk[2], 0.0f, s, T);
-  gemm_rm(false, true, m, o.Nk, o.D, o.scale, q, o.sq[2], o.k_rows(b, h), o.sk[2], 0.0f, s + o.R, T);
-  apply_masks(o, b, h, i0, m, s + o.R, T);
+// Logits of queries i0 .. i0 + m of (s, h) against [registers ; tokens]: a [m, R + nk] block, row stride T.
+void logits_block(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t T) {
+  const float* q = o.q_row(seq, h, i0);
+  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, o.sq[2], o.rk_rows(seq, h), o.srk[2], 0.0f, s, T);
+  gemm_rm(false, true, m, o.nk(seq), o.D, o.scale, q, o.sq[2], o.k_rows(seq, h), o.sk[2], 0.0f, s + o.R, T);
+  apply_masks(o, seq, h, i0, m, s + o.R, T);
 }
 
 // Query rows per block: the [BM, R + Nk] logits block (and, backward, its gradient)
@@ -296,61 +351,63 @@ void logits_block(const Operands& o, int64_t b, int64_t h, int64_t i0, int64_t m
 int64_t block_rows(int64_t T, int64_t Nq, int64_t buffers) {
   const int64_t budget = (int64_t(1) << 18) / buffers;  // floats (1 MiB in all)
   const int64_t bm = std::clamp<int64_t>(budget / std::max<int64_t>(T, 1), 16, 256);
-  return std::min(bm, Nq);
+  return std::max<int64_t>(1, std::min(bm, Nq));
 }
 
-}  // namespace
-
-void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
-                       std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
-                       const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                       const at::Tensor& key_mass) {
-  at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
-  const int64_t B = o.B, H = o.H, Nq = o.Nq, Dv = o.Dv, R = o.R, T = R + o.Nk;
-  TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens <= o.Nk, "attention (cpu): num_prefix_tokens must be in [0, ",
-              o.Nk, "], got ", num_prefix_tokens);
+void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, const at::Tensor& out,
+              const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
+              const at::Tensor& key_mass) {
+  const int64_t H = o.H, Dv = o.Dv, R = o.R, S = o.S, Tmax = R + o.max_nk;
+  const int64_t LQ = o.Nq;  // the queries of one (b, h) row of lse: Nq, or Tq in varlen mode
+  TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens <= (o.varlen() ? o.max_nk : o.Nk),
+              "attention (cpu): num_prefix_tokens must be in [0, Nk], got ", num_prefix_tokens);
   check_f32(out, "out", 4, 4);
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == Nq && out.size(3) == Dv,
-              "attention (cpu): out must be [B, H, Nq, Dv] = [", B, ", ", H, ", ", Nq, ", ", Dv, "], got ",
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == o.B && out.size(1) == H && out.size(2) == o.Nq && out.size(3) == Dv,
+              "attention (cpu): out must be [B, H, Nq, Dv] = [", o.B, ", ", H, ", ", o.Nq, ", ", Dv, "], got ",
               out.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == o.B * H * LQ,
               "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
   if (return_stats) {
     for (const at::Tensor* t : {&entropy, &register_share}) {
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * H * Nq,
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == o.B * H * LQ,
                   "attention (cpu): entropy and register_share must be contiguous float32 [B, H, Nq] tensors");
     }
-    TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.numel() == B * H * T,
-                "attention (cpu): key_mass must be a contiguous float32 [B, H, R + Nk] tensor");
+    TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.numel() == S * H * Tmax,
+                "attention (cpu): key_mass must be a contiguous float32 [S, H, R + max Nk] tensor");
   }
-  const int64_t BM = block_rows(T, Nq, 1);
-  const int64_t nblk = (Nq + BM - 1) / BM;
+  const int64_t BM = block_rows(Tmax, o.max_nq, 1);
+  // The (sequence, query block) pairs, sequence-major; first_blk[s] indexes sequence s's first.
+  std::vector<int64_t> blk_seq, blk_start, first_blk(static_cast<size_t>(S + 1), 0);
+  for (int64_t s = 0; s < S; ++s) {
+    first_blk[s] = static_cast<int64_t>(blk_seq.size());
+    for (int64_t i0 = 0; i0 < o.nq(s); i0 += BM) blk_seq.push_back(s), blk_start.push_back(i0);
+  }
+  first_blk[S] = static_cast<int64_t>(blk_seq.size());
+  const int64_t nblocks = first_blk[S];
   float* out_p = out.data_ptr<float>();
   const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
   float* lse_p = lse.data_ptr<float>();
   float* ent_p = return_stats ? entropy.data_ptr<float>() : nullptr;
   float* share_p = return_stats ? register_share.data_ptr<float>() : nullptr;
-  // Column sums of p per (b, h, query block), reduced over the blocks in order afterwards.
-  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(B * H * nblk * T) : 0);
+  // Column sums of p per (query block, head), reduced over each sequence's blocks in order afterwards.
+  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(nblocks * H * Tmax) : 0);
   const int64_t shared_cols = R + num_prefix_tokens;  // the register share's columns
   const RowOps& vo = ops();
 
-  at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nblocks * H, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
-    std::vector<float> s(static_cast<size_t>(BM * T));
+    std::vector<float> buf(static_cast<size_t>(BM * Tmax));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task % nblk, bh = task / nblk, b = bh / H, h = bh % H;
-      const int64_t i0 = blk * BM, m = std::min(BM, Nq - i0);
-      logits_block(o, b, h, i0, m, s.data());
+      const int64_t blk = task / H, h = task % H, seq = blk_seq[blk], i0 = blk_start[blk];
+      const int64_t nk = o.nk(seq), T = R + nk, m = std::min(BM, o.nq(seq) - i0);
+      float* s = buf.data();
+      logits_block(o, seq, h, i0, m, s, T);
       const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
+      const int64_t row0 = (o.b(seq) * H + h) * LQ + o.qoff(seq) + i0;  // lse index of the block's first row
       for (int64_t r = 0; r < m; ++r) {
-        float* row = s.data() + r * T;
-        const int64_t idx = bh * Nq + i0 + r;
-        const float mx = std::max(vo.row_max(row, T), sink);
+        float* row = s + r * T;
+        const int64_t idx = row0 + r;
+        const float mx = std::max(T > 0 ? vo.row_max(row, T) : kNegInf, sink);
         if (mx == kNegInf) {  // nothing to attend (every key masked, no sink): out = 0, lse = -inf
           std::fill(row, row + T, 0.0f);
           lse_p[idx] = kNegInf;
@@ -370,48 +427,50 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         if (return_stats) {
           // entropy = -sum p log p = lse - sum p s, with p = e / sum_e
           ent_p[idx] = row_lse - sum_es * inv;
-          share_p[idx] = vo.row_sum(row, shared_cols) * inv;
+          share_p[idx] = vo.row_sum(row, std::min(shared_cols, T)) * inv;
         }
         vo.scale_row(row, T, inv);
       }
-      float* o_rows = out_p + b * so[0] + h * so[1] + i0 * so[2];
-      if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s.data(), T, o.rv_rows(b, h), o.srv[2], 0.0f, o_rows, so[2]);
-      gemm_rm(false, false, m, Dv, o.Nk, 1.0f, s.data() + R, T, o.v_rows(b, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
-              so[2]);
+      float* o_rows = out_p + o.b(seq) * so[0] + h * so[1] + (o.qoff(seq) + i0) * so[2];
+      if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s, T, o.rv_rows(seq, h), o.srv[2], 0.0f, o_rows, so[2]);
+      if (nk > 0 || R == 0) {  // (no token and no register: K = 0 writes zeros)
+        gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
+                so[2]);
+      }
       if (return_stats) {
-        float* part = mass_parts.data() + task * T;
-        std::copy(s.data(), s.data() + T, part);
-        for (int64_t r = 1; r < m; ++r) vo.add_row(part, s.data() + r * T, T);
+        float* part = mass_parts.data() + task * Tmax;
+        std::copy(s, s + T, part);
+        std::fill(part + T, part + Tmax, 0.0f);
+        for (int64_t r = 1; r < m; ++r) vo.add_row(part, s + r * T, T);
       }
     }
   });
 
   if (return_stats) {
     float* mass = key_mass.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        float* dst = mass + bh * T;
-        std::copy(mass_parts.data() + bh * nblk * T, mass_parts.data() + (bh * nblk + 1) * T, dst);
-        for (int64_t blk = 1; blk < nblk; ++blk) vo.add_row(dst, mass_parts.data() + (bh * nblk + blk) * T, T);
+    at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t sh = begin; sh < end; ++sh) {
+        const int64_t seq = sh / H, h = sh % H;
+        float* dst = mass + sh * Tmax;
+        std::fill(dst, dst + Tmax, 0.0f);
+        for (int64_t blk = first_blk[seq]; blk < first_blk[seq + 1]; ++blk) {
+          vo.add_row(dst, mass_parts.data() + (blk * H + h) * Tmax, Tmax);
+        }
       }
     });
   }
 }
 
-void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
-                       double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
-                       const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
-  at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
-  const int64_t B = o.B, H = o.H, Hk = o.Hk, G = o.G, Nq = o.Nq, Nk = o.Nk, D = o.D, Dv = o.Dv, R = o.R;
-  const int64_t T = R + Nk;
+void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+              const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
+              const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
+              const std::optional<at::Tensor>& rk, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const std::optional<at::Tensor>& rv) {
+  const int64_t H = o.H, Hk = o.Hk, G = o.G, D = o.D, Dv = o.Dv, R = o.R, S = o.S, LQ = o.Nq;
+  const int64_t Tmax = R + o.max_nk;
   check_f32(dout, "dout", 4, 4);
   check_f32(out, "out", 4, 4);
-  const std::vector<int64_t> out_shape{B, H, Nq, Dv};
+  const std::vector<int64_t> out_shape{o.B, H, o.Nq, Dv};
   TORCH_CHECK(dout.sizes() == out_shape && out.sizes() == out_shape,
               "attention (cpu): dout and out must be [B, H, Nq, Dv]");
   check_f32(dq, "dq", 4, 4);
@@ -419,7 +478,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   check_f32(dv, "dv", 4, 4);
   TORCH_CHECK(dq.sizes() == q.sizes(), "attention (cpu): dq must have q's shape ", q.sizes());
   TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "attention (cpu): dk, dv must have k's, v's shapes");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * Nq,
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == o.B * H * LQ,
               "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
   const bool shared = R > 0 && rk->dim() == 3;
   if (R > 0) {
@@ -434,7 +493,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                     dsinks->is_contiguous(),
                 "attention (cpu): dsinks must be a contiguous float32 [H] tensor, given with sinks");
   }
-  const int64_t BM = block_rows(T, Nq, 2);
+  const int64_t BM = block_rows(Tmax, o.max_nq, 2);
   const float* lse_p = lse.data_ptr<float>();
   const float* do_p = dout.data_ptr<float>();
   const float* o_p = out.data_ptr<float>();
@@ -443,48 +502,57 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   float* dv_p = dv.data_ptr<float>();
   int64_t sdo[3], sout[3], sdq[3], sdk[3], sdv[3];
   strides3(dout, sdo), strides3(out, sout), strides3(dq, sdq), strides3(dk, sdk), strides3(dv, sdv);
-  // Register gradients per (b, h): written in place for per-sample registers, summed over
-  // b in order afterwards for shared ones; the sink's per (b, h), summed the same way.
+  // Register gradients per (s, h): written in place for per-sample registers, summed over
+  // the sequences in order afterwards for shared ones; the sink's per (s, h), summed the same way.
   const int64_t RD = R * D, RDv = R * Dv;
-  std::vector<float> reg_parts(shared ? static_cast<size_t>(B * H * (RD + RDv)) : 0);
-  std::vector<float> sink_parts(static_cast<size_t>(B * H), 0.0f);
+  std::vector<float> reg_parts(shared ? static_cast<size_t>(S * H * (RD + RDv)) : 0);
+  std::vector<float> sink_parts(static_cast<size_t>(S * H), 0.0f);
   const RowOps& vo = ops();
 
-  // One task per (b, K/V head): its G query heads run in order and add into the same dk,
-  // dv rows, so grouped heads need no atomics and no expanded copy.
-  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+  // One task per (sequence, K/V head): its G query heads run in order and add into the same
+  // dk, dv rows, so grouped heads need no atomics and no expanded copy; the sequences'
+  // key rows are disjoint.
+  at::parallel_for(0, S * Hk, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
-    std::vector<float> p(static_cast<size_t>(BM * T)), dp(static_cast<size_t>(BM * T));
+    std::vector<float> p(static_cast<size_t>(BM * Tmax)), dp(static_cast<size_t>(BM * Tmax));
     std::vector<float> delta(static_cast<size_t>(BM));
-    for (int64_t bhk = begin; bhk < end; ++bhk) {
-      const int64_t b = bhk / Hk, hk = bhk % Hk;
-      float* dk_rows = dk_p + b * sdk[0] + hk * sdk[1];
-      float* dv_rows = dv_p + b * sdv[0] + hk * sdv[1];
+    for (int64_t shk = begin; shk < end; ++shk) {
+      const int64_t seq = shk / Hk, hk = shk % Hk, b = o.b(seq), nq = o.nq(seq), nk = o.nk(seq), T = R + nk;
+      float* dk_rows = dk_p + b * sdk[0] + hk * sdk[1] + o.koff(seq) * sdk[2];
+      float* dv_rows = dv_p + b * sdv[0] + hk * sdv[1] + o.koff(seq) * sdv[2];
+      if (nq == 0) {  // no query: no gradient for this sequence's keys
+        for (int64_t j = 0; j < nk; ++j) {
+          std::fill(dk_rows + j * sdk[2], dk_rows + j * sdk[2] + D, 0.0f);
+          std::fill(dv_rows + j * sdv[2], dv_rows + j * sdv[2] + Dv, 0.0f);
+        }
+      }
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        const int64_t bh = b * H + h;
+        const int64_t sh = seq * H + h;
         float *drk_rows = nullptr, *drv_rows = nullptr;
         if (R > 0) {
           if (shared) {
-            drk_rows = reg_parts.data() + bh * (RD + RDv);
+            drk_rows = reg_parts.data() + sh * (RD + RDv);
             drv_rows = drk_rows + RD;
           } else {
-            drk_rows = drk->data_ptr<float>() + bh * RD;
-            drv_rows = drv->data_ptr<float>() + bh * RDv;
+            drk_rows = drk->data_ptr<float>() + sh * RD;
+            drv_rows = drv->data_ptr<float>() + sh * RDv;
           }
+          if (nq == 0) std::fill(drk_rows, drk_rows + RD, 0.0f), std::fill(drv_rows, drv_rows + RDv, 0.0f);
         }
         const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
         float dsink = 0.0f;
-        for (int64_t i0 = 0; i0 < Nq; i0 += BM) {
-          const int64_t m = std::min(BM, Nq - i0);
+        const int64_t row0 = (b * H + h) * LQ + o.qoff(seq);  // lse index of the sequence's first query
+        for (int64_t i0 = 0; i0 < nq; i0 += BM) {
+          const int64_t m = std::min(BM, nq - i0);
           const float beta_r = i0 == 0 ? 0.0f : 1.0f;               // the first block initialises drk, drv
           const float beta = i0 == 0 && h == hk * G ? 0.0f : 1.0f;  // ... and the group's first head dk, dv
-          logits_block(o, b, h, i0, m, p.data());
+          logits_block(o, seq, h, i0, m, p.data(), T);
+          const int64_t qrow = o.qoff(seq) + i0;
           for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r;
-            const float row_lse = lse_p[bh * Nq + i];
+            const float row_lse = lse_p[row0 + i0 + r];
             float* row = p.data() + r * T;
-            const float* dor = do_p + b * sdo[0] + h * sdo[1] + i * sdo[2];
-            const float* orow = o_p + b * sout[0] + h * sout[1] + i * sout[2];
+            const float* dor = do_p + b * sdo[0] + h * sdo[1] + (qrow + r) * sdo[2];
+            const float* orow = o_p + b * sout[0] + h * sout[1] + (qrow + r) * sout[2];
             float d = 0.0f;
             for (int64_t c = 0; c < Dv; ++c) d += dor[c] * orow[c];
             delta[r] = d;
@@ -496,40 +564,42 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
             vo.exp_row(row, T, row_lse, false, &unused_e, &unused_es);  // p = exp(s - lse)
             if (sink != kNegInf) dsink -= std::exp(sink - row_lse) * d;
           }
-          const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + i0 * sdo[2];
+          const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + qrow * sdo[2];
           // dV += P^T dO
-          gemm_rm(true, false, Nk, Dv, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
+          gemm_rm(true, false, nk, Dv, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
           if (R > 0) gemm_rm(true, false, R, Dv, m, 1.0f, p.data(), T, do_rows, sdo[2], beta_r, drv_rows, Dv);
           // dP = dO V^T; dS = P (dP - delta)
-          gemm_rm(false, true, m, Nk, Dv, 1.0f, do_rows, sdo[2], o.v_rows(b, h), o.sv[2], 0.0f, dp.data() + R, T);
+          gemm_rm(false, true, m, nk, Dv, 1.0f, do_rows, sdo[2], o.v_rows(seq, h), o.sv[2], 0.0f, dp.data() + R, T);
           if (R > 0) {
-            gemm_rm(false, true, m, R, Dv, 1.0f, do_rows, sdo[2], o.rv_rows(b, h), o.srv[2], 0.0f, dp.data(), T);
+            gemm_rm(false, true, m, R, Dv, 1.0f, do_rows, sdo[2], o.rv_rows(seq, h), o.srv[2], 0.0f, dp.data(), T);
           }
           for (int64_t r = 0; r < m; ++r) vo.softmax_grad_row(p.data() + r * T, dp.data() + r * T, T, delta[r]);
           // dQ = scale dS [rk ; k]; dK += scale dS^T Q
-          float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + i0 * sdq[2];
+          float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + qrow * sdq[2];
           if (R > 0) {
-            gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(b, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
+            gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(seq, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
           }
-          gemm_rm(false, false, m, D, Nk, o.scale, dp.data() + R, T, o.k_rows(b, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
-                  dq_rows, sdq[2]);
-          const float* q_rows = o.q_row(b, h, i0);
-          gemm_rm(true, false, Nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
+          if (nk > 0 || R == 0) {
+            gemm_rm(false, false, m, D, nk, o.scale, dp.data() + R, T, o.k_rows(seq, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
+                    dq_rows, sdq[2]);
+          }
+          const float* q_rows = o.q_row(seq, h, i0);
+          gemm_rm(true, false, nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
           if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, o.sq[2], beta_r, drk_rows, D);
         }
-        sink_parts[bh] = dsink;
+        sink_parts[sh] = dsink;
       }
     }
   });
 
-  if (shared) {  // sum over the batch, in order
+  if (shared) {  // sum over the sequences (the batch), in order
     float* gk = drk->data_ptr<float>();
     float* gv = drv->data_ptr<float>();
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t b = 0; b < B; ++b) {
-        const float* pk = reg_parts.data() + (b * H + h) * (RD + RDv);
+      for (int64_t s = 0; s < S; ++s) {
+        const float* pk = reg_parts.data() + (s * H + h) * (RD + RDv);
         const float* pv = pk + RD;
-        if (b == 0) {
+        if (s == 0) {
           std::copy(pk, pk + RD, gk + h * RD);
           std::copy(pv, pv + RDv, gv + h * RDv);
         } else {
@@ -543,10 +613,64 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     float* g = dsinks->data_ptr<float>();
     for (int64_t h = 0; h < H; ++h) {
       float acc = 0.0f;
-      for (int64_t b = 0; b < B; ++b) acc += sink_parts[b * H + h];
+      for (int64_t s = 0; s < S; ++s) acc += sink_parts[s * H + h];
       g[h] = acc;
     }
   }
+}
+
+}  // namespace
+
+void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+                       const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
+                       std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
+                       const at::Tensor& key_mass) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  fwd_impl(o, num_prefix_tokens, return_stats, out, lse, entropy, register_share, key_mass);
+}
+
+void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
+                       const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
+                       double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
+                       const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
+                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  bwd_impl(o, dout, out, lse, dq, dk, dv, drk, drv, dsinks, rk, q, k, v, rv);
+}
+
+void attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                              const std::optional<at::Tensor>& sinks, int64_t num_prefix_tokens, double scale,
+                              bool causal, bool return_stats, const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& entropy, const at::Tensor& register_share,
+                              const at::Tensor& key_mass) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, std::nullopt, std::nullopt, scale,
+                                   causal ? std::optional<int64_t>(0) : std::nullopt, km_holder, &cu_seqlens_q,
+                                   &cu_seqlens_k);
+  fwd_impl(o, num_prefix_tokens, return_stats, out, lse, entropy, register_share, key_mass);
+}
+
+void attention_varlen_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                              const std::optional<at::Tensor>& sinks, const at::Tensor& out, const at::Tensor& lse,
+                              double scale, bool causal, const at::Tensor& dq, const at::Tensor& dk,
+                              const at::Tensor& dv, const std::optional<at::Tensor>& drk,
+                              const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
+  at::Tensor km_holder;
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, std::nullopt, std::nullopt, scale,
+                                   causal ? std::optional<int64_t>(0) : std::nullopt, km_holder, &cu_seqlens_q,
+                                   &cu_seqlens_k);
+  bwd_impl(o, dout, out, lse, dq, dk, dv, drk, drv, dsinks, rk, q, k, v, rv);
 }
 
 const char* attention_cpu_capability() { return ops().name; }
@@ -587,6 +711,38 @@ void bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&) {}
 
+void varlen_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                   const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& rk,
+                   const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& sinks,
+                   int64_t num_prefix_tokens, double scale, bool causal, bool return_stats, const at::Tensor& out,
+                   const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
+                   const at::Tensor& key_mass) {
+  attention_varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, rk, rv, sinks, num_prefix_tokens, scale, causal,
+                           return_stats, out, lse, entropy, register_share, key_mass);
+}
+
+void varlen_bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                   const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
+                   const std::optional<at::Tensor>& sinks, const at::Tensor& out, const at::Tensor& lse, double scale,
+                   bool causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                   const std::optional<at::Tensor>& drk, const std::optional<at::Tensor>& drv,
+                   const std::optional<at::Tensor>& dsinks) {
+  attention_varlen_bwd_cpu(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, rk, rv, sinks, out, lse, scale, causal, dq,
+                           dk, dv, drk, drv, dsinks);
+}
+
+void varlen_fwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, int64_t, double, bool, bool, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+
+void varlen_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, bool,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {}
+
 }  // namespace
 }  // namespace dsr_kernels
 
@@ -602,15 +758,27 @@ TORCH_LIBRARY_FRAGMENT(dsr_kernels, m) {
       "attention_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
       "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks) -> ()");
+  m.def(
+      "attention_varlen_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? rk, "
+      "Tensor? rv, Tensor? sinks, int num_prefix_tokens, float scale, bool causal, bool return_stats, "
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass) -> ()");
+  m.def(
+      "attention_varlen_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? rk, Tensor? rv, Tensor? sinks, Tensor out, Tensor lse, float scale, bool causal, Tensor(a!) dq, "
+      "Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks) -> ()");
   m.def("attention_cpu_capability() -> str", [] { return std::string(dsr_kernels::attention_cpu_capability()); });
 }
 
 TORCH_LIBRARY_IMPL(dsr_kernels, CPU, m) {
   m.impl("attention_fwd_cpu", &dsr_kernels::fwd_op);
   m.impl("attention_bwd_cpu", &dsr_kernels::bwd_op);
+  m.impl("attention_varlen_fwd_cpu", &dsr_kernels::varlen_fwd_op);
+  m.impl("attention_varlen_bwd_cpu", &dsr_kernels::varlen_bwd_op);
 }
 
 TORCH_LIBRARY_IMPL(dsr_kernels, Meta, m) {
   m.impl("attention_fwd_cpu", &dsr_kernels::fwd_meta);
   m.impl("attention_bwd_cpu", &dsr_kernels::bwd_meta);
+  m.impl("attention_varlen_fwd_cpu", &dsr_kernels::varlen_fwd_meta);
+  m.impl("attention_varlen_bwd_cpu", &dsr_kernels::varlen_bwd_meta);
 }

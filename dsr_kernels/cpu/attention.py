@@ -168,3 +168,114 @@ def attention_bwd_cpu(
                 dst.copy_(src)
     if ds32 is not None and ds32 is not dsinks:
         dsinks.copy_(ds32)
+
+
+def _packed_as_bhnd(t: Tensor) -> Tensor:
+    """[T, H, D] packed sequences as the [1, H, T, D] view the C++ kernel reads."""
+    return t.permute(1, 0, 2).unsqueeze(0)
+
+
+def attention_varlen_fwd_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    num_prefix_tokens: int,
+    scale: float,
+    causal: bool,
+    return_stats: bool,
+    out: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    register_share: Tensor,
+    key_mass: Tensor,
+) -> None:
+    """Packed sequences: fills out [Tq, H, Dv], lse [H, Tq] and, with return_stats, the statistics."""
+    o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+    torch.ops.dsr_kernels.attention_varlen_fwd_cpu(
+        _packed_as_bhnd(q.float()),
+        _packed_as_bhnd(k.float()),
+        _packed_as_bhnd(v.float()),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _f32(rk),
+        _f32(rv),
+        None if sinks is None else sinks.float().contiguous(),
+        num_prefix_tokens,
+        scale,
+        causal,
+        return_stats,
+        _packed_as_bhnd(o32),
+        lse,
+        entropy,
+        register_share,
+        key_mass,
+    )
+    if o32 is not out:
+        out.copy_(o32)
+
+
+def attention_varlen_bwd_cpu(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    rk: Tensor | None,
+    rv: Tensor | None,
+    sinks: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal: bool,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    drk: Tensor | None,
+    drv: Tensor | None,
+    dsinks: Tensor | None,
+) -> None:
+    """Gradients of the packed-sequence forward, into dq, dk, dv (and drk, drv, dsinks when given)."""
+    grads32 = [g if g.dtype == torch.float32 else torch.empty(g.shape, dtype=torch.float32) for g in (dq, dk, dv)]
+    regs = None
+    if rk is not None:
+        regs = [g if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.shape) for g in (drk, drv)]
+    ds32 = None
+    if dsinks is not None:
+        ds32 = dsinks if dsinks.dtype == torch.float32 else torch.empty(dsinks.shape, dtype=torch.float32)
+    do32 = dout.float()
+    if do32.stride(-1) != 1:
+        do32 = do32.contiguous()
+    torch.ops.dsr_kernels.attention_varlen_bwd_cpu(
+        _packed_as_bhnd(do32),
+        _packed_as_bhnd(q.float()),
+        _packed_as_bhnd(k.float()),
+        _packed_as_bhnd(v.float()),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _f32(rk),
+        _f32(rv),
+        None if sinks is None else sinks.float().contiguous(),
+        _packed_as_bhnd(out.float()),
+        lse.float(),
+        scale,
+        causal,
+        *(_packed_as_bhnd(g) for g in grads32),
+        None if regs is None else regs[0],
+        None if regs is None else regs[1],
+        ds32,
+    )
+    for dst, src in zip((dq, dk, dv), grads32, strict=True):
+        if src is not dst:
+            dst.copy_(src)
+    if regs is not None:
+        for dst, src in zip((drk, drv), regs, strict=True):
+            if src is not dst:
+                dst.copy_(src)
+    if ds32 is not None and ds32 is not dsinks:
+        dsinks.copy_(ds32)

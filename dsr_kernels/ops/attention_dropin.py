@@ -5,7 +5,9 @@ swapping the import is enough, and adds this package's extras as keyword-only op
 (``kv_registers``, ``sinks``, and for the flash-attn family ``return_stats``).
 
 - flash-attn family: :func:`flash_attn_func`, :func:`flash_attn_qkvpacked_func`,
-  :func:`flash_attn_kvpacked_func`. Grouped K/V heads (MQA / GQA) are read in place. What
+  :func:`flash_attn_kvpacked_func` and the packed variable-length forms
+  :func:`flash_attn_varlen_func`, :func:`flash_attn_varlen_qkvpacked_func`,
+  :func:`flash_attn_varlen_kvpacked_func`. Grouped K/V heads (MQA / GQA) are read in place. What
   the fused op does not implement (dropout, sliding windows, softcapping, ALiBi) raises
   NotImplementedError naming the argument instead of being ignored.
 - :func:`scaled_dot_product_attention`: PyTorch's whole contract (any leading batch dims,
@@ -25,12 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsr_kernels.ops.attention import MAX_HEAD_DIM, _attention, _check_tensor
+from dsr_kernels.ops.attention_varlen import attention_varlen
 
 __all__ = [
     "SDPAError",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "scaled_dot_product_attention",
 ]
 
@@ -202,6 +208,138 @@ def flash_attn_kvpacked_func(
         raise ValueError(f"{fn}(): argument 'kv' must be 5-D [B, N, 2, H, D], got shape {list(kv.shape)}")
     k, v = kv.unbind(2)
     return _flash(fn, q, k, v, softmax_scale, causal, return_attn_probs, kv_registers, sinks, return_stats)
+
+
+def _varlen(
+    fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, return_attn_probs,
+    kv_registers, sinks, return_stats,
+):  # fmt: skip
+    out, stats = attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        kv_registers=kv_registers, sinks=sinks, causal=causal, scale=softmax_scale, return_stats=True,
+    )  # fmt: skip
+    if return_stats:
+        return out, stats
+    if return_attn_probs:  # softmax_lse [H, Tq], +inf where a query sees nothing (flash-attn's)
+        return out, stats.lse.masked_fill(torch.isneginf(stats.lse), float("inf")), None
+    return out
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+    *,
+    kv_registers: tuple[Tensor, Tensor] | None = None,
+    sinks: Tensor | None = None,
+    return_stats: bool = False,
+):
+    """flash-attn's ``flash_attn_varlen_func``: packed variable-length sequences.
+
+    Args:
+        q: [Tq, H, D]; k: [Tk, Hk, D], v: [Tk, Hk, Dv] (Hk dividing H), the sequences
+            packed along the first axis; cu_seqlens_q / cu_seqlens_k: [S + 1] int32
+            offsets; max_seqlen_q / max_seqlen_k: the longest sequence.
+        causal: bottom-right aligned within each sequence, as flash-attn.
+        return_attn_probs: ``(out, softmax_lse, None)`` with softmax_lse [H, Tq] float32,
+            +inf for a query that sees nothing.
+        kv_registers: rk [H, R, D] shared by every sequence or [S, H, R, D] per sequence,
+            rv the same with Dv. sinks: [H]. return_stats: ``(out, stats)`` as
+            :func:`dsr_kernels.attention_varlen` gives them.
+
+    Computed by :func:`dsr_kernels.attention_varlen` (one kernel launch over all
+    sequences on the "cpu" backend). ``block_table`` (paged KV cache) raises
+    NotImplementedError, as dropout, windows, softcapping and ALiBi do.
+
+    Returns:
+        out [Tq, H, Dv], or ``(out, softmax_lse, None)``, or ``(out, stats)``.
+    """
+    fn = "flash_attn_varlen_func"
+    _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
+    if block_table is not None:
+        raise NotImplementedError(f"{fn}(): block_table (a paged KV cache) is not supported (only None)")
+    return _varlen(
+        fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        return_attn_probs, kv_registers, sinks, return_stats,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    kv_registers: tuple[Tensor, Tensor] | None = None,
+    sinks: Tensor | None = None,
+    return_stats: bool = False,
+):
+    """flash-attn's ``flash_attn_varlen_qkvpacked_func``: ``qkv`` [T, 3, H, D] read in place, one
+    ``cu_seqlens`` for queries and keys; the rest as :func:`flash_attn_varlen_func`."""
+    fn = "flash_attn_varlen_qkvpacked_func"
+    _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
+    _check_tensor(fn, "qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"{fn}(): argument 'qkv' must be 4-D [T, 3, H, D], got shape {list(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    return _varlen(
+        fn, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal, return_attn_probs,
+        kv_registers, sinks, return_stats,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    kv_registers: tuple[Tensor, Tensor] | None = None,
+    sinks: Tensor | None = None,
+    return_stats: bool = False,
+):
+    """flash-attn's ``flash_attn_varlen_kvpacked_func``: q [Tq, H, D], ``kv`` [Tk, 2, Hk, D] read in
+    place; the rest as :func:`flash_attn_varlen_func`."""
+    fn = "flash_attn_varlen_kvpacked_func"
+    _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
+    _check_tensor(fn, "kv", kv)
+    if kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"{fn}(): argument 'kv' must be 4-D [T, 2, H, D], got shape {list(kv.shape)}")
+    k, v = kv.unbind(1)
+    return _varlen(
+        fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        return_attn_probs, kv_registers, sinks, return_stats,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- SDPA
