@@ -49,7 +49,7 @@ class BackendUnavailable(RuntimeError):
 # devices and auto_devices then leave out those that do not apply to a device).
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "attention": (
-        dataclasses.replace(_triton.BACKEND, lacks=("value_head_dim", "varlen")),
+        dataclasses.replace(_triton.BACKEND, lacks=("value_head_dim",)),
         _attention_cpu.BACKEND,
         _attention_torch.BACKEND,
         _attention_ref.BACKEND,

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "--op",
         dest="section",
         default=None,
-        help="comma-separated sections: selfcheck, attention, norm_modulate, models, encoder "
+        help="comma-separated sections: selfcheck, attention, norm_modulate, models, encoder, dropin "
         "(kernels: attention and norm_modulate; all: every section, the default)",
     )
     b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")

@@ -53,7 +53,7 @@ def test_bench_quick_end_to_end_writes_a_new_folder_each_run(tmp_path):
         assert key in env
     rows = data["rows"]
     sections = {r["section"] for r in rows}
-    assert sections == {"selfcheck", "attention", "norm_modulate", "models", "encoder"}
+    assert sections == {"selfcheck", "attention", "norm_modulate", "models", "encoder", "dropin"}
     assert all(r["status"] in ("pass", "unavailable") for r in rows if r["section"] == "selfcheck")
     timed = [r for r in rows if "median_ms" in r]
     assert timed

@@ -6,7 +6,9 @@ skipped, naming what is missing, when a requirement is not met:
 
 - ``cuda``: torch.cuda.is_available() is False (asked when the test runs, not at import);
 - ``checkpoint <file> [(note)]``: <file> is not in the repository root (when it is, the
-  block runs there, so that its relative path resolves).
+  block runs there, so that its relative path resolves);
+- ``timm`` / ``diffusers``: the package cannot be imported (timm through the test suite's
+  importer, which stands in for a torchvision that cannot be installed beside a CPU torch).
 """
 
 from __future__ import annotations
@@ -76,13 +78,24 @@ def _missing(requirement: str) -> tuple[str | None, Path | None]:
         if not torch.cuda.is_available():
             return "needs: cuda (torch.cuda.is_available() is False on this machine)", None
         return None, None
+    if requirement == "timm":
+        from timm_import import import_timm
+
+        return (None if import_timm()[0] is not None else f"needs: timm ({import_timm()[1]})"), None
+    if requirement == "diffusers":
+        import importlib.util
+
+        return (None if importlib.util.find_spec("diffusers") else "needs: diffusers (not installed)"), None
     match = re.fullmatch(r"checkpoint\s+(\S+)(\s+\(.*\))?", requirement)
     if match is not None:
         path = ROOT / match.group(1)
         if not path.is_file():
             return f"needs: checkpoint {match.group(1)} (not found in {ROOT})", None
         return None, ROOT
-    pytest.fail(f"README.md: unknown requirement {requirement!r} in a '# needs:' line (expected cuda, checkpoint FILE)")
+    pytest.fail(
+        f"README.md: unknown requirement {requirement!r} in a '# needs:' line "
+        "(expected cuda, checkpoint FILE, timm, diffusers)"
+    )
 
 
 def test_readme_has_python_examples():

@@ -69,12 +69,19 @@ def import_timm():
     """(timm, None) or (None, the reason it cannot be imported here)."""
     if importlib.util.find_spec("timm") is None:
         return None, "timm is not installed (.ci/run installs it: pip install --no-deps timm)"
+    stand_in = False
     try:
         import torchvision  # noqa: F401
     except Exception:
         sys.modules.pop("torchvision", None)
         _install_torchvision_stand_in()
+        stand_in = True
     try:
         return importlib.import_module("timm"), None
     except Exception as exc:  # pragma: no cover - a timm release with other needs
         return None, f"importing timm failed: {exc!r}"
+    finally:
+        if stand_in:  # timm holds what it took; others (diffusers) must see no torchvision, not a stand-in
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                if getattr(sys.modules[name], "__stand_in__", False):
+                    del sys.modules[name]

@@ -115,8 +115,29 @@ def attention_launches():
         lambda: run(torch.float32, 160, key_mask=True),
         lambda: run(torch.bfloat16, 16, R=0, sinks=False),
         lambda: run(torch.bfloat16, 72, Hk=1, key_mask=True),  # MQA: K/V head = query head // 2
+        lambda: run_varlen(torch.bfloat16, 72, causal=True),
+        lambda: run_varlen(torch.float16, 128, R=0, sinks=False, Hk=1),
     ]
     return configs
+
+
+def run_varlen(dtype, D, *, R=4, sinks=True, causal=False, Hk=2):
+    """Packed sequences (attention_varlen), forward with statistics and backward."""
+    from dsr_kernels.ops import attention_varlen as ops
+    from dsr_kernels.triton.attention import attention_varlen_bwd_triton, attention_varlen_fwd_triton
+
+    H, lens = 2, [5, 0, 17]
+    cu = torch.tensor([0, 5, 5, 22], dtype=torch.int32)
+    q = torch.randn(sum(lens), H, D, dtype=dtype)
+    k, v = (torch.randn(sum(lens), Hk, D, dtype=dtype) for _ in range(2))
+    rk = rv = torch.randn(H, R, D, dtype=dtype) if R else None
+    s = torch.randn(H) if sinks else None
+    outs = ops._alloc_fwd(q, v, rk, 3, 17, True)
+    attention_varlen_fwd_triton(q, k, v, cu, cu, 17, 17, rk, rv, s, 0, 0.1, causal, True, *outs)
+    grads = ops._alloc_bwd(q, k, v, rk, rv, s)
+    attention_varlen_bwd_triton(
+        torch.randn_like(outs[0]), q, k, v, cu, cu, 17, 17, rk, rv, s, outs[0], outs[1], 0.1, causal, *grads
+    )
 
 
 def norm_launches():

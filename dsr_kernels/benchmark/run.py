@@ -23,11 +23,18 @@ from dsr_kernels.benchmark.section import BenchConfig, Case, Section, error_row
 
 def sections() -> dict[str, Section]:
     """Every section, in the order the main job runs them."""
-    from dsr_kernels.benchmark import attention, encoder, models, norm_modulate, selfcheck
+    from dsr_kernels.benchmark import attention, dropin, encoder, models, norm_modulate, selfcheck
 
     return {
         s.name: s
-        for s in (selfcheck.SECTION, attention.SECTION, norm_modulate.SECTION, models.SECTION, encoder.SECTION)
+        for s in (
+            selfcheck.SECTION,
+            attention.SECTION,
+            norm_modulate.SECTION,
+            models.SECTION,
+            encoder.SECTION,
+            dropin.SECTION,
+        )
     }
 
 

@@ -181,6 +181,8 @@ def attention_varlen_fwd_cpu(
     v: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     rk: Tensor | None,
     rv: Tensor | None,
     sinks: Tensor | None,
@@ -194,7 +196,8 @@ def attention_varlen_fwd_cpu(
     register_share: Tensor,
     key_mass: Tensor,
 ) -> None:
-    """Packed sequences: fills out [Tq, H, Dv], lse [H, Tq] and, with return_stats, the statistics."""
+    """Packed sequences: fills out [Tq, H, Dv], lse [H, Tq] and, with return_stats, the statistics
+    (the kernel takes the sequence lengths from the offsets; max_seqlen_* are for the signature)."""
     o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
     torch.ops.dsr_kernels.attention_varlen_fwd_cpu(
         _packed_as_bhnd(q.float()),
@@ -226,6 +229,8 @@ def attention_varlen_bwd_cpu(
     v: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     rk: Tensor | None,
     rv: Tensor | None,
     sinks: Tensor | None,

@@ -8,9 +8,9 @@ sequence attends only to its own keys (and the registers, and the sink).
 Backends: "cpu" runs the C++ kernel of csrc/cpu/attention.cpp, whose tasks are
 (sequence, head, query block) — one launch, no loop over sequences; "torch" and
 "reference" loop over the sequences in Python, calling the batch op on each (the
-definition, and the fallback where no kernel takes the call); the Triton kernels do not
-take packed sequences yet (see :data:`dsr_kernels.backends.BACKENDS`), so "auto" on CUDA
-takes "torch".
+definition, and the fallback where no kernel takes the call); the Triton kernels
+take them the same way (program rows are (sequence, head), sequence offsets are read in
+the kernels).
 
 The op is registered with ``torch.library`` (``dsr_kernels::attention_varlen_fwd`` /
 ``_bwd``, fake implementations and autograd) for the kernel backends.
@@ -163,55 +163,60 @@ def _impl(backend: str, direction: str):
 @torch.library.custom_op(
     "dsr_kernels::attention_varlen_fwd",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_k, Tensor? rk, "
-    "Tensor? rv, Tensor? sinks, int num_prefix_tokens, float scale, bool causal, bool return_stats, str backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, Tensor? rk, Tensor? rv, Tensor? sinks, int num_prefix_tokens, float scale, bool causal, "
+    "bool return_stats, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _varlen_fwd_op(q, k, v, cu_q, cu_k, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, backend):
+def _varlen_fwd_op(
+    q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, backend
+):
     outputs = _alloc_fwd(q, v, rk, cu_q.shape[0] - 1, max_k, return_stats)
-    _impl(backend, "fwd")(q, k, v, cu_q, cu_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, *outputs)
+    _impl(backend, "fwd")(
+        q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, *outputs
+    )
     return outputs
 
 
 @_varlen_fwd_op.register_fake
-def _(q, k, v, cu_q, cu_k, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, backend):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats, backend):
     return _alloc_fwd(q, v, rk, cu_q.shape[0] - 1, max_k, return_stats)
 
 
 @torch.library.custom_op(
     "dsr_kernels::attention_varlen_bwd",
     mutates_args=(),
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? rk, "
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, Tensor? rk, "
     "Tensor? rv, Tensor? sinks, Tensor out, Tensor lse, float scale, bool causal, str backend) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _varlen_bwd_op(dout, q, k, v, cu_q, cu_k, rk, rv, sinks, out, lse, scale, causal, backend):
+def _varlen_bwd_op(dout, q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, out, lse, scale, causal, backend):
     grads = _alloc_bwd(q, k, v, rk, rv, sinks)
     dq, dk, dv, drk, drv, dsinks = grads
     _impl(backend, "bwd")(
-        dout, q, k, v, cu_q, cu_k, rk, rv, sinks, out, lse, scale, causal, dq, dk, dv,
+        dout, q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, out, lse, scale, causal, dq, dk, dv,
         drk if rk is not None else None, drv if rv is not None else None, dsinks if sinks is not None else None,
     )  # fmt: skip
     return grads
 
 
 @_varlen_bwd_op.register_fake
-def _(dout, q, k, v, cu_q, cu_k, rk, rv, sinks, out, lse, scale, causal, backend):
+def _(dout, q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, out, lse, scale, causal, backend):
     return _alloc_bwd(q, k, v, rk, rv, sinks)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, _, rk, rv, sinks, _, scale, causal, _, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, rk, rv, sinks, _, scale, causal, _, backend = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k, rk, rv, sinks, output[0], output[1])
-    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+    ctx.scale, ctx.causal, ctx.backend, ctx.max_q, ctx.max_k = scale, causal, backend, max_q, max_k
 
 
 def _backward(ctx, dout, *_stat_grads):
     q, k, v, cu_q, cu_k, rk, rv, sinks, out, lse = ctx.saved_tensors
     dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_varlen_bwd(
-        dout, q, k, v, cu_q, cu_k, rk, rv, sinks, out, lse, ctx.scale, ctx.causal, ctx.backend
+        dout, q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, rk, rv, sinks, out, lse, ctx.scale, ctx.causal, ctx.backend
     )
-    return (dq, dk, dv, None, None, None, drk if rk is not None else None, drv if rv is not None else None,
+    return (dq, dk, dv, None, None, None, None, drk if rk is not None else None, drv if rv is not None else None,
             dsinks if sinks is not None else None, None, None, None, None, None)  # fmt: skip
 
 
@@ -310,6 +315,7 @@ def attention_varlen(
         fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_registers, sinks, num_prefix_tokens,
         scale,
     )  # fmt: skip
+    max_q = long_q if max_seqlen_q is None else max_seqlen_q
     max_k = long_k if max_seqlen_k is None else max_seqlen_k
     needs = ("varlen",) + (("value_head_dim",) if v.shape[-1] != q.shape[-1] else ())
     backend = resolve("attention", backend, q, needs)
@@ -319,8 +325,8 @@ def attention_varlen(
         return (out, stats) if return_stats else out
     rk, rv = kv_registers if kv_registers is not None else (None, None)
     out, lse, entropy, share, key_mass = torch.ops.dsr_kernels.attention_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal, return_stats,
-        backend,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, rk, rv, sinks, num_prefix_tokens, scale, causal,
+        return_stats, backend,
     )  # fmt: skip
     if not return_stats:
         return out

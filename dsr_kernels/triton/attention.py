@@ -197,6 +197,7 @@ def _attn_fwd_kernel(
     stride_amb, stride_amh, stride_amm, stride_amn,
     stride_ob, stride_oh, stride_om,
     H, KV_GROUP, NQ, NK, R, NUM_PREFIX, CAUSAL_OFFSET, qk_scale,
+    CU_Q, CU_K, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -208,11 +209,23 @@ def _attn_fwd_kernel(
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
+    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
+    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
+    q_start = 0
+    k_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        k_start = tl.load(CU_K + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
+        CAUSAL_OFFSET = NK - NQ
+        stat_base = h64 * TQ + q_start
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
 
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
     q1 = q0
     if SPLIT_D:
@@ -247,8 +260,8 @@ def _attn_fwd_kernel(
     hi = NK
     if IS_CAUSAL:  # key j is visible to query i iff j <= i + CAUSAL_OFFSET
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
-    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh
-    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh
+    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh + k_start * stride_vn
     for start_n in range(0, hi, BLOCK_N):
         acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
             acc0, acc1, m_i, l_i, t_i, r_i,
@@ -265,12 +278,12 @@ def _attn_fwd_kernel(
     alive = l_i > 0.0
     l_safe = tl.where(alive, l_i, 1.0)
     inv_l = 1.0 / l_safe
-    o_base = OUT + b64 * stride_ob + h64 * stride_oh
+    o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
     _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d0, HEAD_DIM)
     if SPLIT_D:
         _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d1, HEAD_DIM)
     row_ok = rows < NQ
-    stat_offs = bh.to(tl.int64) * NQ + rows
+    stat_offs = stat_base + rows
     log2_l = tl.log2(l_safe)
     tl.store(LSE + stat_offs, tl.where(alive, (m_i + log2_l) * 0.6931471805599453, float("-inf")), mask=row_ok)
     if RETURN_STATS:
@@ -283,7 +296,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _key_mass_tile(
-    Q, LSE, K_BASE, stride_kn, start_n, n_keys, bh, b64, h64,
+    Q, LSE, K_BASE, stride_kn, start_n, n_keys, b64, h64, q_start, stat_base,
     stride_qb, stride_qh, stride_qm, NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
@@ -301,7 +314,7 @@ def _key_mass_tile(
     k1 = k0
     if SPLIT_D:
         k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     mass = tl.zeros([BLOCK_N], tl.float32)
     lo = 0
     if not IS_REGISTER:
@@ -314,7 +327,7 @@ def _key_mass_tile(
         if SPLIT_D:
             q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
         # Rows past NQ or with lse = -inf contribute exp2(s - inf) = 0.
-        lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=float("inf"))
+        lse = tl.load(LSE + stat_base + rows, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
         s = _mask_logits(
@@ -335,7 +348,8 @@ def _attn_key_mass_kernel(
     stride_rkb, stride_rkh, stride_rkn,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
-    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale,
+    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, KM_STRIDE,
+    CU_Q, CU_K, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -347,12 +361,24 @@ def _attn_key_mass_kernel(
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    out_base = KEY_MASS + bh.to(tl.int64) * (R + NK)
+    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
+    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
+    q_start = 0
+    k_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        k_start = tl.load(CU_K + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
+        CAUSAL_OFFSET = NK - NQ
+        stat_base = h64 * TQ + q_start
+    out_base = KEY_MASS + bh.to(tl.int64) * KM_STRIDE
     if pid_n < N_REG_BLOCKS:
         start_n = pid_n * BLOCK_N
         mass = _key_mass_tile(
             Q, LSE, RK + b64 * stride_rkb + h64 * stride_rkh, stride_rkn, start_n, R,
-            bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
+            b64, h64, q_start, stat_base, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
@@ -364,8 +390,8 @@ def _attn_key_mass_kernel(
     else:
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         mass = _key_mass_tile(
-            Q, LSE, K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh, stride_kn, start_n, NK,
-            bh, b64, h64, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
+            Q, LSE, K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh + k_start * stride_kn, stride_kn, start_n, NK,
+            b64, h64, q_start, stat_base, stride_qb, stride_qh, stride_qm, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
@@ -385,6 +411,7 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     H, NQ,
+    CU_Q, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
@@ -393,10 +420,16 @@ def _attn_bwd_preprocess_kernel(
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
+    q_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        stat_base = h64 * TQ + q_start
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    o_base = OUT + b64 * stride_ob + h64 * stride_oh
-    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     o = _load_tile(o_base, rows, NQ, stride_om, offs_d0, HEAD_DIM).to(tl.float32)
     do = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM).to(tl.float32)
     delta = tl.sum(o * do, 1)
@@ -405,7 +438,7 @@ def _attn_bwd_preprocess_kernel(
         o = _load_tile(o_base, rows, NQ, stride_om, offs_d1, HEAD_DIM).to(tl.float32)
         do = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM).to(tl.float32)
         delta += tl.sum(o * do, 1)
-    stat_offs = bh.to(tl.int64) * NQ + rows
+    stat_offs = stat_base + rows
     tl.store(DELTA + stat_offs, delta, mask=rows < NQ)
     if HAS_SINKS:
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
@@ -416,7 +449,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tile(
     Q, DOUT, LSE, DELTA, K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
-    bh, b64, h64,
+    b64, h64, q_start, stat_base,
     stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
     NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
@@ -442,8 +475,8 @@ def _dkdv_tile(
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
     dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     lo = 0
     if not IS_REGISTER:
         if IS_CAUSAL:
@@ -457,7 +490,7 @@ def _dkdv_tile(
         if SPLIT_D:
             q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
             do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
-        stat_offs = bh.to(tl.int64) * NQ + rows
+        stat_offs = stat_base + rows
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + stat_offs, mask=rows < NQ, other=0.0)
@@ -496,6 +529,7 @@ def _attn_bwd_dkdv_kernel(
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
     H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale,
+    CU_Q, CU_K, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -510,6 +544,18 @@ def _attn_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
+    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
+    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
+    q_start = 0
+    k_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        k_start = tl.load(CU_K + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
+        CAUSAL_OFFSET = NK - NQ
+        stat_base = h64 * TQ + q_start
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     if pid_n < N_REG_BLOCKS:
@@ -517,7 +563,7 @@ def _attn_bwd_dkdv_kernel(
         dk0, dk1, dv0, dv1 = _dkdv_tile(
             Q, DOUT, LSE, DELTA,
             RK + b64 * stride_rkb + h64 * stride_rkh, RV + b64 * stride_rvb + h64 * stride_rvh,
-            stride_rkn, stride_rvn, start_n, R, bh, b64, h64,
+            stride_rkn, stride_rvn, start_n, R, b64, h64, q_start, stat_base,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
@@ -537,8 +583,9 @@ def _attn_bwd_dkdv_kernel(
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         dk0, dk1, dv0, dv1 = _dkdv_tile(
             Q, DOUT, LSE, DELTA,
-            K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh, V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh,
-            stride_kn, stride_vn, start_n, NK, bh, b64, h64,
+            K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh + k_start * stride_kn,
+            V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh + k_start * stride_vn,
+            stride_kn, stride_vn, start_n, NK, b64, h64, q_start, stat_base,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
@@ -547,8 +594,8 @@ def _attn_bwd_dkdv_kernel(
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
-        dk_base = DK + b64 * stride_dkb + h64 * stride_dkh
-        dv_base = DV + b64 * stride_dvb + h64 * stride_dvh
+        dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + k_start * stride_dkn
+        dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + k_start * stride_dvn
         _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM)
         _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_d0, HEAD_DIM)
         if SPLIT_D:
@@ -606,6 +653,7 @@ def _attn_bwd_dq_kernel(
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
     H, KV_GROUP, NQ, NK, R, CAUSAL_OFFSET, qk_scale, sm_scale,
+    CU_Q, CU_K, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -617,11 +665,23 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
     h64 = (bh % H).to(tl.int64)
+    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
+    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
+    q_start = 0
+    k_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        k_start = tl.load(CU_K + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
+        CAUSAL_OFFSET = NK - NQ
+        stat_base = h64 * TQ + q_start
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DOUT + b64 * stride_dob + h64 * stride_doh
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+    do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
     do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
     q1 = q0
@@ -629,7 +689,7 @@ def _attn_bwd_dq_kernel(
     if SPLIT_D:
         q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
         do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
-    stat_offs = bh.to(tl.int64) * NQ + rows
+    stat_offs = stat_base + rows
     lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + stat_offs, mask=rows < NQ, other=0.0)
@@ -651,8 +711,8 @@ def _attn_bwd_dq_kernel(
     hi = NK
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET), 0)
-    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh
-    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh
+    k_base = K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh + k_start * stride_vn
     for start_n in range(0, hi, BLOCK_N):
         dq0, dq1 = _dq_tile(
             dq0, dq1, q0, q1, do0, do1, lse2, delta,
@@ -663,7 +723,7 @@ def _attn_bwd_dq_kernel(
             COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
         )
-    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqm
     _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM)
     if SPLIT_D:
         _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d1, HEAD_DIM)
@@ -771,10 +831,20 @@ def attention_fwd_triton(
     rope_cos: Tensor | None = None,
     rope_sin: Tensor | None = None,
     rope_style: str = "interleaved",
+    varlen: tuple[Tensor, Tensor, int, int] | None = None,
 ) -> None:
-    """Fills out, lse and (with return_stats) the statistics; see dsr_kernels/torch/attention.py for the contract."""
+    """Fills out, lse and (with return_stats) the statistics; see dsr_kernels/torch/attention.py for the contract.
+
+    varlen: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed sequences:
+    q, k, v, out are then [1, H, T, D] views, lse / entropy / register_share [H, Tq] and
+    key_mass [S, H, R + max_seqlen_k]; program row b is sequence b.
+    """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    n_rows, n_keys, cu_q, cu_k, tq = B, NK, q, q, 0
+    if varlen is not None:
+        cu_q, cu_k, max_q, n_keys = varlen
+        n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
     R = 0 if rk is None else rk.shape[-2]
     tiling = _tiling(D)
     prec = _dot_precision(q.dtype)
@@ -790,7 +860,7 @@ def attention_fwd_triton(
     rk_, rv_ = (rk, rv) if rk is not None else (q, q)
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
     stats_dst = (entropy, register_share) if return_stats else (lse, lse)
-    _attn_fwd_kernel[(triton.cdiv(NQ, block_m), B * H)](
+    _attn_fwd_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
         q, k, v, rk_, rv_, sinks if sinks is not None else q, km, am, cos, sin,
         out, lse, *stats_dst,
         q.stride(0), q.stride(1), q.stride(2),
@@ -800,6 +870,7 @@ def attention_fwd_triton(
         *km_strides, *am_strides,
         out.stride(0), out.stride(1), out.stride(2),
         H, H // k.shape[1], NQ, NK, R, num_prefix_tokens, causal, qk_scale,
+        cu_q, cu_k, tq, VARLEN=varlen is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=sinks is not None,
         RETURN_STATS=return_stats, num_warps=warps, num_stages=stages, **flags,
     )
@@ -807,12 +878,15 @@ def attention_fwd_triton(
         return
     block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
     n_reg_blocks = triton.cdiv(R, block_n)
-    _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
+    if varlen is not None:
+        key_mass.zero_()  # past each sequence's keys
+    _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(n_keys, block_n), n_rows * H)](
         q, k, rk_, lse, km, am, cos, sin, key_mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *_reg_strides(rk), *km_strides, *am_strides,
-        H, H // k.shape[1], NQ, NK, R, n_reg_blocks, causal, qk_scale,
+        H, H // k.shape[1], NQ, NK, R, n_reg_blocks, causal, qk_scale, R + n_keys,
+        cu_q, cu_k, tq, VARLEN=varlen is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
 
@@ -841,14 +915,19 @@ def attention_bwd_triton(
     rope_cos: Tensor | None = None,
     rope_sin: Tensor | None = None,
     rope_style: str = "interleaved",
+    varlen: tuple[Tensor, Tensor, int, int] | None = None,
 ) -> None:
     """Fills dq, dk, dv (and drk, drv, dsinks when present).
 
     With rope the kernels produce the gradients of the rotated q and k (float32); they
-    are rotated back with the transpose of the rotation afterwards.
+    are rotated back with the transpose of the rotation afterwards. varlen: as the forward's.
     """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    n_rows, n_keys, cu_q, cu_k, tq = B, NK, q, q, 0
+    if varlen is not None:
+        cu_q, cu_k, max_q, n_keys = varlen
+        n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
     R = 0 if rk is None else rk.shape[-2]
     tiling = _tiling(D)
     prec = _dot_precision(q.dtype)
@@ -872,34 +951,40 @@ def attention_bwd_triton(
         # Grouped K/V heads: the dk, dv kernel writes one gradient per query head (float32),
         # summed over each group afterwards (as flash-attn 2's backward does), so no two
         # programs add into the same rows: deterministic, no atomics, K/V read in place.
-        dk = torch.empty(B, H, NK, D, dtype=torch.float32, device=q.device)
-        dv = torch.empty(B, H, NK, v.shape[3], dtype=torch.float32, device=q.device)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        if varlen is not None:  # [1, H, Tk, D] with batch stride 0, as the kernels read packed sequences
+            dk = _packed_as_bhnd(torch.empty(NK, H, D, **f32))
+            dv = _packed_as_bhnd(torch.empty(NK, H, v.shape[3], **f32))
+        else:
+            dk = torch.empty(B, H, NK, D, **f32)
+            dv = torch.empty(B, H, NK, v.shape[3], **f32)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
 
     pre_m = 64
-    delta = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # [B, H, Nq] or [H, Tq]
     n_pre = triton.cdiv(NQ, pre_m)
-    dsink_partial = torch.empty(B * H, n_pre, dtype=torch.float32, device=q.device) if sinks is not None else delta
-    _attn_bwd_preprocess_kernel[(n_pre, B * H)](
+    dsink_partial = torch.empty(n_rows * H, n_pre, dtype=torch.float32, device=q.device) if sinks is not None else delta
+    _attn_bwd_preprocess_kernel[(n_pre, n_rows * H)](
         out, dout, lse, sinks if sinks is not None else q, delta, dsink_partial,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         H, NQ,
+        cu_q, tq, VARLEN=varlen is not None,
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
         BLOCK_M=pre_m, HAS_SINKS=sinks is not None,
     )
     if sinks is not None:
-        dsinks.copy_(dsink_partial.view(B, H, n_pre).sum((0, 2)))
+        dsinks.copy_(dsink_partial.view(n_rows, H, n_pre).sum((0, 2)))
 
     block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
     n_reg_blocks = triton.cdiv(R, block_n)
     if R:
-        drk_buf = torch.empty(B, H, R, D, dtype=torch.float32, device=q.device)
+        drk_buf = torch.empty(n_rows, H, R, D, dtype=torch.float32, device=q.device)
         drv_buf = torch.empty_like(drk_buf)
     else:
         drk_buf = drv_buf = delta
-    _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(NK, block_n), B * H)](
+    _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(n_keys, block_n), n_rows * H)](
         q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin,
         dk, dv, drk_buf, drv_buf,
         q.stride(0), q.stride(1), q.stride(2),
@@ -911,6 +996,7 @@ def attention_bwd_triton(
         dv.stride(0), dv.stride(1), dv.stride(2),
         *km_strides, *am_strides,
         H, group, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
+        cu_q, cu_k, tq, VARLEN=varlen is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     if R:
@@ -920,7 +1006,7 @@ def attention_bwd_triton(
         drv.copy_(drv_buf)
 
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
-    _attn_bwd_dq_kernel[(triton.cdiv(NQ, block_m), B * H)](
+    _attn_bwd_dq_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
         q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -930,6 +1016,7 @@ def attention_bwd_triton(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *km_strides, *am_strides,
         H, group, NQ, NK, R, causal, qk_scale, scale,
+        cu_q, cu_k, tq, VARLEN=varlen is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     if group > 1:
@@ -940,3 +1027,36 @@ def attention_bwd_triton(
         dk = apply_rope_transpose(dk, rope_cos, rope_sin, rope_style)
     if dk is not dk_out:
         dk_out.copy_(dk)
+
+
+def _packed_as_bhnd(t: Tensor) -> Tensor:
+    """[T, H, D] packed sequences as the [1, H, T, D] view the kernels read, with batch stride 0:
+    the program row's batch index is the sequence, which must move no pointer but the registers'."""
+    T, H, D = t.shape
+    return t.as_strided((1, H, T, D), (0, t.stride(1), t.stride(0), t.stride(2)))
+
+
+def attention_varlen_fwd_triton(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rk, rv, sinks, num_prefix_tokens, scale, causal,
+    return_stats, out, lse, entropy, register_share, key_mass,
+) -> None:  # fmt: skip
+    """Packed sequences (dsr_kernels.attention_varlen): the forward kernels with program row = sequence."""
+    attention_fwd_triton(
+        *(_packed_as_bhnd(t) for t in (q, k, v)), rk, rv, sinks, None, None, num_prefix_tokens, scale,
+        0 if causal else None, return_stats, _packed_as_bhnd(out), lse, entropy, register_share, key_mass,
+        varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    )  # fmt: skip
+
+
+def attention_varlen_bwd_triton(
+    dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rk, rv, sinks, out, lse, scale, causal,
+    dq, dk, dv, drk, drv, dsinks,
+) -> None:  # fmt: skip
+    """Gradients of the packed-sequence forward."""
+    if dout.stride(-1) != 1:  # (packed first: the kernels' views keep a batch stride of 0)
+        dout = dout.contiguous()
+    attention_bwd_triton(
+        *(_packed_as_bhnd(t) for t in (dout, q, k, v)), rk, rv, sinks, None, None, _packed_as_bhnd(out), lse, scale,
+        0 if causal else None, *(_packed_as_bhnd(t) for t in (dq, dk, dv)), drk, drv, dsinks,
+        varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    )  # fmt: skip
