@@ -119,16 +119,31 @@ def _eager(case, x, cu_q, cu_k, compute_dtype):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("backend", [CPU, "torch", pytest.param("triton", marks=requires_interpreter)])
 def test_varlen_matches_the_per_sequence_definition(case, backend):
-    x, cu_q, cu_k = _inputs(case)
-    kw, wrt = _leaves(x)
     if backend == "triton" and case.Dv:  # (the Triton kernels have one head dim for k and v)
+        x, cu_q, cu_k = _inputs(case)
         with pytest.raises(BackendUnavailable, match="value head dim"):
-            attention_varlen(**kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+            attention_varlen(**x, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
         return
+    check_varlen(case, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if not c.Dv], ids=str)
+def test_varlen_triton_cuda_matches_the_per_sequence_definition(case):
+    check_varlen(case, "triton", device="cuda")
+
+
+def check_varlen(case, backend, device="cpu"):
+    x, cu_q, cu_k = _inputs(case)
+    on_device = {n: tuple(u.to(device) for u in t) if isinstance(t, tuple) else t.to(device) for n, t in x.items()}
+    kw, wrt = _leaves(on_device)
     out, stats = attention_varlen(
-        **kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=case.causal, num_prefix_tokens=case.prefix,
-        return_stats=True, backend=backend,
+        **kw, cu_seqlens_q=cu_q.to(device), cu_seqlens_k=cu_k.to(device), causal=case.causal,
+        num_prefix_tokens=case.prefix, return_stats=True, backend=backend,
     )  # fmt: skip
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(case.dtype)
+    grads = [g.cpu() for g in torch.autograd.grad(out, wrt, dout.to(device))]
+    out, stats = out.detach().cpu(), type(stats)(*(t.cpu() for t in stats))
     Tq, S = sum(case.seqlens_q), len(case.seqlens_q)
     assert out.shape == (Tq, case.H, case.Dv or case.D) and out.dtype == case.dtype
     assert stats.lse.shape == (case.H, Tq) and stats.key_mass.shape == (S, case.H, case.R + max(case.seqlens_k))
@@ -151,8 +166,6 @@ def test_varlen_matches_the_per_sequence_definition(case, backend):
             )
             if expected is not None:
                 torch.testing.assert_close(total, expected, atol=1e-3 * (q1 - q0), rtol=1e-2)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(case.dtype)
-    grads = torch.autograd.grad(out, wrt, dout)
     ref_grads = torch.autograd.grad(ref_out, ref_wrt, dout.double())
     eager_grads = torch.autograd.grad(eager_out, eager_wrt, dout)
     names = [

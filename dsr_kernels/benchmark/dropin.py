@@ -109,7 +109,9 @@ def _model_fns(shape: DropinShape, mode: str, device: torch.device, dtype: torch
     native = DiTTransformer2DModel(
         num_attention_heads=shape.H, attention_head_dim=shape.D, in_channels=4, num_layers=shape.layers,
         sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
-    ).to(device, dtype)  # fmt: skip
+    ).to(device)  # fmt: skip
+    if dtype != torch.float32:  # (diffusers warns about any .to(dtype), float32 included)
+        native = native.to(dtype)
     fused = copy.deepcopy(native)
     dsr_kernels.patch(fused)
     g = torch.Generator().manual_seed(1)
