@@ -14,8 +14,6 @@ Adding a backend: its implementation file (declaring ``BACKEND``) and its line i
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from dsr_kernels import _extension
@@ -49,7 +47,7 @@ class BackendUnavailable(RuntimeError):
 # devices and auto_devices then leave out those that do not apply to a device).
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "attention": (
-        dataclasses.replace(_triton.BACKEND, lacks=("value_head_dim",)),
+        _triton.BACKEND,
         _attention_cpu.BACKEND,
         _attention_torch.BACKEND,
         _attention_ref.BACKEND,

@@ -103,8 +103,7 @@ CASES = [
     Case(H=4, Hk=2, Nq=57, Nk=57, D=64, rope="half", attn_mask="float", dtype=torch.float16),
 ]
 
-# A value head dim different from the key head dim: not in the Triton kernels (auto takes
-# the next backend there; tests/test_backends.py checks the explicit request raises).
+# A value head dim different from the key head dim (each kernel tiles v, out and dO by their own).
 VALUE_DIM_CASES = [
     Case(B=2, Nq=113, Nk=57, D=72, Dv=40, R=36, sinks=True, key_mask=True),
     Case(H=4, Hk=2, Nq=65, Nk=65, D=32, Dv=80, R=1, causal=True, rope="interleaved", dtype=torch.bfloat16),
@@ -256,10 +255,16 @@ def test_cpu_backend_matches_reference_at_small_odd_head_dims(case):
     check_case(case, "cpu")
 
 
-@pytest.mark.parametrize("backend", [CPU, "torch"])
+@pytest.mark.parametrize("backend", [CPU, "torch", pytest.param("triton", marks=requires_interpreter)])
 @pytest.mark.parametrize("case", VALUE_DIM_CASES, ids=str)
 def test_value_head_dim_differs_from_key_head_dim(case, backend):
     check_case(case, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", VALUE_DIM_CASES, ids=str)
+def test_value_head_dim_triton_cuda(case):
+    check_case(case, "triton", device="cuda")
 
 
 @requires_cpu_kernel

@@ -230,13 +230,14 @@ def test_importing_the_package_imports_no_triton_and_no_cycle():
 
 
 def test_a_backend_without_a_feature_is_skipped_by_auto_and_refused_by_name(monkeypatch):
-    """attention with Dv != D: Triton lacks it, so auto takes the next backend; an explicit request raises."""
+    """A backend that declares it lacks a feature (Backend.lacks): auto takes the next one, a request by name raises."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one
     _patched(monkeypatch, "attention", triton=None)
+    table = list(backends.BACKENDS["attention"])
+    table[0] = dataclasses.replace(table[0], lacks=("varlen",))
+    monkeypatch.setitem(backends.BACKENDS, "attention", tuple(table))
     assert backends.resolve("attention", "auto", _cuda_like()) == "triton"
-    assert backends.resolve("attention", "auto", _cuda_like(), ("value_head_dim",)) == "torch"
-    with pytest.raises(BackendUnavailable, match="does not support a value head dim different from the key head dim"):
-        backends.resolve("attention", "triton", _cuda_like(), ("value_head_dim",))
-    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 4)
-    with pytest.raises(BackendUnavailable, match="value head dim"):
-        dsr_kernels.attention(q, k, v, backend="triton")
+    assert backends.resolve("attention", "auto", _cuda_like(), ("varlen",)) == "torch"
+    with pytest.raises(BackendUnavailable, match="does not support packed variable-length sequences"):
+        backends.resolve("attention", "triton", _cuda_like(), ("varlen",))
+    assert table[0].missing(()) is None and "value head dim" not in (table[0].missing(("varlen",)) or "")

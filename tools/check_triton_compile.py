@@ -79,11 +79,14 @@ def attention_launches():
     from dsr_kernels.rope import rope_1d_tables
     from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
 
-    def run(dtype, D, *, R=4, sinks=True, key_mask=False, attn_mask=None, causal=None, rope=None, stats=True, Hk=2):
-        B, H, N = 1, 2, 40
+    def run(
+        dtype, D, *, R=4, sinks=True, key_mask=False, attn_mask=None, causal=None, rope=None, stats=True, Hk=2, Dv=None
+    ):
+        B, H, N, Dv = 1, 2, 40, Dv or D
         q = torch.randn(B, H, N, D, dtype=dtype)
-        k, v = (torch.randn(B, Hk, N, D, dtype=dtype) for _ in range(2))
-        rk = rv = torch.randn(H, R, D, dtype=dtype) if R else None
+        k, v = torch.randn(B, Hk, N, D, dtype=dtype), torch.randn(B, Hk, N, Dv, dtype=dtype)
+        rk = torch.randn(H, R, D, dtype=dtype) if R else None
+        rv = torch.randn(H, R, Dv, dtype=dtype) if R else None
         s = torch.randn(H) if sinks else None
         km = torch.rand(B, N) > 0.5 if key_mask else None
         am = None
@@ -115,6 +118,8 @@ def attention_launches():
         lambda: run(torch.float32, 160, key_mask=True),
         lambda: run(torch.bfloat16, 16, R=0, sinks=False),
         lambda: run(torch.bfloat16, 72, Hk=1, key_mask=True),  # MQA: K/V head = query head // 2
+        lambda: run(torch.bfloat16, 72, Dv=40),  # a value head dim of its own (72 = 64 + 16 for q, k; 40 for v)
+        lambda: run(torch.float16, 64, Dv=160, causal=0),
         lambda: run_varlen(torch.bfloat16, 72, causal=True),
         lambda: run_varlen(torch.float16, 128, R=0, sinks=False, Hk=1),
     ]

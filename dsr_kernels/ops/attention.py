@@ -533,7 +533,7 @@ def attention(
         k: [B, Hk, Nk, D] and v: [B, Hk, Nk, Dv], q's dtype and device. Hk may divide H
             (grouped-query attention, MQA when Hk = 1): query head h reads K/V head
             h // (H / Hk) in place (the "torch" backend repeats them). Dv may differ
-            from D (not in the Triton kernels: "auto" then takes the next backend).
+            from D (every backend tiles v, out and their gradients by Dv: no padding).
         kv_registers: (rk, rv), rk [H, R, D] (shared by the batch, e.g. learned) or
             [B, H, R, D], rv the same with Dv: R register keys/values per query head,
             placed before the tokens. Never masked.

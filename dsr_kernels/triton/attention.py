@@ -137,7 +137,7 @@ def _mask_logits(
 def _fwd_tile(
     acc0, acc1, m_i, l_i, t_i, r_i,
     q0, q1, K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
-    rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+    rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, NUM_PREFIX, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
     CAUSAL_OFFSET,
@@ -145,7 +145,7 @@ def _fwd_tile(
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
@@ -176,10 +176,10 @@ def _fwd_tile(
             if start_n < NUM_PREFIX:
                 r_i += tl.sum(tl.where(cols[None, :] < NUM_PREFIX, p, 0.0), 1)
     l_i = l_i * alpha + p_sum
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
     acc0 = acc0 * alpha[:, None] + _mma(p.to(v0.dtype), v0, DOT_PRECISION)
-    if SPLIT_D:
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+    if SPLIT_DV:
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
         acc1 = acc1 * alpha[:, None] + _mma(p.to(v1.dtype), v1, DOT_PRECISION)
     return acc0, acc1, m_new, l_i, t_i, r_i
 
@@ -203,6 +203,7 @@ def _attn_fwd_kernel(
     HAS_SINKS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     """out_i = sum_j softmax_j(s_ij) v_j over [registers ; tokens] (+ sink), s = q k^T scale."""
     pid_m = tl.program_id(0)
@@ -224,6 +225,8 @@ def _attn_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_v0 = tl.arange(0, BLOCK_DV0)
+    offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
 
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
@@ -240,8 +243,8 @@ def _attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
     t_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DV0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DV1], tl.float32)
 
     rk_base = RK + b64 * stride_rkb + h64 * stride_rkh
     rv_base = RV + b64 * stride_rvb + h64 * stride_rvh
@@ -249,12 +252,12 @@ def _attn_fwd_kernel(
         acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
             acc0, acc1, m_i, l_i, t_i, r_i,
             q0, q1, rk_base, rv_base, stride_rkn, stride_rvn, start_n, R,
-            rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+            rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, NUM_PREFIX, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION, ROPE,
+            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV,
         )
 
     hi = NK
@@ -266,12 +269,12 @@ def _attn_fwd_kernel(
         acc0, acc1, m_i, l_i, t_i, r_i = _fwd_tile(
             acc0, acc1, m_i, l_i, t_i, r_i,
             q0, q1, k_base, v_base, stride_kn, stride_vn, start_n, NK,
-            rows, offs_d0, offs_d1, b64, h64, NQ, NUM_PREFIX, qk_scale,
+            rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, NUM_PREFIX, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION, ROPE,
+            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV,
         )
 
     # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
@@ -279,9 +282,9 @@ def _attn_fwd_kernel(
     l_safe = tl.where(alive, l_i, 1.0)
     inv_l = 1.0 / l_safe
     o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
-    _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d0, HEAD_DIM)
-    if SPLIT_D:
-        _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_d1, HEAD_DIM)
+    _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v0, HEAD_DIM_V)
+    if SPLIT_DV:
+        _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v1, HEAD_DIM_V)
     row_ok = rows < NQ
     stat_offs = stat_base + rows
     log2_l = tl.log2(l_safe)
@@ -355,6 +358,7 @@ def _attn_key_mass_kernel(
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     """key_mass[b, h, j] = sum_i exp(s_ij - lse_i): one program per key block, no atomics."""
     pid_n = tl.program_id(0)
@@ -460,21 +464,25 @@ def _dkdv_tile(
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_v0 = tl.arange(0, BLOCK_DV0)
+    offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
     k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
     k1 = k0
     v1 = v0
     if SPLIT_D:
         k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+    if SPLIT_DV:
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_DV0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
-    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_DV1], tl.float32)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     lo = 0
@@ -484,12 +492,13 @@ def _dkdv_tile(
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
-        do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
+        do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V)
         q1 = q0
         do1 = do0
         if SPLIT_D:
             q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
-            do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
+        if SPLIT_DV:
+            do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V)
         stat_offs = stat_base + rows
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -504,8 +513,8 @@ def _dkdv_tile(
         p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         pt = tl.trans(p.to(do0.dtype))
         dv0 += _mma(pt, do0, DOT_PRECISION)
-        dp = _qk(do0, do1, v0, v1, SPLIT_D, DOT_PRECISION)
-        if SPLIT_D:
+        dp = _qk(do0, do1, v0, v1, SPLIT_DV, DOT_PRECISION)
+        if SPLIT_DV:
             dv1 += _mma(pt, do1, DOT_PRECISION)
         dst = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
         dk0 += _mma(dst, q0, DOT_PRECISION)
@@ -535,10 +544,11 @@ def _attn_bwd_dkdv_kernel(
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     """dV_j = sum_i p_ij dO_i, dK_j = scale sum_i p_ij (dO_i . v_j - delta_i) q_i.
 
-    Register key blocks write float32 per-sample gradients DRK/DRV [B, H, R, D].
+    Register key blocks write float32 per-sample gradients DRK [B, H, R, D] and DRV [B, H, R, Dv].
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -558,6 +568,8 @@ def _attn_bwd_dkdv_kernel(
         stat_base = h64 * TQ + q_start
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_v0 = tl.arange(0, BLOCK_DV0)
+    offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
     if pid_n < N_REG_BLOCKS:
         start_n = pid_n * BLOCK_N
         dk0, dk1, dv0, dv1 = _dkdv_tile(
@@ -570,15 +582,18 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
-        # DRK/DRV are contiguous float32 [B, H, R, HEAD_DIM].
+        # DRK / DRV are contiguous float32 [B, H, R, HEAD_DIM] / [B, H, R, HEAD_DIM_V].
         base = bh.to(tl.int64) * R * HEAD_DIM
+        base_v = bh.to(tl.int64) * R * HEAD_DIM_V
         _store_tile(DRK + base, dk0 * sm_scale, cols, R, HEAD_DIM, offs_d0, HEAD_DIM)
-        _store_tile(DRV + base, dv0, cols, R, HEAD_DIM, offs_d0, HEAD_DIM)
+        _store_tile(DRV + base_v, dv0, cols, R, HEAD_DIM_V, offs_v0, HEAD_DIM_V)
         if SPLIT_D:
             _store_tile(DRK + base, dk1 * sm_scale, cols, R, HEAD_DIM, offs_d1, HEAD_DIM)
-            _store_tile(DRV + base, dv1, cols, R, HEAD_DIM, offs_d1, HEAD_DIM)
+        if SPLIT_DV:
+            _store_tile(DRV + base_v, dv1, cols, R, HEAD_DIM_V, offs_v1, HEAD_DIM_V)
     else:
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         dk0, dk1, dv0, dv1 = _dkdv_tile(
@@ -592,38 +607,41 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + k_start * stride_dkn
         dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + k_start * stride_dvn
         _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM)
-        _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_d0, HEAD_DIM)
+        _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v0, HEAD_DIM_V)
         if SPLIT_D:
             _store_tile(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d1, HEAD_DIM)
-            _store_tile(dv_base, dv1.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_d1, HEAD_DIM)
+        if SPLIT_DV:
+            _store_tile(dv_base, dv1.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v1, HEAD_DIM_V)
 
 
 @triton.jit
 def _dq_tile(
     dq0, dq1, q0, q1, do0, do1, lse2, delta,
     K_BASE, V_BASE, stride_kn, stride_vn, start_n, n_keys,
-    rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+    rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, qk_scale,
     KEY_MASK, stride_kmb, stride_kmn,
     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
     COS, SIN,
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d0, HEAD_DIM)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
     k1 = k0
     v1 = v0
     if SPLIT_D:
         k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_d1, HEAD_DIM)
+    if SPLIT_DV:
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
     s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
     s = _mask_logits(
         s, rows, cols, n_keys, b64, h64, NQ,
@@ -632,7 +650,7 @@ def _dq_tile(
         CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
     )
     p = tl.exp2(s - lse2[:, None])
-    dp = _qk(do0, do1, v0, v1, SPLIT_D, DOT_PRECISION)
+    dp = _qk(do0, do1, v0, v1, SPLIT_DV, DOT_PRECISION)
     ds = (p * (dp - delta[:, None])).to(k0.dtype)
     dq0 += _mma(ds, k0, DOT_PRECISION)
     if SPLIT_D:
@@ -659,6 +677,7 @@ def _attn_bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
 ):
     """dQ_i = scale sum_j p_ij (dO_i . v_j - delta_i) k_j over registers and tokens."""
     pid_m = tl.program_id(0)
@@ -680,15 +699,18 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_v0 = tl.arange(0, BLOCK_DV0)
+    offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
-    do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM)
+    do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V)
     q1 = q0
     do1 = do0
     if SPLIT_D:
         q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
-        do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM)
+    if SPLIT_DV:
+        do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V)
     stat_offs = stat_base + rows
     lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -702,11 +724,12 @@ def _attn_bwd_dq_kernel(
         dq0, dq1 = _dq_tile(
             dq0, dq1, q0, q1, do0, do1, lse2, delta,
             rk_base, rv_base, stride_rkn, stride_rvn, start_n, R,
-            rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+            rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HEAD_DIM_V, SPLIT_DV,
         )
     hi = NK
     if IS_CAUSAL:
@@ -717,11 +740,12 @@ def _attn_bwd_dq_kernel(
         dq0, dq1 = _dq_tile(
             dq0, dq1, q0, q1, do0, do1, lse2, delta,
             k_base, v_base, stride_kn, stride_vn, start_n, NK,
-            rows, offs_d0, offs_d1, b64, h64, NQ, qk_scale,
+            rows, offs_d0, offs_d1, offs_v0, offs_v1, b64, h64, NQ, qk_scale,
             KEY_MASK, stride_kmb, stride_kmn,
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HEAD_DIM_V, SPLIT_DV,
         )
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqm
     _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM)
@@ -750,6 +774,15 @@ def _tiling(head_dim: int, mode: str | None = None) -> _Tiling:
             return _Tiling(d0, d1, True)
     # Unused second block: 16 columns the kernels never touch (SPLIT_D is False).
     return _Tiling(full, 16, False)
+
+
+def _wider(a: _Tiling, b: _Tiling) -> _Tiling:
+    """The tiling with more columns (q / k vs v when their head dims differ)."""
+
+    def width(t: _Tiling) -> int:
+        return t.block_d0 + (t.block_d1 if t.split_d else 0)
+
+    return a if width(a) >= width(b) else b
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -846,14 +879,16 @@ def attention_fwd_triton(
         cu_q, cu_k, max_q, n_keys = varlen
         n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
     R = 0 if rk is None else rk.shape[-2]
-    tiling = _tiling(D)
+    tiling, vt = _tiling(D), _tiling(v.shape[3])
     prec = _dot_precision(q.dtype)
     km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
     flags = dict(
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        HEAD_DIM_V=v.shape[3], BLOCK_DV0=vt.block_d0, BLOCK_DV1=vt.block_d1, SPLIT_DV=vt.split_d,
         HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
         IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
     )
+    tiling = _wider(tiling, vt)  # the launch configs follow the wider of the two head dims
     cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
     causal = 0 if causal_offset is None else causal_offset
     qk_scale = scale * LOG2E
@@ -929,14 +964,16 @@ def attention_bwd_triton(
         cu_q, cu_k, max_q, n_keys = varlen
         n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
     R = 0 if rk is None else rk.shape[-2]
-    tiling = _tiling(D)
+    tiling, vt = _tiling(D), _tiling(v.shape[3])
     prec = _dot_precision(q.dtype)
     km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
     flags = dict(
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        HEAD_DIM_V=v.shape[3], BLOCK_DV0=vt.block_d0, BLOCK_DV1=vt.block_d1, SPLIT_DV=vt.split_d,
         HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
         IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
     )
+    tiling = _wider(tiling, vt)  # the launch configs follow the wider of the two head dims
     cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
     causal = 0 if causal_offset is None else causal_offset
     qk_scale = scale * LOG2E
@@ -971,7 +1008,7 @@ def attention_bwd_triton(
         dout.stride(0), dout.stride(1), dout.stride(2),
         H, NQ,
         cu_q, tq, VARLEN=varlen is not None,
-        HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
+        HEAD_DIM=v.shape[3], BLOCK_D0=vt.block_d0, BLOCK_D1=vt.block_d1, SPLIT_D=vt.split_d,
         BLOCK_M=pre_m, HAS_SINKS=sinks is not None,
     )
     if sinks is not None:
@@ -981,7 +1018,7 @@ def attention_bwd_triton(
     n_reg_blocks = triton.cdiv(R, block_n)
     if R:
         drk_buf = torch.empty(n_rows, H, R, D, dtype=torch.float32, device=q.device)
-        drv_buf = torch.empty_like(drk_buf)
+        drv_buf = torch.empty(n_rows, H, R, v.shape[3], dtype=torch.float32, device=q.device)
     else:
         drk_buf = drv_buf = delta
     _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(n_keys, block_n), n_rows * H)](
