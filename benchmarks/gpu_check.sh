@@ -34,7 +34,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive 
   fi
 
   echo "== gpu tests"
-  timeout 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests || status=1
+  timeout 260 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests || status=1
 
   echo "== benchmarks"
   # The main job on the GPU (every section, default preset: about 2 minutes), then head

@@ -186,3 +186,14 @@ def test_patch_bad_input():
         dsr_kernels.patch(model, num_kv_registers=-2)
     with pytest.raises(ValueError, match="'backend' must be one of"):
         dsr_kernels.patch(model, backend="flash")
+
+
+def test_patch_a_pipeline_patches_its_transformer():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    model, _, _ = _build("DiT")
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=DDIMScheduler())
+    names = dsr_kernels.patch(pipe, num_kv_registers=2)
+    assert names == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(isinstance(model.get_submodule(n).processor, integration.DSRAttnProcessor) for n in names)
