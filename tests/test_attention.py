@@ -274,6 +274,7 @@ def test_value_head_dim_triton_cuda(case):
     [
         Case(B=2, H=3, Nq=257, Nk=292, D=72, R=36, sinks=True, key_mask=True, prefix=2),
         Case(B=2, H=4, Hk=2, Nq=129, Nk=77, D=40, Dv=24, R=4, sinks=True),  # grouped heads add into one dk
+        Case(B=2, H=4, Hk=2, Nq=97, Nk=97, D=40, R=2, causal=True, rope="half", prefix=3),  # rotated in the kernel
     ],
     ids=str,
 )

@@ -170,6 +170,10 @@ struct Operands {
   at::Tensor attn_mask;                                    // [B, H, Nq, Nk] (strided), or undefined
   std::optional<int64_t> causal;  // batch: the offset; varlen: bottom-right in each sequence
   float scale = 1.0f;
+  // Rotary tables [N, D] (float32, contiguous) applied to q and the token keys as their
+  // rows are loaded; rope 1: interleaved pairs (2i, 2i + 1), 2: half pairs (i, i + D / 2).
+  const float *cos = nullptr, *sin = nullptr;
+  int rope = 0;
 
   bool varlen() const { return !cu_q.empty(); }
   int64_t b(int64_t s) const { return varlen() ? 0 : s; }  // the batch index of sequence s
@@ -207,6 +211,43 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim_lo, int64_t di
               " must have a contiguous last dim, got strides ", t.strides());
 }
 
+inline int64_t rope_partner(int64_t d, int64_t D, int rope) {
+  return rope == 1 ? (d ^ 1) : (d < D / 2 ? d + D / 2 : d - D / 2);
+}
+inline float rope_sign(int64_t d, int64_t D, int rope) { return (rope == 1 ? d % 2 == 0 : d < D / 2) ? -1.0f : 1.0f; }
+
+// dst[r] = rope(src[r]) for n rows whose table rows start at row0:
+// rope(x)[d] = x[d] cos[d] + sign[d] x[partner(d)] sin[d] (dsr_kernels/rope.py).
+void rope_rows(const Operands& o, const float* src, int64_t ld_src, int64_t n, int64_t row0, float* dst,
+               int64_t ld_dst) {
+  const int64_t D = o.D;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = src + r * ld_src;
+    const float* c = o.cos + (row0 + r) * D;
+    const float* sn = o.sin + (row0 + r) * D;
+    float* y = dst + r * ld_dst;
+    for (int64_t d = 0; d < D; ++d) {
+      y[d] = x[d] * c[d] + rope_sign(d, D, o.rope) * x[rope_partner(d, D, o.rope)] * sn[d];
+    }
+  }
+}
+
+// g[r] <- rope^T(g[r]) in place (the gradient of the unrotated rows):
+// g'[e] = g[e] cos[e] + sign[p(e)] g[p(e)] sin[p(e)], p the (involutive) partner map.
+void rope_rows_transpose(const Operands& o, float* g, int64_t ld, int64_t n, int64_t row0, float* tmp) {
+  const int64_t D = o.D;
+  for (int64_t r = 0; r < n; ++r) {
+    float* x = g + r * ld;
+    std::copy(x, x + D, tmp);
+    const float* c = o.cos + (row0 + r) * D;
+    const float* sn = o.sin + (row0 + r) * D;
+    for (int64_t e = 0; e < D; ++e) {
+      const int64_t p = rope_partner(e, D, o.rope);
+      x[e] = tmp[e] * c[e] + rope_sign(p, D, o.rope) * tmp[p] * sn[p];
+    }
+  }
+}
+
 std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t total) {
   TORCH_CHECK(cu.device().is_cpu() && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong) &&
                   cu.dim() == 1 && cu.numel() >= 2,
@@ -227,7 +268,9 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
                        const std::optional<at::Tensor>& attn_mask, double scale,
                        std::optional<int64_t> causal_offset, at::Tensor& key_mask_holder,
-                       const at::Tensor* cu_seqlens_q = nullptr, const at::Tensor* cu_seqlens_k = nullptr) {
+                       const at::Tensor* cu_seqlens_q = nullptr, const at::Tensor* cu_seqlens_k = nullptr,
+                       const std::optional<at::Tensor>& rope_cos = std::nullopt,
+                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0) {
   check_f32(q, "q", 4, 4);
   check_f32(k, "k", 4, 4);
   check_f32(v, "v", 4, 4);
@@ -249,7 +292,8 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     o.cu_k = offsets(*cu_seqlens_k, "cu_seqlens_k", o.Nk);
     TORCH_CHECK(o.cu_q.size() == o.cu_k.size(), "attention (cpu): cu_seqlens_q and cu_seqlens_k must have one length, ",
                 "got ", o.cu_q.size(), " and ", o.cu_k.size());
-    TORCH_CHECK(!key_mask.has_value() && !attn_mask.has_value(), "attention (cpu): varlen takes no key_mask or attn_mask");
+    TORCH_CHECK(!key_mask.has_value() && !attn_mask.has_value(),
+                "attention (cpu): varlen takes no key_mask or attn_mask");
     o.S = static_cast<int64_t>(o.cu_q.size()) - 1;
   } else {
     o.S = o.B;
@@ -301,6 +345,22 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   o.causal = varlen && causal_offset.has_value() ? std::optional<int64_t>(0) : causal_offset;
   o.scale = static_cast<float>(scale);
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), "attention (cpu): rope_cos and rope_sin go together");
+  if (rope_cos.has_value()) {
+    TORCH_CHECK(!varlen, "attention (cpu): rope tables are for batch mode (one position per query / key row)");
+    TORCH_CHECK(rope_style == 1 || rope_style == 2,
+                "attention (cpu): rope_style must be 1 (interleaved) or 2 (half), got ", rope_style);
+    TORCH_CHECK(o.Nq == o.Nk && o.D % 2 == 0,
+                "attention (cpu): rope needs self-attention (Nq == Nk) and an even D, got Nq ", o.Nq, ", Nk ", o.Nk,
+                ", D ", o.D);
+    for (const at::Tensor* t : {&*rope_cos, &*rope_sin}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == o.Nq && t->size(1) == o.D,
+                  "attention (cpu): rope tables must be contiguous float32 CPU tensors [N = ", o.Nq, ", D = ", o.D,
+                  "], got ", t->sizes(), " ", t->scalar_type());
+    }
+    o.cos = rope_cos->data_ptr<float>(), o.sin = rope_sin->data_ptr<float>(), o.rope = static_cast<int>(rope_style);
+  }
   return o;
 }
 
@@ -338,13 +398,44 @@ void apply_masks(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t 
   }
 }
 
-// Logits of queries i0 .. i0 + m of (s, h) against [registers ; tokens]: a [m, R + nk] block, row stride T.
-void logits_block(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t T) {
-  const float* q = o.q_row(seq, h, i0);
-  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, o.sq[2], o.rk_rows(seq, h), o.srk[2], 0.0f, s, T);
-  gemm_rm(false, true, m, o.nk(seq), o.D, o.scale, q, o.sq[2], o.k_rows(seq, h), o.sk[2], 0.0f, s + o.R, T);
+// Logits of queries i0 .. i0 + m of (s, h) against [registers ; tokens]: a [m, R + nk] block, row
+// stride T. q: the block's query rows (row stride ldq), k: the sequence's token key rows (ldk),
+// both already rotated when rope is on.
+void logits_block(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t T,
+                  const float* q, int64_t ldq, const float* k, int64_t ldk) {
+  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, ldq, o.rk_rows(seq, h), o.srk[2], 0.0f, s, T);
+  gemm_rm(false, true, m, o.nk(seq), o.D, o.scale, q, ldq, k, ldk, 0.0f, s + o.R, T);
   apply_masks(o, seq, h, i0, m, s + o.R, T);
 }
+
+// The query rows of a block and the token key rows of (s, h) as the GEMMs read them: in place
+// without rope; rotated into the thread's buffers with it (the keys once per (s, K/V head)).
+struct RowSource {
+  std::vector<float> qbuf, kbuf;
+  int64_t k_seq = -1, k_head = -1;
+
+  const float* q(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, int64_t* ld) {
+    const float* rows = o.q_row(seq, h, i0);
+    *ld = o.sq[2];
+    if (o.rope == 0) return rows;
+    qbuf.resize(static_cast<size_t>(m * o.D));
+    rope_rows(o, rows, o.sq[2], m, i0, qbuf.data(), o.D);
+    *ld = o.D;
+    return qbuf.data();
+  }
+  const float* k(const Operands& o, int64_t seq, int64_t h, int64_t* ld) {
+    const float* rows = o.k_rows(seq, h);
+    *ld = o.sk[2];
+    if (o.rope == 0) return rows;
+    if (k_seq != seq || k_head != h / o.G) {
+      kbuf.resize(static_cast<size_t>(o.nk(seq) * o.D));
+      rope_rows(o, rows, o.sk[2], o.nk(seq), 0, kbuf.data(), o.D);
+      k_seq = seq, k_head = h / o.G;
+    }
+    *ld = o.D;
+    return kbuf.data();
+  }
+};
 
 // Query rows per block: the [BM, R + Nk] logits block (and, backward, its gradient)
 // should stay in L2 (~1 MiB per core on current x86 servers).
@@ -394,14 +485,20 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
   const int64_t shared_cols = R + num_prefix_tokens;  // the register share's columns
   const RowOps& vo = ops();
 
+  // Tasks run head-major (t = h * nblocks + blk), so that a thread's consecutive tasks share
+  // their key rows (rotated once with rope); the key-mass parts are stored per (blk, h).
   at::parallel_for(0, nblocks * H, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     std::vector<float> buf(static_cast<size_t>(BM * Tmax));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / H, h = task % H, seq = blk_seq[blk], i0 = blk_start[blk];
+    RowSource rows_of;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / nblocks, blk = t % nblocks, task = blk * H + h, seq = blk_seq[blk], i0 = blk_start[blk];
       const int64_t nk = o.nk(seq), T = R + nk, m = std::min(BM, o.nq(seq) - i0);
       float* s = buf.data();
-      logits_block(o, seq, h, i0, m, s, T);
+      int64_t ldq = 0, ldk = 0;
+      const float* qr = rows_of.q(o, seq, h, i0, m, &ldq);
+      const float* kr = rows_of.k(o, seq, h, &ldk);
+      logits_block(o, seq, h, i0, m, s, T, qr, ldq, kr, ldk);
       const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
       const int64_t row0 = (o.b(seq) * H + h) * LQ + o.qoff(seq) + i0;  // lse index of the block's first row
       for (int64_t r = 0; r < m; ++r) {
@@ -515,7 +612,8 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
   at::parallel_for(0, S * Hk, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     std::vector<float> p(static_cast<size_t>(BM * Tmax)), dp(static_cast<size_t>(BM * Tmax));
-    std::vector<float> delta(static_cast<size_t>(BM));
+    std::vector<float> delta(static_cast<size_t>(BM)), tmp(static_cast<size_t>(D));
+    RowSource rows_of;
     for (int64_t shk = begin; shk < end; ++shk) {
       const int64_t seq = shk / Hk, hk = shk % Hk, b = o.b(seq), nq = o.nq(seq), nk = o.nk(seq), T = R + nk;
       float* dk_rows = dk_p + b * sdk[0] + hk * sdk[1] + o.koff(seq) * sdk[2];
@@ -546,7 +644,10 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
           const int64_t m = std::min(BM, nq - i0);
           const float beta_r = i0 == 0 ? 0.0f : 1.0f;               // the first block initialises drk, drv
           const float beta = i0 == 0 && h == hk * G ? 0.0f : 1.0f;  // ... and the group's first head dk, dv
-          logits_block(o, seq, h, i0, m, p.data(), T);
+          int64_t ldq = 0, ldk = 0;
+          const float* q_rows = rows_of.q(o, seq, h, i0, m, &ldq);
+          const float* k_rows = rows_of.k(o, seq, h, &ldk);
+          logits_block(o, seq, h, i0, m, p.data(), T, q_rows, ldq, k_rows, ldk);
           const int64_t qrow = o.qoff(seq) + i0;
           for (int64_t r = 0; r < m; ++r) {
             const float row_lse = lse_p[row0 + i0 + r];
@@ -580,15 +681,17 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
             gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(seq, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
           }
           if (nk > 0 || R == 0) {
-            gemm_rm(false, false, m, D, nk, o.scale, dp.data() + R, T, o.k_rows(seq, h), o.sk[2], R > 0 ? 1.0f : 0.0f,
-                    dq_rows, sdq[2]);
+            gemm_rm(false, false, m, D, nk, o.scale, dp.data() + R, T, k_rows, ldk, R > 0 ? 1.0f : 0.0f, dq_rows,
+                    sdq[2]);
           }
-          const float* q_rows = o.q_row(seq, h, i0);
-          gemm_rm(true, false, nk, D, m, o.scale, dp.data() + R, T, q_rows, o.sq[2], beta, dk_rows, sdk[2]);
-          if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, o.sq[2], beta_r, drk_rows, D);
+          if (o.rope != 0) rope_rows_transpose(o, dq_rows, sdq[2], m, i0, tmp.data());  // the rows are complete
+          gemm_rm(true, false, nk, D, m, o.scale, dp.data() + R, T, q_rows, ldq, beta, dk_rows, sdk[2]);
+          if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, ldq, beta_r, drk_rows, D);
         }
         sink_parts[sh] = dsink;
       }
+      // dk of the rotated keys, summed over the group and the query blocks: rotate back once.
+      if (o.rope != 0 && nq > 0) rope_rows_transpose(o, dk_rows, sdk[2], nk, 0, tmp.data());
     }
   });
 
@@ -627,9 +730,11 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
                        std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
                        const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                       const at::Tensor& key_mass) {
+                       const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos,
+                       const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
   at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder,
+                                   nullptr, nullptr, rope_cos, rope_sin, rope_style);
   fwd_impl(o, num_prefix_tokens, return_stats, out, lse, entropy, register_share, key_mass);
 }
 
@@ -639,9 +744,12 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                        const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
                        double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
                        const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
+                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
+                       const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+                       int64_t rope_style) {
   at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder);
+  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder,
+                                   nullptr, nullptr, rope_cos, rope_sin, rope_style);
   bwd_impl(o, dout, out, lse, dq, dk, dv, drk, drv, dsinks, rk, q, k, v, rv);
 }
 
@@ -682,9 +790,10 @@ void fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& attn_mask,
             int64_t num_prefix_tokens, double scale, std::optional<int64_t> causal_offset, bool return_stats,
             const at::Tensor& out, const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-            const at::Tensor& key_mass) {
+            const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos,
+            const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
   attention_fwd_cpu(q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset,
-                    return_stats, out, lse, entropy, register_share, key_mass);
+                    return_stats, out, lse, entropy, register_share, key_mass, rope_cos, rope_sin, rope_style);
 }
 
 void bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -693,23 +802,26 @@ void bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, co
             const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
             std::optional<int64_t> causal_offset, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
             const std::optional<at::Tensor>& drk, const std::optional<at::Tensor>& drv,
-            const std::optional<at::Tensor>& dsinks) {
+            const std::optional<at::Tensor>& dsinks, const std::optional<at::Tensor>& rope_cos,
+            const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
   attention_bwd_cpu(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal_offset, dq, dk, dv,
-                    drk, drv, dsinks);
+                    drk, drv, dsinks, rope_cos, rope_sin, rope_style);
 }
 
 // Shape-only checks for the Meta kernels: the outputs are the caller's, nothing to compute.
 void fwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, int64_t, double, std::optional<int64_t>, bool, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t) {}
 
 void bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
               const at::Tensor&, double, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&) {}
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              int64_t) {}
 
 void varlen_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& rk,
@@ -753,11 +865,13 @@ TORCH_LIBRARY_FRAGMENT(dsr_kernels, m) {
   m.def(
       "attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, "
       "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, bool return_stats, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass) -> ()");
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_style=0) -> ()");
   m.def(
       "attention_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
       "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
-      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks) -> ()");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_style=0) -> ()");
   m.def(
       "attention_varlen_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? rk, "
       "Tensor? rv, Tensor? sinks, int num_prefix_tokens, float scale, bool causal, bool return_stats, "

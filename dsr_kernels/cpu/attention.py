@@ -4,9 +4,9 @@ The kernel computes in float32 and writes into the outputs that
 ``dsr_kernels.ops.attention`` allocates: out, lse and, with statistics, the entropy,
 register share and key mass, all from one pass over each query block's logits. This
 launcher converts fp16 / bf16 operands to float32 (float32 accumulation; float32 inputs
-are passed as they are, views included) and applies the rotary tables to q and the token
-keys before the call; the backward rotates the gradients of q and k back with the
-tables' transpose. float64 stays on the ``"torch"`` and ``"reference"`` backends.
+are passed as they are, views included) and passes the rotary tables, which the kernel
+applies to q and the token keys as it loads their rows (and whose transpose it applies to
+the gradients of q and k). float64 stays on the ``"torch"`` and ``"reference"`` backends.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dsr_kernels._extension import extension_unavailable_reason
-from dsr_kernels.rope import apply_rope, apply_rope_transpose
+from dsr_kernels.rope import ROPE_STYLES
 from dsr_kernels.types import HALF_AND_FLOAT, Backend
 
 
@@ -34,11 +34,11 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
-def _rotated(q: Tensor, k: Tensor, rope_cos: Tensor | None, rope_sin: Tensor | None, rope_style: str):
-    q32, k32 = q.float(), k.float()
-    if rope_cos is not None:
-        q32, k32 = apply_rope(q32, rope_cos, rope_sin, rope_style), apply_rope(k32, rope_cos, rope_sin, rope_style)
-    return q32, k32
+def _rope_args(rope_cos: Tensor | None, rope_sin: Tensor | None, rope_style: str) -> tuple:
+    """(cos, sin, style) as the C++ op takes them: float32 contiguous [N, D] tables, 1 / 2 pairing."""
+    if rope_cos is None:
+        return None, None, 0
+    return rope_cos.float().contiguous(), rope_sin.float().contiguous(), ROPE_STYLES.index(rope_style) + 1
 
 
 def _bnhd_f32(t: Tensor) -> Tensor:
@@ -70,12 +70,11 @@ def attention_fwd_cpu(
     rope_sin: Tensor | None = None,
     rope_style: str = "interleaved",
 ) -> None:
-    """Fills out [B, H, Nq, D], lse [B, H, Nq] and, with return_stats, the statistics."""
-    q32, k32 = _rotated(q, k, rope_cos, rope_sin, rope_style)
+    """Fills out [B, H, Nq, Dv], lse [B, H, Nq] and, with return_stats, the statistics."""
     o32 = out if out.dtype == torch.float32 else _bnhd_f32(out)
     torch.ops.dsr_kernels.attention_fwd_cpu(
-        q32,
-        k32,
+        q.float(),
+        k.float(),
         v.float(),
         _f32(rk),
         _f32(rv),
@@ -91,6 +90,7 @@ def attention_fwd_cpu(
         entropy,
         register_share,
         key_mass,
+        *_rope_args(rope_cos, rope_sin, rope_style),
     )
     if o32 is not out:
         out.copy_(o32)
@@ -121,9 +121,8 @@ def attention_bwd_cpu(
     rope_sin: Tensor | None = None,
     rope_style: str = "interleaved",
 ) -> None:
-    """Fills dq, dk, dv and, when given, drk, drv (rk's shape) and dsinks ([H])."""
-    q32, k32 = _rotated(q, k, rope_cos, rope_sin, rope_style)
-    direct = rope_cos is None and q.dtype == torch.float32
+    """Fills dq, dk, dv and, when given, drk, drv (rk's, rv's shapes) and dsinks ([H])."""
+    direct = q.dtype == torch.float32
     dq32, dk32 = (dq, dk) if direct else (_bnhd_f32(dq), _bnhd_f32(dk))
     dv32 = dv if dv.dtype == torch.float32 else _bnhd_f32(dv)
     regs = None
@@ -137,8 +136,8 @@ def attention_bwd_cpu(
         do32 = do32.contiguous()
     torch.ops.dsr_kernels.attention_bwd_cpu(
         do32,
-        q32,
-        k32,
+        q.float(),
+        k.float(),
         v.float(),
         _f32(rk),
         _f32(rv),
@@ -155,10 +154,8 @@ def attention_bwd_cpu(
         None if regs is None else regs[0],
         None if regs is None else regs[1],
         ds32,
+        *_rope_args(rope_cos, rope_sin, rope_style),
     )
-    if rope_cos is not None:
-        dq32 = apply_rope_transpose(dq32, rope_cos, rope_sin, rope_style)
-        dk32 = apply_rope_transpose(dk32, rope_cos, rope_sin, rope_style)
     for dst, src in ((dq, dq32), (dk, dk32), (dv, dv32)):
         if src is not dst:
             dst.copy_(src)

@@ -11,7 +11,7 @@
 // from the saved lse); register gradients of shared [H, R, D] registers and the sink's
 // are summed over the batch in a fixed order. No atomics: the results are bitwise the
 // same for any thread count. float32 only: the Python launcher converts fp16 / bf16
-// (fp32 accumulation) and applies the rotary tables to q and k before the call.
+// (fp32 accumulation).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,7 +25,10 @@ namespace dsr_kernels {
 // reads K/V head h / (H / Hk)) (float32, any strides with a contiguous last dim);
 // rk [H, R, D] or [B, H, R, D], rv the same with Dv; sinks [H] float32; key_mask [B, Nk] bool; attn_mask
 // [B, H, Nq, Nk] (any strides, zero strides for broadcast dims) bool or floating;
-// causal_offset: token key j is visible to query i iff j <= i + offset. Writes out
+// causal_offset: token key j is visible to query i iff j <= i + offset; rope_cos, rope_sin
+// [N, D] float32 tables (self-attention, Nq = Nk = N) and rope_style 1 (interleaved pairs) or
+// 2 (half pairs): q and the token keys are rotated as their rows are loaded (never the
+// registers), and the backward rotates dq and dk back. Writes out
 // [B, H, Nq, Dv] float32 (any strides with a contiguous last dim), lse [B, H, Nq] and,
 // with return_stats, entropy, register_share [B, H, Nq] and key_mass [B, H, R + Nk].
 void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -34,7 +37,8 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
                        std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
                        const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                       const at::Tensor& key_mass);
+                       const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos = std::nullopt,
+                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0);
 
 // Gradients of the forward above, written into dq, dk, dv (q's / k's shapes, float32, any
 // strides with a contiguous last dim), drk, drv (rk's shape) and dsinks ([H]) when given.
@@ -44,7 +48,9 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                        const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
                        double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
                        const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks);
+                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
+                       const std::optional<at::Tensor>& rope_cos = std::nullopt,
+                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0);
 
 // Packed variable-length sequences (flash-attn's varlen layout): q [1, H, Tq, D], k [1, Hk,
 // Tk, D], v [1, Hk, Tk, Dv] (views of packed [T, H, D] tensors); sequence s owns query rows
