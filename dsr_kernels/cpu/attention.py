@@ -34,6 +34,30 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
+def _sinks32(sinks: Tensor | None) -> Tensor | None:
+    return None if sinks is None else sinks.float().contiguous()
+
+
+def _dout32(dout: Tensor) -> Tensor:
+    do32 = dout.float()
+    return do32.contiguous() if do32.stride(-1) != 1 else do32  # e.g. the expanded ones of out.sum().backward()
+
+
+def _small_grads32(drk: Tensor | None, drv: Tensor | None, dsinks: Tensor | None) -> list[Tensor | None]:
+    """Float32 contiguous buffers for drk, drv and dsinks (each itself when it already is one)."""
+    return [
+        None if g is None else g if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.shape)
+        for g in (drk, drv, dsinks)
+    ]
+
+
+def _copy_back(dsts, srcs) -> None:
+    """Each gradient gets its float32 buffer's values, where the kernel wrote into a buffer of its own."""
+    for dst, src in zip(dsts, srcs, strict=True):
+        if src is not None and src is not dst:
+            dst.copy_(src)
+
+
 def _rope_args(rope_cos: Tensor | None, rope_sin: Tensor | None, rope_style: str) -> tuple:
     """(cos, sin, style) as the C++ op takes them: float32 contiguous [N, D] tables, 1 / 2 pairing."""
     if rope_cos is None:
@@ -78,7 +102,7 @@ def attention_fwd_cpu(
         v.float(),
         _f32(rk),
         _f32(rv),
-        None if sinks is None else sinks.float().contiguous(),
+        _sinks32(sinks),
         key_mask,
         attn_mask,
         num_prefix_tokens,
@@ -125,23 +149,15 @@ def attention_bwd_cpu(
     direct = q.dtype == torch.float32
     dq32, dk32 = (dq, dk) if direct else (_bnhd_f32(dq), _bnhd_f32(dk))
     dv32 = dv if dv.dtype == torch.float32 else _bnhd_f32(dv)
-    regs = None
-    if rk is not None:
-        regs = [g if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.shape) for g in (drk, drv)]
-    ds32 = None
-    if dsinks is not None:
-        ds32 = dsinks if dsinks.dtype == torch.float32 else torch.empty(dsinks.shape, dtype=torch.float32)
-    do32 = dout.float()
-    if do32.stride(-1) != 1:  # e.g. the expanded ones of out.sum().backward()
-        do32 = do32.contiguous()
+    small = _small_grads32(drk, drv, dsinks)
     torch.ops.dsr_kernels.attention_bwd_cpu(
-        do32,
+        _dout32(dout),
         q.float(),
         k.float(),
         v.float(),
         _f32(rk),
         _f32(rv),
-        None if sinks is None else sinks.float().contiguous(),
+        _sinks32(sinks),
         key_mask,
         attn_mask,
         out.float(),
@@ -151,20 +167,10 @@ def attention_bwd_cpu(
         dq32,
         dk32,
         dv32,
-        None if regs is None else regs[0],
-        None if regs is None else regs[1],
-        ds32,
+        *small,
         *_rope_args(rope_cos, rope_sin, rope_style),
     )
-    for dst, src in ((dq, dq32), (dk, dk32), (dv, dv32)):
-        if src is not dst:
-            dst.copy_(src)
-    if regs is not None:
-        for dst, src in zip((drk, drv), regs, strict=True):
-            if src is not dst:
-                dst.copy_(src)
-    if ds32 is not None and ds32 is not dsinks:
-        dsinks.copy_(ds32)
+    _copy_back((dq, dk, dv, drk, drv, dsinks), (dq32, dk32, dv32, *small))
 
 
 def _packed_as_bhnd(t: Tensor) -> Tensor:
@@ -204,7 +210,7 @@ def attention_varlen_fwd_cpu(
         cu_seqlens_k,
         _f32(rk),
         _f32(rv),
-        None if sinks is None else sinks.float().contiguous(),
+        _sinks32(sinks),
         num_prefix_tokens,
         scale,
         causal,
@@ -244,17 +250,9 @@ def attention_varlen_bwd_cpu(
 ) -> None:
     """Gradients of the packed-sequence forward, into dq, dk, dv (and drk, drv, dsinks when given)."""
     grads32 = [g if g.dtype == torch.float32 else torch.empty(g.shape, dtype=torch.float32) for g in (dq, dk, dv)]
-    regs = None
-    if rk is not None:
-        regs = [g if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.shape) for g in (drk, drv)]
-    ds32 = None
-    if dsinks is not None:
-        ds32 = dsinks if dsinks.dtype == torch.float32 else torch.empty(dsinks.shape, dtype=torch.float32)
-    do32 = dout.float()
-    if do32.stride(-1) != 1:
-        do32 = do32.contiguous()
+    small = _small_grads32(drk, drv, dsinks)
     torch.ops.dsr_kernels.attention_varlen_bwd_cpu(
-        _packed_as_bhnd(do32),
+        _packed_as_bhnd(_dout32(dout)),
         _packed_as_bhnd(q.float()),
         _packed_as_bhnd(k.float()),
         _packed_as_bhnd(v.float()),
@@ -262,22 +260,12 @@ def attention_varlen_bwd_cpu(
         cu_seqlens_k,
         _f32(rk),
         _f32(rv),
-        None if sinks is None else sinks.float().contiguous(),
+        _sinks32(sinks),
         _packed_as_bhnd(out.float()),
         lse.float(),
         scale,
         causal,
         *(_packed_as_bhnd(g) for g in grads32),
-        None if regs is None else regs[0],
-        None if regs is None else regs[1],
-        ds32,
+        *small,
     )
-    for dst, src in zip((dq, dk, dv), grads32, strict=True):
-        if src is not dst:
-            dst.copy_(src)
-    if regs is not None:
-        for dst, src in zip((drk, drv), regs, strict=True):
-            if src is not dst:
-                dst.copy_(src)
-    if ds32 is not None and ds32 is not dsinks:
-        dsinks.copy_(ds32)
+    _copy_back((dq, dk, dv, drk, drv, dsinks), (*grads32, *small))
