@@ -4,15 +4,28 @@ Without a GPU, Triton kernels are tested in Triton's CPU interpreter, which must
 switched on before triton is imported; with a GPU the real kernels run and the tests
 marked ``gpu`` exercise them. Nothing here touches the GPU at import time beyond asking
 whether one exists.
+
+Also here: hypothesis' profiles (CI's fixed, derandomised budget "dsr-ci", the default;
+"dsr-thorough" on request: ``pytest --hypothesis-profile=dsr-thorough``), and the
+library-output guard (tests/library_output.py): a test during which a BLAS or kernel
+library prints an error fails.
 """
 
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+pytest_plugins = ["library_output", "pytester"]
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("dsr-ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("dsr-thorough", max_examples=400, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile("dsr-ci")
 
 
 def pytest_configure(config):

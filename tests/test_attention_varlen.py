@@ -283,3 +283,42 @@ def test_varlen_op_opcheck_and_compile():
         return attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=11, max_seqlen_k=11, backend="cpu")
 
     torch.testing.assert_close(torch.compile(f, fullgraph=False)(x["q"], x["k"], x["v"]), f(x["q"], x["k"], x["v"]))
+
+
+@pytest.mark.parametrize("backend", [CPU, "torch", "reference", pytest.param("triton", marks=requires_interpreter)])
+def test_generous_max_seqlen_k_and_prefix_past_the_longest_sequence(backend):
+    """flash-attn's callers pass a max_seqlen_k above the longest key sequence: key_mass is
+    [S, H, R + max_seqlen_k] with zeros past each sequence's keys, on every backend alike; a
+    num_prefix_tokens above the longest sequence counts every key of each."""
+    cu = torch.tensor([0, 13], dtype=torch.int32)
+    q, k, v = (torch.randn(13, 2, 16) for _ in range(3))
+    _, ref = attention_varlen(q, k, v, cu, cu, max_seqlen_k=16, num_prefix_tokens=20, return_stats=True,
+                              backend="reference")  # fmt: skip
+    _, got = attention_varlen(q, k, v, cu, cu, max_seqlen_k=16, num_prefix_tokens=20, return_stats=True,
+                              backend=backend)  # fmt: skip
+    assert got.key_mass.shape == (1, 2, 16) and torch.equal(got.key_mass[..., 13:], torch.zeros(1, 2, 3))
+    for name in ("lse", "entropy", "register_share", "key_mass"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got.register_share, torch.ones(2, 13))
+    out, lse, _ = dsr_kernels.flash_attn_varlen_func(q, k, v, cu, cu, 13, 16, return_attn_probs=True)
+    assert out.shape == (13, 2, 16) and lse.shape == (2, 13)
+
+
+@pytest.mark.parametrize("backend", [CPU, "torch", pytest.param("triton", marks=requires_interpreter)])
+def test_varlen_pooled_gradient_and_expanded_rows(backend):
+    """attention_varlen(...).sum(0): the gradient is expanded along the packed tokens."""
+    cu = torch.tensor([0, 5, 5, 17])
+    q, k, v = (torch.randn(17, 2, 8, requires_grad=True) for _ in range(3))
+    k_expanded = torch.randn(1, 2, 8).expand(17, 2, 8)
+
+    def grads(be):
+        for t in (q, k, v):
+            t.grad = None
+        attention_varlen(q, k, v, cu, cu, backend=be).sum(0).pow(2).sum().backward()
+        return [t.grad.clone() for t in (q, k, v)]
+
+    for name, got, ref in zip("qkv", grads(backend), grads("reference"), strict=True):
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4, msg=f"d{name}")
+    out = attention_varlen(q.detach(), k_expanded, v.detach(), cu, cu, backend=backend)
+    torch.testing.assert_close(out, attention_varlen(q.detach(), k_expanded, v.detach(), cu, cu, backend="reference"),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip

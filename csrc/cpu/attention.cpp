@@ -88,6 +88,8 @@ const RowOps& ops() {
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 }  // namespace
 }  // namespace dsr_kernels
@@ -137,6 +139,19 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
     }
     return;
   }
+  // BLAS takes a leading dimension of at least the row length (it prints an error and
+  // returns without writing C otherwise). A matrix of one row is read once, whatever its
+  // stride; for more rows a smaller stride (expanded or overlapping rows) is a caller's
+  // bug, raised here rather than handed on. (The launchers copy such operands.)
+  auto leading = [](const char* what, int64_t ld, int64_t rows, int64_t cols) {
+    if (rows <= 1) return std::max<int64_t>(ld, std::max<int64_t>(cols, 1));
+    TORCH_CHECK(ld >= cols, "attention (cpu): ", what, " rows have stride ", ld, " below their length ", cols,
+                " (expanded or overlapping rows must be copied before the kernel)");
+    return ld;
+  };
+  lda = trans_a ? leading("an operand's", lda, K, M) : leading("an operand's", lda, M, K);
+  ldb = trans_b ? leading("an operand's", ldb, N, K) : leading("an operand's", ldb, K, N);
+  ldc = leading("an output's", ldc, M, N);
   if (sgemm_ != nullptr) {
     constexpr int64_t kMax = std::numeric_limits<int>::max();
     TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
@@ -209,6 +224,11 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim_lo, int64_t di
               " dims, expected ", dim_lo == dim_hi ? std::to_string(dim_lo) : "3 or 4");
   TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, "attention (cpu): ", name,
               " must have a contiguous last dim, got strides ", t.strides());
+  // Rows are handed to BLAS with their stride as the leading dimension: it must not be
+  // below the row length (an expanded stride 0 or the overlapping rows of unfold).
+  TORCH_CHECK(t.numel() == 0 || t.size(-2) <= 1 || t.stride(-2) >= t.size(-1), "attention (cpu): ", name,
+              " must have rows that do not overlap (row stride >= ", t.size(-1), "), got strides ", t.strides(),
+              " for shape ", t.sizes(), ": pass .contiguous()");
 }
 
 inline int64_t rope_partner(int64_t d, int64_t D, int rope) {
@@ -437,6 +457,12 @@ struct RowSource {
   }
 };
 
+// p of a row whose softmax is undefined (a NaN or +inf logit): NaN, but 0 at masked keys
+// (s = -inf), which no row's probability reaches (the reference's contract).
+void nan_row(float* s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] == kNegInf ? 0.0f : kNaN;
+}
+
 // Query rows per block: the [BM, R + Nk] logits block (and, backward, its gradient)
 // should stay in L2 (~1 MiB per core on current x86 servers).
 int64_t block_rows(int64_t T, int64_t Nq, int64_t buffers) {
@@ -445,12 +471,25 @@ int64_t block_rows(int64_t T, int64_t Nq, int64_t buffers) {
   return std::max<int64_t>(1, std::min(bm, Nq));
 }
 
+// How many parts each sequence's key-mass sum is split into, a function of the shapes
+// alone (never of the thread count, so the bits are the same on any machine): enough
+// (sequence, head, part) tasks to keep 64 threads busy, at most 16 parts, and the partial
+// sums beyond the first (which goes straight into key_mass) at most an eighth of the
+// inputs q, k, v in size.
+int64_t key_mass_parts(const Operands& o, int64_t Tmax) {
+  const int64_t rows = std::max<int64_t>(1, o.S * o.H);
+  const int64_t for_threads = std::clamp<int64_t>((64 + rows - 1) / rows, 1, 16);
+  const int64_t inputs = o.B * (o.H * o.Nq * o.D + o.Hk * o.Nk * (o.D + o.Dv));
+  const int64_t for_memory = 1 + inputs / 8 / std::max<int64_t>(1, rows * Tmax);
+  return std::max<int64_t>(1, std::min(for_threads, for_memory));
+}
+
 void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, const at::Tensor& out,
               const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
               const at::Tensor& key_mass) {
   const int64_t H = o.H, Dv = o.Dv, R = o.R, S = o.S, Tmax = R + o.max_nk;
   const int64_t LQ = o.Nq;  // the queries of one (b, h) row of lse: Nq, or Tq in varlen mode
-  TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens <= (o.varlen() ? o.max_nk : o.Nk),
+  TORCH_CHECK(num_prefix_tokens >= 0 && (o.varlen() || num_prefix_tokens <= o.Nk),
               "attention (cpu): num_prefix_tokens must be in [0, Nk], got ", num_prefix_tokens);
   check_f32(out, "out", 4, 4);
   TORCH_CHECK(out.dim() == 4 && out.size(0) == o.B && out.size(1) == H && out.size(2) == o.Nq && out.size(3) == Dv,
@@ -458,100 +497,137 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
               out.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == o.B * H * LQ,
               "attention (cpu): lse must be a contiguous float32 [B, H, Nq] tensor");
+  // key_mass [S, H, KW]: KW = R + Nk in batch mode; in varlen mode R + max_seqlen_k, which
+  // may exceed R + the longest key sequence (columns past a sequence's keys are zeros).
+  int64_t KW = Tmax;
   if (return_stats) {
     for (const at::Tensor* t : {&entropy, &register_share}) {
       TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == o.B * H * LQ,
                   "attention (cpu): entropy and register_share must be contiguous float32 [B, H, Nq] tensors");
     }
-    TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.numel() == S * H * Tmax,
-                "attention (cpu): key_mass must be a contiguous float32 [S, H, R + max Nk] tensor");
+    KW = key_mass.dim() == 3 ? key_mass.size(2) : -1;
+    TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.dim() == 3 &&
+                    key_mass.size(0) == S && key_mass.size(1) == H && (o.varlen() ? KW >= Tmax : KW == Tmax),
+                "attention (cpu): key_mass must be a contiguous float32 [S = ", S, ", H = ", H, ", ",
+                o.varlen() ? ">= " : "", Tmax, "] tensor, got ", key_mass.sizes(), " ", key_mass.scalar_type());
   }
   const int64_t BM = block_rows(Tmax, o.max_nq, 1);
-  // The (sequence, query block) pairs, sequence-major; first_blk[s] indexes sequence s's first.
-  std::vector<int64_t> blk_seq, blk_start, first_blk(static_cast<size_t>(S + 1), 0);
+  // Tasks are (head, part of a sequence's query blocks). Without statistics a part is one
+  // block. With them, a sequence has at most key_mass_parts() parts, each summing the
+  // column sums of p over its blocks in order: part 0 into key_mass itself, the others
+  // into partial rows added to it in order afterwards (memory O(parts x H x (R + Nk)),
+  // not O(blocks x ...)).
+  const int64_t max_parts = return_stats ? key_mass_parts(o, Tmax) : std::numeric_limits<int64_t>::max();
+  std::vector<int64_t> part_seq, part_begin, part_end, part_slot;  // blocks [begin, end) as query rows
+  std::vector<int64_t> first_part(static_cast<size_t>(S + 1), 0);
+  int64_t slots = 0;  // partial rows (parts other than a sequence's first)
   for (int64_t s = 0; s < S; ++s) {
-    first_blk[s] = static_cast<int64_t>(blk_seq.size());
-    for (int64_t i0 = 0; i0 < o.nq(s); i0 += BM) blk_seq.push_back(s), blk_start.push_back(i0);
+    first_part[s] = static_cast<int64_t>(part_seq.size());
+    const int64_t nb = (o.nq(s) + BM - 1) / BM;
+    // (A sequence without queries still gets one empty part with statistics: it zeroes its key_mass rows.)
+    const int64_t parts = nb == 0 ? (return_stats ? 1 : 0) : std::min(nb, max_parts);
+    for (int64_t c = 0; c < parts; ++c) {
+      part_seq.push_back(s);
+      part_begin.push_back(c * nb / parts * BM);
+      part_end.push_back(std::min(o.nq(s), (c + 1) * nb / parts * BM));
+      part_slot.push_back(c == 0 ? -1 : slots++);
+    }
   }
-  first_blk[S] = static_cast<int64_t>(blk_seq.size());
-  const int64_t nblocks = first_blk[S];
+  first_part[S] = static_cast<int64_t>(part_seq.size());
+  const int64_t nparts = first_part[S];
   float* out_p = out.data_ptr<float>();
   const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
   float* lse_p = lse.data_ptr<float>();
   float* ent_p = return_stats ? entropy.data_ptr<float>() : nullptr;
   float* share_p = return_stats ? register_share.data_ptr<float>() : nullptr;
-  // Column sums of p per (query block, head), reduced over each sequence's blocks in order afterwards.
-  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(nblocks * H * Tmax) : 0);
+  float* mass = return_stats ? key_mass.data_ptr<float>() : nullptr;
+  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(slots * H * Tmax) : 0);
   const int64_t shared_cols = R + num_prefix_tokens;  // the register share's columns
   const RowOps& vo = ops();
 
-  // Tasks run head-major (t = h * nblocks + blk), so that a thread's consecutive tasks share
-  // their key rows (rotated once with rope); the key-mass parts are stored per (blk, h).
-  at::parallel_for(0, nblocks * H, 1, [&](int64_t begin, int64_t end) {
+  // Tasks run head-major (t = h * nparts + part), so that a thread's consecutive tasks share
+  // their key rows (rotated once with rope).
+  at::parallel_for(0, nparts * H, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial;
     std::vector<float> buf(static_cast<size_t>(BM * Tmax));
     RowSource rows_of;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t h = t / nblocks, blk = t % nblocks, task = blk * H + h, seq = blk_seq[blk], i0 = blk_start[blk];
-      const int64_t nk = o.nk(seq), T = R + nk, m = std::min(BM, o.nq(seq) - i0);
-      float* s = buf.data();
-      int64_t ldq = 0, ldk = 0;
-      const float* qr = rows_of.q(o, seq, h, i0, m, &ldq);
-      const float* kr = rows_of.k(o, seq, h, &ldk);
-      logits_block(o, seq, h, i0, m, s, T, qr, ldq, kr, ldk);
-      const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
-      const int64_t row0 = (o.b(seq) * H + h) * LQ + o.qoff(seq) + i0;  // lse index of the block's first row
-      for (int64_t r = 0; r < m; ++r) {
-        float* row = s + r * T;
-        const int64_t idx = row0 + r;
-        const float mx = std::max(T > 0 ? vo.row_max(row, T) : kNegInf, sink);
-        if (mx == kNegInf) {  // nothing to attend (every key masked, no sink): out = 0, lse = -inf
-          std::fill(row, row + T, 0.0f);
-          lse_p[idx] = kNegInf;
-          if (return_stats) ent_p[idx] = 0.0f, share_p[idx] = 0.0f;
-          continue;
-        }
-        float sum_e = 0.0f, sum_es = 0.0f;
-        vo.exp_row(row, T, mx, return_stats, &sum_e, &sum_es);
-        if (sink != kNegInf) {
-          const float es = std::exp(sink - mx);
-          sum_e += es;
-          sum_es += es * sink;
-        }
-        const float inv = 1.0f / sum_e;
-        const float row_lse = mx + std::log(sum_e);
-        lse_p[idx] = row_lse;
-        if (return_stats) {
-          // entropy = -sum p log p = lse - sum p s, with p = e / sum_e
-          ent_p[idx] = row_lse - sum_es * inv;
-          share_p[idx] = vo.row_sum(row, std::min(shared_cols, T)) * inv;
-        }
-        vo.scale_row(row, T, inv);
-      }
-      float* o_rows = out_p + o.b(seq) * so[0] + h * so[1] + (o.qoff(seq) + i0) * so[2];
-      if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s, T, o.rv_rows(seq, h), o.srv[2], 0.0f, o_rows, so[2]);
-      if (nk > 0 || R == 0) {  // (no token and no register: K = 0 writes zeros)
-        gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
-                so[2]);
-      }
+      const int64_t h = t / nparts, part = t % nparts, seq = part_seq[part];
+      const int64_t nk = o.nk(seq), T = R + nk;
+      // The column sums of p of this part: key_mass's row (width KW) or a partial row.
+      float* colsum = nullptr;
       if (return_stats) {
-        float* part = mass_parts.data() + task * Tmax;
-        std::copy(s, s + T, part);
-        std::fill(part + T, part + Tmax, 0.0f);
-        for (int64_t r = 1; r < m; ++r) vo.add_row(part, s + r * T, T);
+        colsum = part_slot[part] < 0 ? mass + (seq * H + h) * KW : mass_parts.data() + (part_slot[part] * H + h) * Tmax;
+        std::fill(colsum, colsum + (part_slot[part] < 0 ? KW : Tmax), 0.0f);
+      }
+      for (int64_t i0 = part_begin[part]; i0 < part_end[part]; i0 += BM) {
+        const int64_t m = std::min(BM, part_end[part] - i0);
+        float* s = buf.data();
+        int64_t ldq = 0, ldk = 0;
+        const float* qr = rows_of.q(o, seq, h, i0, m, &ldq);
+        const float* kr = rows_of.k(o, seq, h, &ldk);
+        logits_block(o, seq, h, i0, m, s, T, qr, ldq, kr, ldk);
+        const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
+        const int64_t row0 = (o.b(seq) * H + h) * LQ + o.qoff(seq) + i0;  // lse index of the block's first row
+        for (int64_t r = 0; r < m; ++r) {
+          float* row = s + r * T;
+          const int64_t idx = row0 + r;
+          const float row_mx = T > 0 ? vo.row_max(row, T) : kNegInf;  // NaN if any logit is
+          if (std::isnan(row_mx) || std::isnan(sink) || row_mx == kPosInf || sink == kPosInf) {
+            // A NaN or +inf logit (or sink): the softmax is undefined (inf / inf). p, out,
+            // lse and the statistics of the row are NaN (reference/attention.py); masked
+            // keys keep p = 0.
+            nan_row(row, T);
+            lse_p[idx] = kNaN;
+            if (return_stats) ent_p[idx] = kNaN, share_p[idx] = kNaN;
+            continue;
+          }
+          const float mx = std::max(row_mx, sink);
+          if (mx == kNegInf) {  // nothing to attend (every key masked, no sink): out = 0, lse = -inf
+            std::fill(row, row + T, 0.0f);
+            lse_p[idx] = kNegInf;
+            if (return_stats) ent_p[idx] = 0.0f, share_p[idx] = 0.0f;
+            continue;
+          }
+          float sum_e = 0.0f, sum_es = 0.0f;
+          vo.exp_row(row, T, mx, return_stats, &sum_e, &sum_es);
+          if (sink != kNegInf) {
+            const float es = std::exp(sink - mx);
+            sum_e += es;
+            sum_es += es * (sink - mx);
+          }
+          const float inv = 1.0f / sum_e;
+          const float log_sum = std::log(sum_e);
+          lse_p[idx] = mx + log_sum;
+          if (return_stats) {
+            // entropy = -sum p log p = log l - sum p (s - m), with l = sum_e, p = e / l and m
+            // the row's max: the shifted form, which does not cancel at large logits (lse -
+            // sum p s would subtract two numbers of the logits' magnitude).
+            ent_p[idx] = log_sum - sum_es * inv;
+            share_p[idx] = vo.row_sum(row, std::min(shared_cols, T)) * inv;
+          }
+          vo.scale_row(row, T, inv);
+        }
+        float* o_rows = out_p + o.b(seq) * so[0] + h * so[1] + (o.qoff(seq) + i0) * so[2];
+        if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s, T, o.rv_rows(seq, h), o.srv[2], 0.0f, o_rows, so[2]);
+        if (nk > 0 || R == 0) {  // (no token and no register: K = 0 writes zeros)
+          gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
+                  so[2]);
+        }
+        if (return_stats) {
+          for (int64_t r = 0; r < m; ++r) vo.add_row(colsum, s + r * T, T);
+        }
       }
     }
   });
 
-  if (return_stats) {
-    float* mass = key_mass.data_ptr<float>();
+  if (return_stats && slots > 0) {  // each sequence's parts, added to its first in order
     at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t sh = begin; sh < end; ++sh) {
         const int64_t seq = sh / H, h = sh % H;
-        float* dst = mass + sh * Tmax;
-        std::fill(dst, dst + Tmax, 0.0f);
-        for (int64_t blk = first_blk[seq]; blk < first_blk[seq + 1]; ++blk) {
-          vo.add_row(dst, mass_parts.data() + (blk * H + h) * Tmax, Tmax);
+        float* dst = mass + sh * KW;
+        for (int64_t part = first_part[seq] + 1; part < first_part[seq + 1]; ++part) {
+          vo.add_row(dst, mass_parts.data() + (part_slot[part] * H + h) * Tmax, R + o.nk(seq));
         }
       }
     });
@@ -659,6 +735,11 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
             delta[r] = d;
             if (row_lse == kNegInf) {  // a query that attends nothing: no gradient
               std::fill(row, row + T, 0.0f);
+              continue;
+            }
+            if (std::isnan(row_lse)) {  // a NaN row (a NaN or +inf logit, see the forward): p is NaN
+              nan_row(row, T);
+              if (sink != kNegInf) dsink = kNaN;
               continue;
             }
             float unused_e, unused_es;

@@ -14,20 +14,31 @@ inline F load(const float* p, int64_t n, float fill) {  // n < L lanes, the rest
   return v;
 }
 
+// The row's max; NaN when any element is NaN (a NaN logit poisons its row, whichever
+// lane it sits in: the max instructions alone would keep or drop it by position).
 inline float row_max(const float* s, int64_t n) {
   F m = splat(-std::numeric_limits<float>::infinity());
+  I nan = I{};
   int64_t j = 0;
   for (; j + L <= n; j += L) {
     F v;
     std::memcpy(&v, s + j, W);
     m = maximum(m, v);
+    nan |= v != v;
   }
-  if (j < n) m = maximum(m, load(s + j, n - j, -std::numeric_limits<float>::infinity()));
+  if (j < n) {
+    const F v = load(s + j, n - j, -std::numeric_limits<float>::infinity());
+    m = maximum(m, v);
+    nan |= v != v;
+  }
+  for (int64_t l = 0; l < L; ++l)
+    if (nan[l]) return std::numeric_limits<float>::quiet_NaN();
   return hmax(m);
 }
 
-// s[j] <- exp(s[j] - shift) in place; returns sum_j e_j and (want_es) sum_j e_j s_j (masked
-// keys, s = -inf, give e = 0 and add nothing: s is clamped to -FLT_MAX for the product).
+// s[j] <- exp(s[j] - shift) in place; returns sum_j e_j and (want_es) sum_j e_j (s_j - shift),
+// the shifted form of the entropy's sum, which does not cancel at large logits (masked keys,
+// s = -inf, give e = 0 and add nothing: s - shift is clamped to -FLT_MAX for the product).
 inline void exp_row(float* s, int64_t n, float shift, bool want_es, float* sum_e, float* sum_es) {
   F acc = splat(0.0f), acc_es = splat(0.0f);
   const F sh = splat(shift), lo = splat(-std::numeric_limits<float>::max());
@@ -35,17 +46,18 @@ inline void exp_row(float* s, int64_t n, float shift, bool want_es, float* sum_e
   for (; j + L <= n; j += L) {
     F v;
     std::memcpy(&v, s + j, W);
-    const F e = exp_or_zero(v - sh);
+    const F x = v - sh;
+    const F e = exp_or_zero(x);
     acc += e;
-    if (want_es) acc_es += e * maximum(v, lo);
+    if (want_es) acc_es += e * maximum(x, lo);
     std::memcpy(s + j, &e, W);
   }
   if (j < n) {
     const int64_t m = n - j;
-    const F v = load(s + j, m, -std::numeric_limits<float>::infinity());
-    const F e = exp_or_zero(v - sh);
+    const F x = load(s + j, m, -std::numeric_limits<float>::infinity()) - sh;
+    const F e = exp_or_zero(x);
     acc += e;
-    if (want_es) acc_es += e * maximum(v, lo);
+    if (want_es) acc_es += e * maximum(x, lo);
     std::memcpy(s + j, &e, m * sizeof(float));
   }
   *sum_e = hsum(acc);
@@ -89,18 +101,19 @@ inline void add_row(float* acc, const float* p, int64_t n) {
   for (; j < n; ++j) acc[j] += p[j];
 }
 
-// ds[j] = p[j] * (dp[j] - delta), in place over dp.
+// ds[j] = p[j] * (dp[j] - delta), in place over dp; 0 where p[j] is 0 (a masked key: the
+// definition's masked_fill passes it no gradient, even when its value row makes dp NaN).
 inline void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
   int64_t j = 0;
-  const F dv = splat(delta);
+  const F dv = splat(delta), zero = splat(0.0f);
   for (; j + L <= n; j += L) {
     F a, g;
     std::memcpy(&a, p + j, W);
     std::memcpy(&g, dp + j, W);
-    g = a * (g - dv);
+    g = as_float(as_int(a * (g - dv)) & ~(a == zero));
     std::memcpy(dp + j, &g, W);
   }
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (; j < n; ++j) dp[j] = p[j] == 0.0f ? 0.0f : p[j] * (dp[j] - delta);
 }
 
 }  // namespace DSR_VEC_NS

@@ -121,6 +121,22 @@ acc_t signed_max(acc_t hi, acc_t lo) {
   return hi >= -lo ? hi : lo;
 }
 
+// max / min that propagate NaN, as torch.amax / amin do (std::max(a, NaN) would drop it).
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {
+  return (std::isnan(a) || b > a || std::isnan(b)) && !std::isnan(a) ? b : a;
+}
+template <typename acc_t>
+acc_t nan_min(acc_t a, acc_t b) {
+  return (std::isnan(a) || b < a || std::isnan(b)) && !std::isnan(a) ? b : a;
+}
+
+// The order of torch.sort: NaN after every number.
+template <typename acc_t>
+bool less_nan_last(acc_t a, acc_t b) {
+  return std::isnan(b) ? !std::isnan(a) : a < b;
+}
+
 // reg / fill / thresh [B, K] from the compact activations cols [B, T, K].
 template <typename acc_t>
 void column_values(const TtrActivationArgs& a, const acc_t* cols, TtrColumnValues& v) {
@@ -137,8 +153,8 @@ void column_values(const TtrActivationArgs& a, const acc_t* cols, TtrColumnValue
       const acc_t* col = cols + b * T * K + k;  // stride K
       acc_t mx = -inf, mn = inf;
       for (int64_t t = 0; t < T; ++t) {
-        mx = std::max(mx, col[t * K]);
-        mn = std::min(mn, col[t * K]);
+        mx = nan_max(mx, col[t * K]);
+        mn = nan_min(mn, col[t * K]);
       }
       hi[task] = mx;
       lo[task] = mn;
@@ -148,7 +164,9 @@ void column_values(const TtrActivationArgs& a, const acc_t* cols, TtrColumnValue
         patch.resize(P);
         for (int64_t t = 0; t < P; ++t) patch[t] = col[(p0 + t) * K];
         const int64_t m = bottom_mean_count(P);
-        std::nth_element(patch.begin(), patch.begin() + m - 1, patch.end());
+        // (NaN sorts last, as in the reference's torch.sort: a NaN enters the mean only
+        // when fewer than m patches are numbers)
+        std::nth_element(patch.begin(), patch.begin() + m - 1, patch.end(), less_nan_last<acc_t>);
         double s = 0;  // after nth_element the m smallest are the first m, in some order
         for (int64_t t = 0; t < m; ++t) s += patch[t];
         f = static_cast<acc_t>(s / m);
@@ -173,8 +191,8 @@ void column_values(const TtrActivationArgs& a, const acc_t* cols, TtrColumnValue
     for (int64_t b = 0; b < B; ++b) {
       acc_t mx = -inf, mn = inf;
       for (int64_t k = 0; k < K; ++k) {
-        mx = std::max(mx, hi[b * K + k]);
-        mn = std::min(mn, lo[b * K + k]);
+        mx = nan_max(mx, hi[b * K + k]);
+        mn = nan_min(mn, lo[b * K + k]);
       }
       for (int64_t k = 0; k < K; ++k) reg[b * K + k] = signed_max(mx, mn);
     }

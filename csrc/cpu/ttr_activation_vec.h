@@ -15,13 +15,14 @@ inline F with_sign_of(F x, F sign) { return as_float(as_int(x) ^ (as_int(sign) &
 // 1 / x. The vector division is the slowest instruction here (on AMD Zen 4 one AVX-512
 // division issues every ~10 cycles), so AVX2 / AVX-512 take the hardware estimate and one
 // Newton step: relative error ~1e-7, below the A&S erf's.
+// (x = inf: the estimate is 0 and the Newton step 0 * (2 - inf * 0) would be NaN: 0 is kept.)
 inline F reciprocal(F x) {
 #if DSR_VEC_BYTES == 64
   const F r = _mm512_rcp14_ps(x);
-  return r * (splat(2.0f) - x * r);
+  return as_float(as_int(r * (splat(2.0f) - x * r)) & ~(r == splat(0.0f)));
 #elif DSR_VEC_BYTES == 32
   const F r = _mm256_rcp_ps(x);
-  return r * (splat(2.0f) - x * r);
+  return as_float(as_int(r * (splat(2.0f) - x * r)) & ~(r == splat(0.0f)));
 #else
   return splat(1.0f) / x;
 #endif

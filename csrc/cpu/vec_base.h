@@ -31,8 +31,11 @@ inline F maximum(F a, F b) {
 // exp(x) for x <= 0, clamped at -87 (below float's smallest normal, so exp(-inf) gives
 // ~1.6e-38, not 0: exp_or_zero is the masked form): x = n ln2 + r, |r| <= ln2 / 2, exp(r)
 // by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits.
-inline F exp_nonpositive(F x) {
-  x = maximum(x, splat(-87.0f));
+// A NaN x gives NaN: its lanes are computed on 0 (no NaN reaches the float-to-int
+// conversion) and put back at the end.
+inline F exp_nonpositive(F x_in) {
+  const I nan = x_in != x_in;
+  const F x = maximum(as_float(as_int(x_in) & ~nan), splat(-87.0f));
   const I n = __builtin_convertvector(x * splat(1.44269504088896341f) - splat(0.5f), I);
   const F nf = __builtin_convertvector(n, F);
   const F r = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
@@ -43,11 +46,12 @@ inline F exp_nonpositive(F x) {
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
   p = p * (r * r) + r + splat(1.0f);
-  return p * as_float((n + 127) << 23);
+  return as_float((as_int(p * as_float((n + 127) << 23)) & ~nan) | (as_int(x_in) & nan));
 }
 
-// exp(x) for x <= 0, exactly 0 for x <= -87 (and for -inf: masked keys).
-inline F exp_or_zero(F x) { return as_float(as_int(exp_nonpositive(x)) & (x > splat(-87.0f))); }
+// exp(x) for x <= 0, exactly 0 for x <= -87 (and for -inf: masked keys), NaN for NaN (a
+// NaN logit is never mistaken for a masked key).
+inline F exp_or_zero(F x) { return as_float(as_int(exp_nonpositive(x)) & ~(x <= splat(-87.0f))); }
 
 inline float hsum(F v) {
   float s = 0.0f;

@@ -76,16 +76,17 @@ __device__ __forceinline__ acc_t signed_max(acc_t hi, acc_t lo) {
 
 // ----------------------------------------------------------------------------- block reductions
 
+// max / min that propagate NaN, as torch.amax / amin (and the CPU kernel) do.
 struct MaxOp {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const {
-    return b > a ? b : a;
+    return a != a ? a : (b > a || b != b ? b : a);
   }
 };
 struct MinOp {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const {
-    return b < a ? b : a;
+    return a != a ? a : (b < a || b != b ? b : a);
   }
 };
 struct SumOp {
@@ -122,7 +123,8 @@ __device__ T block_reduce(T v, Op op, T identity) {
 
 // ----------------------------------------------------------------------------- stage 1
 
-// Order-preserving unsigned key of a float / double (a < b  <=>  key(a) < key(b), -0 < +0).
+// Order-preserving unsigned key of a float / double (a < b  <=>  key(a) < key(b), -0 < +0;
+// every NaN the largest key, which decodes to NaN).
 template <typename acc_t>
 struct OrderedKey;
 
@@ -131,6 +133,7 @@ struct OrderedKey<float> {
   using U = uint32_t;
   static constexpr int kBits = 32;
   __device__ static __forceinline__ U encode(float v) {
+    if (v != v) return ~U(0);  // NaN after every number, whatever its sign bit (torch.sort's order)
     U u;
     memcpy(&u, &v, sizeof(u));
     return (u >> 31) ? ~u : (u | 0x80000000u);
@@ -148,6 +151,7 @@ struct OrderedKey<double> {
   using U = unsigned long long;
   static constexpr int kBits = 64;
   __device__ static __forceinline__ U encode(double v) {
+    if (v != v) return ~U(0);  // NaN after every number (as the float key)
     U u;
     memcpy(&u, &v, sizeof(u));
     return (u >> 63) ? ~u : (u | 0x8000000000000000ull);

@@ -18,7 +18,8 @@ one shape and mode: every provider at every register count R, their repeats
 interleaved, so that both ratios a row carries are paired by round: the speed-up over
 ``torch_sdpa_cat`` at the same R, and the latency overhead over the same provider at
 R = 0 (next to the FLOP overhead R / N). Rows also give achieved TFLOP/s
-(4 B H N (N + R) D forward, 2.5x that backward) and peak memory (measured at one R).
+(4 B H N (N + R) D forward, 2.5x that backward) and peak memory (measured at one R):
+tensor memory, and on the CPU the process's resident peak with what the call added.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dsr_kernels.benchmark import plots
 from dsr_kernels.benchmark.common import (
     overhead_fields,
     peak_memory_mb,
+    peak_rss_mb,
     speedup_fields,
     time_interleaved,
     timing_fields,
@@ -83,7 +85,20 @@ class AttentionShape:
         return f"B {self.B}, H {self.H}, N {self.N}, D {self.D}"
 
 
-SHAPE_NAMES = ("dsr-dit-xl", "dsr-dit-xl-b8", "dit-b", "n1024", "n4096", "n4096-h8", "dsr-dit-xl-d80", "n4096-d128")
+SHAPE_NAMES = (
+    "dsr-dit-xl",
+    "dsr-dit-xl-b8",
+    "dit-b",
+    "n1024",
+    "n4096",
+    "n4096-h8",
+    "dsr-dit-xl-d80",
+    "n4096-d128",
+    "n70000-d4",
+)
+# Providers that materialise [B, H, N, R + N] probabilities leave shapes where that
+# would take more than this (the row would measure the swap, or an out-of-memory error).
+MATERIALISE_LIMIT_BYTES = 2 * 2**30
 
 
 def all_shapes(device: torch.device) -> list[AttentionShape]:
@@ -101,7 +116,14 @@ def all_shapes(device: torch.device) -> list[AttentionShape]:
         AttentionShape("n4096-h8", 4 if gpu else 1, 8, 4096, 64),  # the CPU kernel's targets (issue 9)
         AttentionShape("dsr-dit-xl-d80", 256 if gpu else 2, 16, 256, 80),
         AttentionShape("n4096-d128", 4 if gpu else 1, 16, 4096, 128),
+        # The statistics' memory at a length where N x N is out of reach (issue 15): with
+        # R = 0 and D = 4 the attention's own memory is small, so any O(N^2) buffer shows.
+        AttentionShape("n70000-d4", 1, 2, 70000, 4),
     ]
+
+
+def materialises(provider: str) -> bool:
+    return provider == "eager_stats"
 
 
 def available_providers(device: torch.device) -> list[str]:
@@ -214,6 +236,8 @@ def mode_fn(name: str, mode: str, inputs) -> Callable[[], object]:
     return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True, allow_unused=True)
 
 
+# n70000-d4 (a forward takes ~10 s on 2 cores) measures memory: one R, forward only.
+LONG_SHAPE = ((0,), ("fwd",))
 # Per preset and device: {shape: (register counts, modes)}.
 _PRESETS = {
     ("quick", "cpu"): {"dsr-dit-xl": ((0, 36), ("fwd",))},
@@ -250,6 +274,7 @@ class AttentionSection(Section):
         shapes = {s.name: s for s in all_shapes(cfg.device)}
         if cfg.preset == "full":
             preset = {name: (REGISTERS, MODES) for name in SHAPE_NAMES}
+            preset["n70000-d4"] = LONG_SHAPE
         else:
             preset = _PRESETS[(cfg.preset, "cuda" if cfg.device.type == "cuda" else "cpu")]
         names = self.my_shapes(cfg) or list(preset)
@@ -259,23 +284,28 @@ class AttentionSection(Section):
             self.notes.append(f"shapes {', '.join(left)} run with --full (or --shapes)")
         out = []
         for name in names:
-            registers, modes = preset.get(name, (REGISTERS, ("fwd", "full")))
+            registers, modes = preset.get(name, LONG_SHAPE if name == "n70000-d4" else (REGISTERS, ("fwd", "full")))
             out.append((shapes[name], tuple(cfg.registers or registers), self.my_modes(cfg) or modes))
         return out
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         if self.selects_nothing(cfg):
             return []
-        providers = self.my_providers(cfg)
         cases = []
         for shape, registers, modes in self.plan(cfg):
+            probs = 4 * shape.B * shape.H * shape.N * (shape.N + max(registers))
+            providers = [p for p in self.my_providers(cfg) if not (materialises(p) and probs > MATERIALISE_LIMIT_BYTES)]
+            if len(providers) < len(self.my_providers(cfg)):
+                self.notes.append(
+                    f"{shape.name}: eager_stats not run (its probabilities would take {probs / 2**30:.0f} GiB)"
+                )
             for mode in modes:
                 round_s = sum(compute_seconds(cfg, 2 * shape.flops(mode, R)) for R in registers) * len(providers)
                 cases.append(
                     Case(
                         "attention",
                         f"attention {shape.name} {mode} R={','.join(map(str, registers))}",
-                        lambda shape=shape, mode=mode, registers=registers: _measure(
+                        lambda shape=shape, mode=mode, registers=registers, providers=providers: _measure(
                             shape, mode, registers, providers, cfg
                         ),
                         estimate_s(cfg, round_s, memory=cfg.memory),
@@ -300,6 +330,7 @@ class AttentionSection(Section):
                     "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("flop_overhead_pct") else "",
                     "TFLOP/s": num(r.get("tflops")),
                     "peak MiB": num(r.get("peak_mem_mb")),
+                    "peak RSS MiB (+call)": rss_cell(r),
                     "note": noise_cell(r),
                 }
                 for r in sel
@@ -331,6 +362,12 @@ class AttentionSection(Section):
             if dsr and dsr.get("speedup") is not None:
                 lines.append(f"{head}, R={R}: {faster_sentence('dsr', dsr, BASELINE)}.")
             stats, eager = by.get((shape, mode, "dsr_stats", R)), by.get((shape, mode, "eager_stats", R))
+            if stats and dsr and stats.get("peak_rss_mb") and dsr.get("peak_rss_mb"):
+                lines.append(
+                    f"{head}, R={R}: statistics take {stats['peak_rss_call_mb'] - dsr['peak_rss_call_mb']:+.1f} MiB "
+                    f"of peak memory (the process's peak {stats['peak_rss_mb']:.0f} MiB against "
+                    f"{dsr['peak_rss_mb']:.0f} MiB without: {stats['peak_rss_mb'] / dsr['peak_rss_mb']:.3f}x)."
+                )
             if stats and stats.get("vs_eager_stats_speedup") is not None:
                 paired = {k.replace("vs_eager_stats_", ""): v for k, v in stats.items() if k.startswith("vs_eager_")}
                 mem = ""
@@ -442,6 +479,13 @@ class AttentionSection(Section):
         return out
 
 
+def rss_cell(row: dict) -> str:
+    """'388 (+13.2)': the process's resident peak and what the call added, in MiB."""
+    if row.get("peak_rss_mb") is None:
+        return ""
+    return f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_call_mb']:.1f})"
+
+
 def _measure(shape: AttentionShape, mode: str, registers, providers, cfg: BenchConfig) -> list[dict]:
     """Every provider at every R on one shape and mode, interleaved."""
     device, dtype = cfg.device, cfg.dtype
@@ -493,6 +537,9 @@ def _measure(shape: AttentionShape, mode: str, registers, providers, cfg: BenchC
                     row["peak_mem_mb"] = peak_memory_mb(ok[key], device)
                 except Exception as exc:  # the profiler itself failing is reported, not fatal
                     row["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                rss = peak_rss_mb(ok[key]) if device.type == "cpu" else None
+                if rss is not None:
+                    row["peak_rss_mb"], row["peak_rss_call_mb"] = rss
         rows.append(row)
     del fns, ok
     if device.type == "cuda":

@@ -8,7 +8,8 @@ their own p20/p80; a row is noisy when its spread exceeds 10% of its median, whe
 processes took over 10% of the CPUs meanwhile (:class:`CpuLoad`), or when its warm-up
 never settled. Peak memory is measured in a separate call:
 ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water mark of the
-allocations PyTorch's profiler records (tensor memory, as on the GPU).
+allocations PyTorch's profiler records (tensor memory, as on the GPU), and the process's
+resident high-water mark (:func:`peak_rss_mb`: every allocation, the kernels' own too).
 """
 
 from __future__ import annotations
@@ -266,6 +267,34 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
         current += nbytes
         peak = max(peak, current)
     return peak / 2**20
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float] | None:
+    """(the process's resident high-water mark during fn, what fn added to the resident set
+    before it) in MiB: every allocation, the C++ kernels' own buffers included (which
+    PyTorch's profiler does not see). Linux only (the peak is reset through
+    /proc/self/clear_refs); None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    before = _proc_status_mb("VmRSS")
+    result = fn()
+    del result
+    peak = _proc_status_mb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return peak, peak - before
 
 
 @contextlib.contextmanager

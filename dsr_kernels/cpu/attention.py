@@ -31,16 +31,23 @@ BACKEND = Backend("cpu", ("cpu",), HALF_AND_FLOAT, _unavailable_reason)
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
+    """t as float32 rows the kernel can hand to BLAS: a view when it already is one.
+
+    The GEMMs take each operand's row stride as their leading dimension, which BLAS
+    requires to be at least the row length. Rows that overlap (the stride 0 of ``expand``,
+    the stride 1 of ``unfold``) or that are not contiguous are copied; any other strides
+    (transposed heads, a packed qkv projection, broadcast batch or head dims) are read in place.
+    """
+    if t is None:
+        return None
+    t = t.float()
+    if t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) < t.shape[-1]):
+        t = t.contiguous()
+    return t
 
 
 def _sinks32(sinks: Tensor | None) -> Tensor | None:
     return None if sinks is None else sinks.float().contiguous()
-
-
-def _dout32(dout: Tensor) -> Tensor:
-    do32 = dout.float()
-    return do32.contiguous() if do32.stride(-1) != 1 else do32  # e.g. the expanded ones of out.sum().backward()
 
 
 def _small_grads32(drk: Tensor | None, drv: Tensor | None, dsinks: Tensor | None) -> list[Tensor | None]:
@@ -97,9 +104,9 @@ def attention_fwd_cpu(
     """Fills out [B, H, Nq, Dv], lse [B, H, Nq] and, with return_stats, the statistics."""
     o32 = out if out.dtype == torch.float32 else _bnhd_f32(out)
     torch.ops.dsr_kernels.attention_fwd_cpu(
-        q.float(),
-        k.float(),
-        v.float(),
+        _f32(q),
+        _f32(k),
+        _f32(v),
         _f32(rk),
         _f32(rv),
         _sinks32(sinks),
@@ -151,16 +158,16 @@ def attention_bwd_cpu(
     dv32 = dv if dv.dtype == torch.float32 else _bnhd_f32(dv)
     small = _small_grads32(drk, drv, dsinks)
     torch.ops.dsr_kernels.attention_bwd_cpu(
-        _dout32(dout),
-        q.float(),
-        k.float(),
-        v.float(),
+        _f32(dout),
+        _f32(q),
+        _f32(k),
+        _f32(v),
         _f32(rk),
         _f32(rv),
         _sinks32(sinks),
         key_mask,
         attn_mask,
-        out.float(),
+        _f32(out),
         lse.float(),
         scale,
         causal_offset,
@@ -203,9 +210,9 @@ def attention_varlen_fwd_cpu(
     (the kernel takes the sequence lengths from the offsets; max_seqlen_* are for the signature)."""
     o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
     torch.ops.dsr_kernels.attention_varlen_fwd_cpu(
-        _packed_as_bhnd(q.float()),
-        _packed_as_bhnd(k.float()),
-        _packed_as_bhnd(v.float()),
+        _f32(_packed_as_bhnd(q)),
+        _f32(_packed_as_bhnd(k)),
+        _f32(_packed_as_bhnd(v)),
         cu_seqlens_q,
         cu_seqlens_k,
         _f32(rk),
@@ -252,16 +259,16 @@ def attention_varlen_bwd_cpu(
     grads32 = [g if g.dtype == torch.float32 else torch.empty(g.shape, dtype=torch.float32) for g in (dq, dk, dv)]
     small = _small_grads32(drk, drv, dsinks)
     torch.ops.dsr_kernels.attention_varlen_bwd_cpu(
-        _packed_as_bhnd(_dout32(dout)),
-        _packed_as_bhnd(q.float()),
-        _packed_as_bhnd(k.float()),
-        _packed_as_bhnd(v.float()),
+        _f32(_packed_as_bhnd(dout)),
+        _f32(_packed_as_bhnd(q)),
+        _f32(_packed_as_bhnd(k)),
+        _f32(_packed_as_bhnd(v)),
         cu_seqlens_q,
         cu_seqlens_k,
         _f32(rk),
         _f32(rv),
         _sinks32(sinks),
-        _packed_as_bhnd(out.float()),
+        _f32(_packed_as_bhnd(out)),
         lse.float(),
         scale,
         causal,

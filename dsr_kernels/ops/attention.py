@@ -29,6 +29,7 @@ from dsr_kernels.rope import ROPE_STYLES
 from dsr_kernels.types import AttentionStats
 
 MAX_HEAD_DIM = 256
+MAX_SEQLEN = 2**31  # row indices are 32-bit in the kernels (and BLAS's interface): checked before allocating
 _ANY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -83,11 +84,11 @@ def _check_attention_args(
         raise ValueError(f"{fn}(): empty inputs are not supported, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"{fn}(): head dims must be at most {MAX_HEAD_DIM}, got D={D}, Dv={Dv} (q {_shape(q)})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
+    for name, n in (("Nq", Nq), ("Nk", Nk)):
+        if n >= MAX_SEQLEN:
             raise ValueError(
-                f"{fn}(): argument '{name}' must have a contiguous last dimension (stride 1), "
-                f"got strides {tuple(t.stride())}"
+                f"{fn}(): sequence lengths must be below 2**31 (the kernels index rows in 32 bits), got {name}={n} "
+                f"(q {_shape(q)}, k {_shape(k)})"
             )
 
     if kv_registers is not None:
@@ -111,15 +112,13 @@ def _check_attention_args(
                 raise TypeError(f"{fn}(): argument '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
-            if t.stride(-1) != 1:
-                raise ValueError(
-                    f"{fn}(): argument '{name}' must have a contiguous last dimension, got strides {tuple(t.stride())}"
-                )
         if rk.shape[:-1] != rv.shape[:-1]:
             raise ValueError(
                 f"{fn}(): kv_registers keys and values must have the same shape but for the head dim, "
                 f"got {_shape(rk)} and {_shape(rv)}"
             )
+        if Nk + rk.shape[-2] >= MAX_SEQLEN:
+            raise ValueError(f"{fn}(): R + Nk must be below 2**31, got R={rk.shape[-2]}, Nk={Nk}")
 
     if sinks is not None:
         _check_tensor(fn, "sinks", sinks)
@@ -163,6 +162,10 @@ def _check_attention_args(
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"{fn}(): argument 'scale' must be a finite number or None, got {scale!r}")
     return attn_mask
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t
 
 
 def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
@@ -455,6 +458,11 @@ def _attention(
     """
     attn_mask = _check_attention_args(fn, q, k, v, kv_registers, sinks, key_mask, attn_mask, num_prefix_tokens, scale)
     _check_rope(fn, q, k, rope, rope_style)
+    # Any strides: the kernels read rows in place; a last dim that is not contiguous is
+    # copied first, as torch's SDPA does.
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if kv_registers is not None:
+        kv_registers = tuple(_last_dim_contiguous(t) for t in kv_registers)
     causal_offset = {None: None, "top_left": 0, "bottom_right": k.shape[2] - q.shape[2]}[causal]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     needs = ("value_head_dim",) if v.shape[-1] != q.shape[-1] else ()
@@ -528,8 +536,9 @@ def attention(
 
     Args:
         q: [B, H, Nq, D] float16 / bfloat16 / float32 (float64 for "torch"/"reference").
-            Any strides with a contiguous last dim: a view of a packed qkv projection
-            output [B, N, 3, H, D] is read in place.
+            Any strides: a view of a packed qkv projection output [B, N, 3, H, D]
+            is read in place; a last dim that is not contiguous is copied first, and
+            so are rows that overlap (``expand``, ``unfold``) on the "cpu" backend.
         k: [B, Hk, Nk, D] and v: [B, Hk, Nk, Dv], q's dtype and device. Hk may divide H
             (grouped-query attention, MQA when Hk = 1): query head h reads K/V head
             h // (H / Hk) in place (the "torch" backend repeats them). Dv may differ

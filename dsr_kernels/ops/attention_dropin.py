@@ -124,7 +124,7 @@ def flash_attn_func(
     Args:
         q: [B, Nq, H, D]; k: [B, Nk, Hk, D], v: [B, Nk, Hk, Dv] with Hk dividing H (MQA /
             GQA: query head h reads K/V head h // (H / Hk) in place, no copy). Any
-            strides with a contiguous last dim.
+            strides (a last dim that is not contiguous is copied).
         softmax_scale: default 1 / sqrt(D).
         causal: bottom-right aligned, as flash-attn >= 2.1 (query i sees key j iff
             j <= i + Nk - Nq); registers are always visible.

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dsr_kernels.backends import resolve
-from dsr_kernels.ops.attention import MAX_HEAD_DIM, _check_tensor, _shape, attention
+from dsr_kernels.ops.attention import MAX_HEAD_DIM, MAX_SEQLEN, _check_tensor, _last_dim_contiguous, _shape, attention
 from dsr_kernels.types import AttentionStats
 
 __all__ = ["attention_varlen"]
@@ -55,15 +55,12 @@ def _check_varlen_args(fn, q, k, v, cu_q, cu_k, max_q, max_k, kv_registers, sink
         )
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"{fn}(): argument 'v' must have shape [Tk={Tk}, Hk={Hk}, Dv] as k, got {_shape(v)}")
+    if max(Tq, Tk) >= MAX_SEQLEN:
+        raise ValueError(f"{fn}(): packed lengths must be below 2**31, got Tq={Tq}, Tk={Tk}")
     if H == 0 or D == 0 or Dv == 0:
         raise ValueError(f"{fn}(): empty heads or head dims, got q {_shape(q)}, v {_shape(v)}")
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"{fn}(): head dims must be at most {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(
-                f"{fn}(): argument '{name}' must have a contiguous last dimension, got {tuple(t.stride())}"
-            )
     offsets = []
     for name, cu, total in (("cu_seqlens_q", cu_q, Tq), ("cu_seqlens_k", cu_k, Tk)):
         _check_tensor(fn, name, cu)
@@ -144,14 +141,19 @@ def _alloc_fwd(q: Tensor, v: Tensor, rk: Tensor | None, S: int, max_k: int, retu
 
 
 def _alloc_bwd(q, k, v, rk, rv, sinks):
+    """Contiguous gradients (empty_like would copy the inputs' strides: a strided last dim, say)."""
     none = torch.empty(0, dtype=q.dtype, device=q.device)
+
+    def like(t: Tensor) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(rk) if rk is not None else none,
-        torch.empty_like(rv) if rv is not None else none.clone(),
-        torch.empty_like(sinks) if sinks is not None else none.clone(),
+        like(q),
+        like(k),
+        like(v),
+        like(rk) if rk is not None else none,
+        like(rv) if rv is not None else none.clone(),
+        like(sinks) if sinks is not None else none.clone(),
     )
 
 
@@ -290,8 +292,8 @@ def attention_varlen(
 
     Args:
         q: [Tq, H, D], the S sequences' queries packed; k: [Tk, Hk, D], v: [Tk, Hk, Dv]
-            (Hk dividing H: grouped K/V heads read in place). Any strides with a
-            contiguous last dim.
+            (Hk dividing H: grouped K/V heads read in place). Any strides (a last
+            dim that is not contiguous is copied).
         cu_seqlens_q, cu_seqlens_k: [S + 1] int32 / int64 offsets, rising from 0 to Tq /
             Tk: sequence s is rows cu[s] .. cu[s + 1]. Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: the longest sequence (flash-attn's arguments);
@@ -315,6 +317,9 @@ def attention_varlen(
         fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_registers, sinks, num_prefix_tokens,
         scale,
     )  # fmt: skip
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))  # (any strides: as attention's)
+    if kv_registers is not None:
+        kv_registers = tuple(_last_dim_contiguous(t) for t in kv_registers)
     max_q = long_q if max_seqlen_q is None else max_seqlen_q
     max_k = long_k if max_seqlen_k is None else max_seqlen_k
     needs = ("varlen",) + (("value_head_dim",) if v.shape[-1] != q.shape[-1] else ())

@@ -46,6 +46,15 @@ def attention_ref(
     Registers are never masked. The sink adds exp(sinks[h]) to the softmax denominator
     and is one outcome of the distribution, with no value vector.
 
+    Non-finite inputs (the contract every backend follows; README "NaN and inf"): masked
+    keys (key_mask, a bool attn_mask, causal) get the logit -inf whatever their k row
+    holds, and p = 0 exactly. A NaN or +inf among a row's logits (q row, attended keys,
+    registers, the float mask, the sink) makes that row's p NaN on every key it attends:
+    its out, lse, entropy and register_share are NaN, and so is the key_mass of those
+    keys. Values enter only through out = P V: a NaN in a value row reaches every row
+    whose probability multiplies it (0 * NaN is NaN, masked keys included, as in
+    PyTorch's math SDPA). Gradients follow by autograd of these formulas.
+
     Returns ``out`` [B, H, Nq, Dv] in q's dtype and :class:`AttentionStats` in float32
     (detached). Everything is computed in ``compute_dtype`` (float64 for the oracle; the
     input dtype gives "eager PyTorch at that dtype", the error baseline of the tests).
@@ -89,18 +98,26 @@ def attention_ref(
 
     # A query that can attend nothing gets lse = -inf, out = 0; the detour through
     # `alive` keeps its gradients finite (logsumexp of an all -inf row has NaN grads).
-    alive = (logits > float("-inf")).any(-1)
+    # A NaN logit is not a masked one: its row is alive, and NaN.
+    alive = (logits != float("-inf")).any(-1)
     lse_safe = torch.logsumexp(torch.where(alive[..., None], logits, 0.0), dim=-1)
+    # A +inf logit (a key, a float mask entry or the sink) leaves the softmax undefined
+    # (inf / inf): its row is NaN as for a NaN logit, lse included (the NaN contract).
     lse_safe = torch.where(alive, lse_safe, 0.0)
+    lse_safe = torch.where(lse_safe == float("inf"), float("nan"), lse_safe)
     lse = lse_safe.masked_fill(~alive, float("-inf"))
-    p = torch.exp(logits - lse_safe[..., None])
+    # p = 0 where the logit is -inf (masked keys), NaN rows included, and no gradient
+    # passes there (exp(-inf) = 0 in the backward too, not 0 * exp(NaN)), as in the kernels.
+    hidden = logits == float("-inf")
+    p = torch.exp(torch.where(hidden, float("-inf"), logits - lse_safe[..., None]))
     p_keys = p[..., : R + Nk]
     out = p_keys @ torch.cat(values, dim=2)
 
+    share = p_keys[..., : R + num_prefix_tokens].sum(-1)
     stats = AttentionStats(
         lse=lse,
         entropy=-torch.special.xlogy(p, p).sum(-1),
-        register_share=p_keys[..., : R + num_prefix_tokens].sum(-1),
+        register_share=share.masked_fill(torch.isnan(lse), torch.nan),  # (NaN rows: NaN even with no register)
         key_mass=p_keys.sum(-2),
     )
     stats = AttentionStats(*(t.detach().float() for t in stats))

@@ -120,6 +120,44 @@ def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, style: str) -> tupl
     return (apply_rope(q.to(acc), cos, sin, style).to(q.dtype), apply_rope(k.to(acc), cos, sin, style).to(k.dtype))
 
 
+def _overlaps(t: Tensor) -> bool:
+    """Whether two indices of t share memory (a stride 0 from expand, unfold's overlapping rows)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    span = 1
+    for st, n in dims:
+        if st < span:
+            return True
+        span = st * n
+    return False
+
+
+def _no_overlap(t: Tensor | None) -> Tensor | None:
+    """t, or a copy where its elements share memory: PyTorch's CPU flash kernels read such
+    views wrongly (heads overlapping as unfold makes them gave wrong outputs)."""
+    return t.contiguous() if t is not None and _overlaps(t) else t
+
+
+def _all_finite(*tensors: Tensor | None) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _hide_masked_keys(k: Tensor, key_mask: Tensor | None) -> Tensor:
+    """k with the rows of masked keys zeroed, for the kernels that mask by an additive -inf
+    bias: a NaN in a masked key's row would survive NaN + -inf (reference: its logit is -inf)."""
+    if key_mask is None:
+        return k
+    return k.masked_fill(~key_mask[:, None, :, None], 0.0)
+
+
+def _undefined_rows_nan(out: Tensor, lse: Tensor) -> None:
+    """Rows with a NaN or +inf logit (lse NaN or +inf): out and lse NaN (the NaN contract of
+    reference/attention.py; PyTorch's kernels give lse = +inf, or 0 times a NaN sink)."""
+    undefined = torch.isnan(lse) | (lse == float("inf"))
+    if undefined.any():
+        lse.masked_fill_(undefined, float("nan"))
+        out.masked_fill_(undefined[..., None], float("nan"))
+
+
 def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """[B, Nk] bool -> additive [B, 1, 1, Nk] (what the CPU flash kernel takes)."""
     if key_mask is None:
@@ -134,6 +172,7 @@ def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None
 def _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse) -> None:
     acc = _acc_dtype(q)
     bias = _key_mask_bias(key_mask, q.dtype)
+    k = _hide_masked_keys(k, key_mask)
     o_tok, lse_tok = _cpu_flash(q, k, v, attn_mask=bias, scale=scale)
     if key_mask is not None:  # the kernel reports lse = 0 for a row with every key masked
         lse_tok = lse_tok.masked_fill(~key_mask.any(-1)[:, None, None], float("-inf"))
@@ -208,7 +247,6 @@ def _stats_sweep(
     k_ = k.to(acc)
     rk_, _ = _registers(q, rk, rk, acc)
     R = 0 if rk is None else rk_.shape[2]
-    masked = key_mask is not None or attn_mask is not None or causal_offset is not None
     tiny = torch.finfo(acc).min
     key_mass.zero_()
     for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
@@ -222,10 +260,10 @@ def _stats_sweep(
         parts.append((num_prefix_tokens, _token_logits(qc, i0, k_, key_mask, attn_mask, causal_offset, scale)))
         col = 0
         for n_register_cols, log_p in parts:
+            hidden = log_p == float("-inf")  # masked keys: p = 0, in NaN rows too
             log_p.sub_(lse_c)
-            if masked:
-                log_p.clamp_(min=tiny)  # p = 0 entries: 0 * finite, not 0 * -inf
-            p = torch.exp(log_p)
+            log_p.clamp_(min=tiny)  # p = 0 entries (masked, or a -inf logit): 0 * finite, not 0 * -inf
+            p = torch.exp(log_p).masked_fill_(hidden, 0.0)
             ent -= torch.linalg.vecdot(p, log_p)
             if n_register_cols:
                 share += p[..., :n_register_cols].sum(-1)
@@ -235,7 +273,8 @@ def _stats_sweep(
             log_p_sink = (sinks.to(acc)[None, :, None] - lse_c[..., 0]).clamp(min=tiny)
             ent -= torch.exp(log_p_sink) * log_p_sink
         entropy[:, :, i0:i1] = ent
-        register_share[:, :, i0:i1] = share
+        # (a row with a NaN or +inf logit: NaN even with no register column to sum)
+        register_share[:, :, i0:i1] = share.masked_fill_(torch.isnan(lse_c[..., 0]), float("nan"))
 
 
 def attention_fwd_torch(
@@ -271,10 +310,14 @@ def attention_fwd_torch(
         k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     if rope_cos is not None:
         q, k = _rotated(q, k, rope_cos, rope_sin, rope_style)
-    if _uses_cpu_flash(q, v, attn_mask, causal_offset):
+    # PyTorch's CPU flash kernel can drop a NaN logit (its row max skips NaN in bf16): inputs
+    # with a non-finite q or key take the chunks, which follow the NaN contract.
+    if _uses_cpu_flash(q, v, attn_mask, causal_offset) and _all_finite(q, k, rk):
+        q, k, v, rk, rv = (_no_overlap(t) for t in (q, k, v, rk, rv))
         _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
     else:
         _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements)
+    _undefined_rows_nan(out, lse)
     if return_stats:
         _stats_sweep(
             q,
@@ -316,7 +359,15 @@ def _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv,
     # with lse = -inf get +inf instead, so that their P is 0 rather than inf.
     lse_ = lse.masked_fill(torch.isneginf(lse), float("inf"))  # float64 for float64 inputs
     bias = _key_mask_bias(key_mask, q.dtype)
-    dq_tok, dk_, dv_ = _cpu_flash_bwd(dout, q, k, v, out, lse_, 0.0, False, attn_mask=bias, scale=scale)
+    dq_tok, dk_, dv_ = _cpu_flash_bwd(
+        dout, q, _hide_masked_keys(k, key_mask), v, out, lse_, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if key_mask is not None:
+        # dq = dS K multiplies the masked keys' rows by exactly 0 (as eager PyTorch does): a
+        # non-finite entry there makes that column of dq NaN for every query of the head.
+        hidden_bad = (~torch.isfinite(k) & ~key_mask[:, None, :, None]).any(2, keepdim=True)  # [B, H, 1, D]
+        if hidden_bad.any():
+            dq_tok = dq_tok.masked_fill(hidden_bad, float("nan"))
     dk.copy_(dk_)
     dv.copy_(dv_)
     if rk is None:
@@ -363,11 +414,12 @@ def _bwd_chunked(
         qc, doc = q[:, :, i0:i1].to(acc), dout[:, :, i0:i1].to(acc)
         lse_c, delta_c = lse[:, :, i0:i1].to(acc), delta[:, :, i0:i1]
         p = _logits(qc, i0, k_, rk_, key_mask, attn_mask, causal_offset, scale)
-        p.sub_(lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]).exp_()
+        hidden = p == float("-inf")  # masked keys: p = 0 and no gradient, in NaN rows too
+        p.sub_(lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]).exp_().masked_fill_(hidden, 0.0)
         dp = torch.matmul(doc, v_.transpose(-1, -2))  # [B, H, C, Nk]
         if rv_ is not None:
             dp = torch.cat([torch.matmul(doc, rv_.transpose(-1, -2)), dp], dim=-1)
-        ds = dp.sub_(delta_c[..., None]).mul_(p)  # dS = P * (dP - delta)
+        ds = dp.sub_(delta_c[..., None]).mul_(p).masked_fill_(hidden, 0.0)  # dS = P * (dP - delta)
         dq_c = torch.matmul(ds[..., R:], k_)
         dk_ += torch.matmul(ds[..., R:].transpose(-1, -2), qc)
         dv_ += torch.matmul(p[..., R:].transpose(-1, -2), doc)
@@ -477,7 +529,10 @@ def attention_bwd_torch(
         dq.copy_(apply_rope_transpose(dq_rot, cos, sin, rope_style))
         dk.copy_(apply_rope_transpose(dk_rot, cos, sin, rope_style))
         return
-    if _uses_cpu_flash(q, v, attn_mask, causal_offset):
+    # PyTorch's kernel passes masked keys gradient 0 * NaN when a row is NaN (its lse, out or
+    # dout): calls with non-finite values take the chunks, which give them none.
+    if _uses_cpu_flash(q, v, attn_mask, causal_offset) and _all_finite(q, k, rk, out, dout):
+        dout, q, k, v, rk, rv = (_no_overlap(t) for t in (dout, q, k, v, rk, rv))
         _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv)
         if sinks is not None:
             dsinks.copy_(_sink_grad(sinks, lse, (dout.to(acc) * out.to(acc)).sum(-1)))

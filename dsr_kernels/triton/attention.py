@@ -236,8 +236,10 @@ def _attn_fwd_kernel(
 
     # The sink is one more outcome with logit sinks[h]: start the running softmax on it.
     if HAS_SINKS:
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h64).to(tl.float32) * 1.4426950408889634
-        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        sink = tl.load(SINKS + h64).to(tl.float32)
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink * 1.4426950408889634
+        # exp(sink - m) = 1, or 0 for a -inf sink (no outcome; a NaN sink keeps NaN)
+        l_i = tl.zeros([BLOCK_M], tl.float32) + tl.where(sink == float("-inf"), 0.0, 1.0)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -278,7 +280,8 @@ def _attn_fwd_kernel(
         )
 
     # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
-    alive = l_i > 0.0
+    # A NaN or +inf logit has made l NaN: such a row stays alive and all of it is NaN.
+    alive = l_i != 0.0
     l_safe = tl.where(alive, l_i, 1.0)
     inv_l = 1.0 / l_safe
     o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
@@ -339,7 +342,10 @@ def _key_mass_tile(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
             CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
         )
-        mass += tl.sum(tl.exp2(s - lse2[:, None]), 0)
+        # Masked keys get p = 0 even in a NaN row, whose lse is NaN (the reference's contract),
+        # and so do the tile's rows past NQ (zeros times a non-finite key would be NaN).
+        hidden = (s == float("-inf")) | (rows >= NQ)[:, None]
+        mass += tl.sum(tl.where(hidden, 0.0, tl.exp2(s - lse2[:, None])), 0)
     return mass
 
 
@@ -510,13 +516,16 @@ def _dkdv_tile(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
             CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
         )
-        p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        # [BLOCK_M, BLOCK_N]; 0 at masked keys (NaN rows too) and in the rows past NQ (as in _key_mass_tile)
+        hidden = (s == float("-inf")) | (rows >= NQ)[:, None]
+        p = tl.where(hidden, 0.0, tl.exp2(s - lse2[:, None]))
         pt = tl.trans(p.to(do0.dtype))
         dv0 += _mma(pt, do0, DOT_PRECISION)
         dp = _qk(do0, do1, v0, v1, SPLIT_DV, DOT_PRECISION)
         if SPLIT_DV:
             dv1 += _mma(pt, do1, DOT_PRECISION)
-        dst = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
+        # (0 at masked keys: they pass no gradient, even when their value row makes dp NaN)
+        dst = tl.trans(tl.where(hidden, 0.0, p * (dp - delta[:, None])).to(q0.dtype))
         dk0 += _mma(dst, q0, DOT_PRECISION)
         if SPLIT_D:
             dk1 += _mma(dst, q1, DOT_PRECISION)
@@ -649,9 +658,9 @@ def _dq_tile(
         ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
         CAUSAL_OFFSET, IS_REGISTER, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
     )
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2[:, None]))  # (as in _dkdv_tile)
     dp = _qk(do0, do1, v0, v1, SPLIT_DV, DOT_PRECISION)
-    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None])).to(k0.dtype)
     dq0 += _mma(ds, k0, DOT_PRECISION)
     if SPLIT_D:
         dq1 += _mma(ds, k1, DOT_PRECISION)
@@ -896,7 +905,7 @@ def attention_fwd_triton(
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
     stats_dst = (entropy, register_share) if return_stats else (lse, lse)
     _attn_fwd_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
-        q, k, v, rk_, rv_, sinks if sinks is not None else q, km, am, cos, sin,
+        q, k, v, rk_, rv_, sinks.contiguous() if sinks is not None else q, km, am, cos, sin,
         out, lse, *stats_dst,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1003,7 +1012,7 @@ def attention_bwd_triton(
     n_pre = triton.cdiv(NQ, pre_m)
     dsink_partial = torch.empty(n_rows * H, n_pre, dtype=torch.float32, device=q.device) if sinks is not None else delta
     _attn_bwd_preprocess_kernel[(n_pre, n_rows * H)](
-        out, dout, lse, sinks if sinks is not None else q, delta, dsink_partial,
+        out, dout, lse, sinks.contiguous() if sinks is not None else q, delta, dsink_partial,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         H, NQ,

@@ -54,12 +54,14 @@ def _ttr_column_values_kernel(
         t = start + offs
         ok = t < T
         a = _gelu(tl.load(base + t.to(tl.int64) * F, mask=ok, other=0.0).to(tl.float32), TANH)
-        hi = tl.maximum(hi, tl.where(ok, a, float("-inf")))
-        lo = tl.minimum(lo, tl.where(ok, a, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, a, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.minimum(lo, tl.where(ok, a, float("inf")), propagate_nan=tl.PropagateNan.ALL)
         if OUTLIERS:
             acc += tl.where((t >= P0) & (t < P1), a, 0.0)
-    tl.store(HI + pid, tl.max(hi, axis=0))
-    tl.store(LO + pid, tl.min(lo, axis=0))
+    # (tl.max / tl.min drop NaN: a column with a NaN activation has NaN max and min, as torch.amax)
+    has_nan = tl.max((hi != hi).to(tl.int32), axis=0) > 0
+    tl.store(HI + pid, tl.where(has_nan, float("nan"), tl.max(hi, axis=0)))
+    tl.store(LO + pid, tl.where(has_nan, float("nan"), tl.min(lo, axis=0)))
     if OUTLIERS:
         P = P1 - P0
         mean = tl.sum(acc, axis=0) / P
