@@ -364,9 +364,10 @@ class AttentionSection(Section):
             stats, eager = by.get((shape, mode, "dsr_stats", R)), by.get((shape, mode, "eager_stats", R))
             if stats and dsr and stats.get("peak_rss_mb") and dsr.get("peak_rss_mb"):
                 lines.append(
-                    f"{head}, R={R}: statistics take {stats['peak_rss_call_mb'] - dsr['peak_rss_call_mb']:+.1f} MiB "
-                    f"of peak memory (the process's peak {stats['peak_rss_mb']:.0f} MiB against "
-                    f"{dsr['peak_rss_mb']:.0f} MiB without: {stats['peak_rss_mb'] / dsr['peak_rss_mb']:.3f}x)."
+                    f"{head}, R={R}: the call's resident peak grows by {stats['peak_rss_call_mb']:.1f} MiB with "
+                    f"statistics, {dsr['peak_rss_call_mb']:.1f} MiB without (the process's peak: "
+                    f"{stats['peak_rss_mb']:.0f} against {dsr['peak_rss_mb']:.0f} MiB, "
+                    f"{stats['peak_rss_mb'] / dsr['peak_rss_mb']:.3f}x)."
                 )
             if stats and stats.get("vs_eager_stats_speedup") is not None:
                 paired = {k.replace("vs_eager_stats_", ""): v for k, v in stats.items() if k.startswith("vs_eager_")}

@@ -279,11 +279,26 @@ def _proc_status_mb(key: str) -> float | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Returns the C heap's free pages to the system (glibc's malloc_trim), so that the
+    resident set is what is live: memory a call allocates then counts even where earlier
+    calls left freed pages resident for it to reuse."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float] | None:
     """(the process's resident high-water mark during fn, what fn added to the resident set
     before it) in MiB: every allocation, the C++ kernels' own buffers included (which
-    PyTorch's profiler does not see). Linux only (the peak is reset through
-    /proc/self/clear_refs); None elsewhere."""
+    PyTorch's profiler does not see). The free heap is released first. Linux only (the peak
+    is reset through /proc/self/clear_refs); None elsewhere."""
+    _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     except OSError:
