@@ -141,14 +141,6 @@ def _all_finite(*tensors: Tensor | None) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _hide_masked_keys(k: Tensor, key_mask: Tensor | None) -> Tensor:
-    """k with the rows of masked keys zeroed, for the kernels that mask by an additive -inf
-    bias: a NaN in a masked key's row would survive NaN + -inf (reference: its logit is -inf)."""
-    if key_mask is None:
-        return k
-    return k.masked_fill(~key_mask[:, None, :, None], 0.0)
-
-
 def _undefined_rows_nan(out: Tensor, lse: Tensor) -> None:
     """Rows with a NaN or +inf logit (lse NaN or +inf): out and lse NaN (the NaN contract of
     reference/attention.py; PyTorch's kernels give lse = +inf, or 0 times a NaN sink)."""
@@ -172,7 +164,6 @@ def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None
 def _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse) -> None:
     acc = _acc_dtype(q)
     bias = _key_mask_bias(key_mask, q.dtype)
-    k = _hide_masked_keys(k, key_mask)
     o_tok, lse_tok = _cpu_flash(q, k, v, attn_mask=bias, scale=scale)
     if key_mask is not None:  # the kernel reports lse = 0 for a row with every key masked
         lse_tok = lse_tok.masked_fill(~key_mask.any(-1)[:, None, None], float("-inf"))
@@ -310,8 +301,9 @@ def attention_fwd_torch(
         k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     if rope_cos is not None:
         q, k = _rotated(q, k, rope_cos, rope_sin, rope_style)
-    # PyTorch's CPU flash kernel can drop a NaN logit (its row max skips NaN in bf16): inputs
-    # with a non-finite q or key take the chunks, which follow the NaN contract.
+    # PyTorch's CPU flash kernel can drop a NaN logit (its row max skips NaN in bf16) and
+    # keeps a NaN key that an additive -inf masks: inputs with a non-finite q or key take
+    # the chunks, which follow the NaN contract.
     if _uses_cpu_flash(q, v, attn_mask, causal_offset) and _all_finite(q, k, rk):
         q, k, v, rk, rv = (_no_overlap(t) for t in (q, k, v, rk, rv))
         _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
@@ -359,15 +351,7 @@ def _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv,
     # with lse = -inf get +inf instead, so that their P is 0 rather than inf.
     lse_ = lse.masked_fill(torch.isneginf(lse), float("inf"))  # float64 for float64 inputs
     bias = _key_mask_bias(key_mask, q.dtype)
-    dq_tok, dk_, dv_ = _cpu_flash_bwd(
-        dout, q, _hide_masked_keys(k, key_mask), v, out, lse_, 0.0, False, attn_mask=bias, scale=scale
-    )
-    if key_mask is not None:
-        # dq = dS K multiplies the masked keys' rows by exactly 0 (as eager PyTorch does): a
-        # non-finite entry there makes that column of dq NaN for every query of the head.
-        hidden_bad = (~torch.isfinite(k) & ~key_mask[:, None, :, None]).any(2, keepdim=True)  # [B, H, 1, D]
-        if hidden_bad.any():
-            dq_tok = dq_tok.masked_fill(hidden_bad, float("nan"))
+    dq_tok, dk_, dv_ = _cpu_flash_bwd(dout, q, k, v, out, lse_, 0.0, False, attn_mask=bias, scale=scale)
     dk.copy_(dk_)
     dv.copy_(dv_)
     if rk is None:
