@@ -140,6 +140,35 @@ bool run(const Case& c) {
   return ok;
 }
 
+// The NaN contract and the row-stride check: a NaN key poisons every row that attends it,
+// in any vector lane; rows that overlap are an error, never handed to BLAS.
+bool run_edge_cases() {
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  bool ok = true;
+  for (int64_t j = 0; j < 40; ++j) {
+    Tensor q = torch::randn({1, 1, 40, 16}, f32), k = torch::randn({1, 1, 40, 16}, f32);
+    Tensor v = torch::randn({1, 1, 40, 16}, f32);
+    k.index_put_({0, 0, j, 0}, NAN);
+    Tensor out = torch::empty({1, 1, 40, 16}, f32), lse = torch::empty({1, 1, 40}, f32);
+    Tensor ent = torch::empty_like(lse), share = torch::empty_like(lse), mass = torch::empty({1, 1, 40}, f32);
+    dsr_kernels::attention_fwd_cpu(q, k, v, {}, {}, {}, {}, {}, 0, 0.25, std::nullopt, true, out, lse, ent, share, mass);
+    if (!out.isnan().all().item<bool>() || !lse.isnan().all().item<bool>() || !mass.isnan().all().item<bool>()) {
+      std::printf("FAIL a NaN in key %lld did not reach every row\n", static_cast<long long>(j));
+      ok = false;
+    }
+  }
+  Tensor q = torch::randn({1, 1, 1, 16}, f32).expand({1, 1, 9, 16}), k = torch::randn({1, 1, 9, 16}, f32);
+  Tensor out = torch::empty({1, 1, 9, 16}, f32), lse = torch::empty({1, 1, 9}, f32), none = torch::empty({0}, f32);
+  try {
+    dsr_kernels::attention_fwd_cpu(q, k, k, {}, {}, {}, {}, {}, 0, 0.25, std::nullopt, false, out, lse, none, none, none);
+    std::printf("FAIL expanded query rows were accepted\n");
+    ok = false;
+  } catch (const c10::Error&) {
+  }
+  std::printf("%s NaN keys in every lane; overlapping rows rejected\n", ok ? "ok  " : "FAIL");
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -149,8 +178,9 @@ int main() {
       {2, 2, 33, 40, 16, 1, false, true, false, false, true, 1},
       {1, 1, 70, 65, 8, 0, true, false, true, false, false, 0},  // no register, no sink: every row keeps a key
       {2, 1, 5, 300, 1, 3, false, true, true, false, true, 3},
+      {1, 1, 600, 600, 16, 3, true, true, false, true, false, 0},  // key mass summed over 3 parts
   };
-  bool ok = true;
+  bool ok = run_edge_cases();
   for (const Case& c : cases) ok = run(c) && ok;
   std::printf("%s\n", ok ? "all passed" : "FAILED");
   return ok ? 0 : 1;
