@@ -51,6 +51,7 @@ def _compare(
     loose: bool = False,
     extra_nan: bool = False,
     terms: float = 0.0,
+    terms_dtype: torch.dtype = torch.float32,
 ) -> None:
     """got vs the float64 reference: 2x eager's error + ulps; NaN / inf positions exactly.
 
@@ -59,7 +60,8 @@ def _compare(
     FlashAttention backward's dP - delta, delta = rowsum(dO * out), is a difference of
     two such sums rounded in different orders (a single key: exactly 0 in eager, the
     rounding of |dO| |v| in a kernel). Adds the float32 floor, 2 sqrt(K) ulps, at that
-    magnitude.
+    magnitude, and 2 ulps of ``terms_dtype`` where the summands themselves are rounded to
+    it (norm_modulate's dx in bf16, summed over an expanded dim by autograd).
 
     loose: an inf was planted where a probability multiplies it (a value row): whether
     p * inf is inf or NaN then depends on p underflowing at the backend's precision, so
@@ -87,6 +89,8 @@ def _compare(
         g, r, eager = g.where(keep, 0.0), r.where(keep, 0.0), eager.detach().double().where(keep, 0.0)
     atol = 2.0 * max_abs_err(eager, r) + ulp_atol(r, dtype, reduction=reduction)
     atol += 2.0 * max(reduction, 16) ** 0.5 * torch.finfo(torch.float32).eps * terms
+    if terms_dtype != torch.float32:
+        atol += 2.0 * torch.finfo(terms_dtype).eps * terms
     assert_close(name, g, r, atol=atol)
 
 
@@ -230,9 +234,11 @@ def test_attention_layouts_and_values(c):
         got = _run_attention(c, ops, backend, dtype)
         where = f"{backend} {c}"
         _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=reduction, loose=loose)
+        # (p = exp(s - lse) carries lse's rounding, eps |lse|, into every statistic)
         for field in ("lse", "entropy", "register_share", "key_mass"):
             _compare(f"{field} ({where})", getattr(got[1], field), getattr(ref[1], field), getattr(eager[1], field),
-                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction)  # fmt: skip
+                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction,
+                     terms=_finite_max(ref[1].lse))  # fmt: skip
         for name, grad in ref[2].items():
             _compare(
                 f"d{name} ({where})", got[2][name], grad, eager[2][name], dtype,
@@ -354,9 +360,11 @@ def test_attention_varlen_layouts_and_values(c):
         got = _run_varlen(c, ops, backend, dtype)
         where = f"{backend} {c}"
         _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=reduction, loose=loose)
+        # (p = exp(s - lse) carries lse's rounding, eps |lse|, into every statistic)
         for field in ("lse", "entropy", "register_share", "key_mass"):
             _compare(f"{field} ({where})", getattr(got[1], field), getattr(ref[1], field), getattr(eager[1], field),
-                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction)  # fmt: skip
+                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction,
+                     terms=_finite_max(ref[1].lse))  # fmt: skip
         for name, grad in ref[2].items():
             _compare(
                 f"d{name} ({where})", got[2][name], grad, eager[2][name], dtype,
@@ -452,6 +460,56 @@ def test_scaled_dot_product_attention_layouts_and_values(c):
                      loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms)  # fmt: skip
 
 
+@given(c=sdpa_calls(), causal=st.booleans())
+def test_flash_attn_func_layouts_and_values(c, causal):
+    """flash-attn's [B, N, H, D] layout, every layout of it, against the definition (auto backend)."""
+    from dsr_kernels import flash_attn_func
+
+    dtype, B, H, L, Sk, E = (c[n] for n in ("dtype", "B", "H", "L", "S", "E"))
+    g = torch.Generator().manual_seed(c["seed"])
+    shapes = {"query": (B, L, H, E), "key": (B, Sk, H, E), "value": (B, Sk, H, E), "dout": (B, L, H, E)}
+    vals = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    special = c["special"] if c["special"] is not None and c["special"][0] != "attn_mask" else None
+    if special is not None:
+        target, where, value, index = special
+        vals[target] = plant(vals[target], where, value, index)
+    ops = {n: (c["layouts"][n], c["layouts"][n].values(x)) for n, x in vals.items()}
+
+    def run(backend, cdtype):
+        bases, views = {}, {}
+        for n, (lay, x) in ops.items():
+            bases[n] = lay.base(x.to(cdtype)).requires_grad_(n != "dout")
+            views[n] = lay.build(bases[n], x.shape)
+        q, k, v = (views[n] for n in ("query", "key", "value"))
+        if backend in ("reference", "eager"):
+            out, _ = attention_ref(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal_offset=Sk - L if causal else None,
+                scale=c["scale"], compute_dtype=torch.float64 if backend == "reference" else cdtype,
+            )  # fmt: skip
+            out = out.transpose(1, 2)
+        else:
+            out = flash_attn_func(q, k, v, softmax_scale=c["scale"], causal=causal)
+        out.backward(views["dout"])
+        return out, {n: bases[n].grad for n in ("query", "key", "value")}
+
+    ref, eager, got = run("reference", torch.float64), run("eager", dtype), run("auto", dtype)
+    loose = special is not None and special[0] == "value" and math.isinf(special[2])
+    extra_nan = special is not None and special[0] == "value" and causal
+    x = {n: v for n, (_, v) in ops.items()}
+    terms = (
+        (c["scale"] or E**-0.5)
+        * E
+        * _finite_max(x["dout"])
+        * _finite_max(x["value"])
+        * _finite_max(x["query"], x["key"])
+    )
+    where = f"{c} causal={causal}"
+    _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=max(L, Sk, E), loose=loose)
+    for n in ref[1]:
+        _compare(f"d{n} ({where})", got[1][n], ref[1][n], eager[1][n], dtype, reduction=max(L, Sk, E),
+                 loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- norm_modulate
 
 
@@ -510,14 +568,28 @@ def test_norm_modulate_layouts_and_values(c):
         return res, {n: bases[n].grad for n in used + (["registers"] if R else [])}
 
     ref, eager = run("reference", torch.float64), run("eager", dtype)
+    # The rounding of h - mean, eps |h|, comes out multiplied by rstd = 1 / sqrt(var + eps),
+    # up to 1 / sqrt(eps) = 1000 for a row of equal values (an expanded last dim): the
+    # float32 floor at that magnitude (terms), where eager may happen to round exactly.
+    x = {n: v for n, (_, v) in ops.items()}
+    h = x["x"] if not R else torch.cat([x["registers"].expand(B, R, D), x["x"]], 1)
+    h = h[torch.isfinite(h).all(-1)]
+    var = h.var(-1, unbiased=False) if c["kind"] == "layernorm" else h.square().mean(-1)
+    rstd = float((var + 1e-6).rsqrt().max()) if h.numel() else 1.0
+    terms = rstd * _finite_max(h) * _finite_max(x["dout"]) * _finite_max(x["weight"] if c["affine"] else None)
+    terms *= 1 + (_finite_max(x["scale"]) if c["modulate"] else 0)
+    # An inf in the modulation: (y w + b)(1 + s) + shift is inf or NaN by the order of the
+    # fused multiply-adds (the cpu kernel folds it into y a + c): non-finite positions only.
+    loose = c["special"] is not None and c["special"][0] in ("shift", "scale") and math.isinf(c["special"][2])
     for backend in _backends("norm_modulate", dtype):
         got = run(backend, dtype)
         where = f"{backend} {c}"
-        _compare(f"out ({where})", got[0].out, ref[0].out, eager[0].out, dtype, reduction=D)
+        _compare(f"out ({where})", got[0].out, ref[0].out, eager[0].out, dtype, reduction=D, terms=terms, loose=loose)
         _compare(f"residual ({where})", got[0].residual, ref[0].residual, eager[0].residual, dtype, reduction=D)
         _compare(f"norms ({where})", got[0].norms, ref[0].norms, eager[0].norms, torch.float32, reduction=D)
         for n in ref[1]:
-            _compare(f"d{n} ({where})", got[1][n], ref[1][n], eager[1][n], dtype, reduction=max(B * (N + R), D))
+            _compare(f"d{n} ({where})", got[1][n], ref[1][n], eager[1][n], dtype, reduction=max(B * (N + R), D),
+                     terms=terms, terms_dtype=dtype, loose=loose)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- ttr_activation
@@ -528,7 +600,7 @@ def ttr_calls(draw):
     F = draw(st.sampled_from([1, 8, 72, 83]))
     return dict(
         dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
-        B=draw(st.integers(1, 3)), T=draw(st.integers(2, 20)), F=F,
+        B=draw(st.integers(1, 3)), T=draw(st.integers(3, 20)), F=F,  # (T >= prefix + registers)
         neurons=draw(st.lists(st.integers(0, F - 1), max_size=4, unique=True)),
         num_registers=draw(st.integers(1, 2)), num_prefix_tokens=draw(st.integers(0, 1)),
         patch_values=draw(st.sampled_from(PATCH_VALUES)), register_value=draw(st.sampled_from(REGISTER_VALUES)),

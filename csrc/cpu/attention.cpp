@@ -385,9 +385,20 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // The masks on the token part of a logits block: rows i0 .. i0 + m of (s, h), s[r * ld + j]
-// (the key and attention masks exist in batch mode only: sequence s is batch entry s).
+// (the key and attention masks exist in batch mode only: sequence s is batch entry s). A
+// float mask is added first, then the masks set -inf, as in the reference: a key hidden by
+// key_mask, causal or a bool mask is -inf whatever the float mask holds there (NaN too).
 void apply_masks(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t ld) {
   const int64_t nk = o.nk(seq);
+  if (o.attn_mask.defined() && o.attn_mask.scalar_type() != at::kBool) {
+    const at::Tensor& am = o.attn_mask;
+    const int64_t s0 = am.stride(0), s1 = am.stride(1), s2 = am.stride(2), s3 = am.stride(3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.scalar_type(), "attention_cpu_mask", [&] {
+      const scalar_t* base = am.data_ptr<scalar_t>() + seq * s0 + h * s1;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < nk; ++j) s[r * ld + j] += static_cast<float>(base[(i0 + r) * s2 + j * s3]);
+    });
+  }
   if (o.key_mask != nullptr) {
     const bool* km = o.key_mask + seq * o.Nk;
     for (int64_t r = 0; r < m; ++r)
@@ -400,21 +411,13 @@ void apply_masks(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t 
       for (int64_t j = first_hidden; j < nk; ++j) s[r * ld + j] = kNegInf;
     }
   }
-  if (o.attn_mask.defined()) {
+  if (o.attn_mask.defined() && o.attn_mask.scalar_type() == at::kBool) {
     const at::Tensor& am = o.attn_mask;
     const int64_t s0 = am.stride(0), s1 = am.stride(1), s2 = am.stride(2), s3 = am.stride(3);
-    if (am.scalar_type() == at::kBool) {
-      const bool* base = am.data_ptr<bool>() + seq * s0 + h * s1;
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < nk; ++j)
-          if (!base[(i0 + r) * s2 + j * s3]) s[r * ld + j] = kNegInf;
-    } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.scalar_type(), "attention_cpu_mask", [&] {
-        const scalar_t* base = am.data_ptr<scalar_t>() + seq * s0 + h * s1;
-        for (int64_t r = 0; r < m; ++r)
-          for (int64_t j = 0; j < nk; ++j) s[r * ld + j] += static_cast<float>(base[(i0 + r) * s2 + j * s3]);
-      });
-    }
+    const bool* base = am.data_ptr<bool>() + seq * s0 + h * s1;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < nk; ++j)
+        if (!base[(i0 + r) * s2 + j * s3]) s[r * ld + j] = kNegInf;
   }
 }
 
@@ -563,6 +566,7 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
       for (int64_t i0 = part_begin[part]; i0 < part_end[part]; i0 += BM) {
         const int64_t m = std::min(BM, part_end[part] - i0);
         float* s = buf.data();
+        bool any_undefined = false;  // a row with a NaN or +inf logit: its out is NaN (below)
         int64_t ldq = 0, ldk = 0;
         const float* qr = rows_of.q(o, seq, h, i0, m, &ldq);
         const float* kr = rows_of.k(o, seq, h, &ldk);
@@ -580,6 +584,7 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
             nan_row(row, T);
             lse_p[idx] = kNaN;
             if (return_stats) ent_p[idx] = kNaN, share_p[idx] = kNaN;
+            any_undefined = true;
             continue;
           }
           const float mx = std::max(row_mx, sink);
@@ -613,6 +618,11 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
         if (nk > 0 || R == 0) {  // (no token and no register: K = 0 writes zeros)
           gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
                   so[2]);
+        }
+        if (any_undefined) {  // NaN p reached out through the GEMM, but for a row that attends only the sink
+          for (int64_t r = 0; r < m; ++r) {
+            if (std::isnan(lse_p[row0 + r])) std::fill(o_rows + r * so[2], o_rows + r * so[2] + Dv, kNaN);
+          }
         }
         if (return_stats) {
           for (int64_t r = 0; r < m; ++r) vo.add_row(colsum, s + r * T, T);

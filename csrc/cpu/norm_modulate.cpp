@@ -57,7 +57,8 @@ void output_coefficients(const NormModulateArgs& a, std::vector<acc_t>& coef_a, 
     for (int64_t d = 0; d < D; ++d) {
       const acc_t s = scale ? acc_t(1) + scale[b * D + d] : acc_t(1);
       coef_a[b * D + d] = (w ? w[d] : acc_t(1)) * s;
-      coef_c[b * D + d] = (bias ? bias[d] : acc_t(0)) * s + (shift ? shift[b * D + d] : acc_t(0));
+      // (no bias: c is the shift alone, not 0 * s, which an inf scale would make NaN)
+      coef_c[b * D + d] = (bias ? bias[d] * s : acc_t(0)) + (shift ? shift[b * D + d] : acc_t(0));
     }
   }
 }

@@ -245,16 +245,22 @@ def _loop(q, k, v, offsets, kv_registers, sinks, causal, num_prefix_tokens, scal
         regs = None if kv_registers is None else tuple(t if t.dim() == 3 else t[s : s + 1] for t in kv_registers)
         qs = q[q0:q1].transpose(0, 1)[None]  # [1, H, nq, D]
         ks, vs = k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None]
+        prefix = min(num_prefix_tokens, k1 - k0)
         if k1 == k0:
-            if regs is None:  # nothing but the sink to attend: out = 0
-                if sinks is not None:
-                    lse[:, q0:q1] = sinks.float()[:, None]
+            if regs is None:  # nothing but the sink to attend: out = 0 (no value), p_sink = 1
+                if sinks is not None:  # (a NaN or +inf sink: a NaN row, out too: the NaN contract)
+                    sink = sinks.float().masked_fill(sinks == float("inf"), float("nan"))
+                    undefined = torch.where(sink.isnan(), float("nan"), 0.0)
+                    lse[:, q0:q1] = sink[:, None]
+                    entropy[:, q0:q1] = share[:, q0:q1] = undefined[:, None]
+                    if undefined.isnan().any():
+                        pieces.append((q0, q1, undefined[None, :, None].expand(q1 - q0, H, Dv).to(q.dtype)))
                 continue
             ks, vs = (t.expand(1, *t.shape[-3:]) for t in regs)  # the registers are the only keys
-            regs = None
+            regs, prefix = None, R  # (and count in the register share)
         o, st = attention(
             qs, ks, vs, kv_registers=regs, sinks=sinks, causal=causal and k1 > k0,
-            num_prefix_tokens=min(num_prefix_tokens, ks.shape[2]), scale=scale, return_stats=True, backend=backend,
+            num_prefix_tokens=prefix, scale=scale, return_stats=True, backend=backend,
         )  # fmt: skip
         pieces.append((q0, q1, o[0].transpose(0, 1)))
         lse[:, q0:q1], entropy[:, q0:q1], share[:, q0:q1] = st.lse[0], st.entropy[0], st.register_share[0]

@@ -50,10 +50,11 @@ def attention_ref(
     keys (key_mask, a bool attn_mask, causal) get the logit -inf whatever their k row
     holds, and p = 0 exactly. A NaN or +inf among a row's logits (q row, attended keys,
     registers, the float mask, the sink) makes that row's p NaN on every key it attends:
-    its out, lse, entropy and register_share are NaN, and so is the key_mass of those
-    keys. Values enter only through out = P V: a NaN in a value row reaches every row
-    whose probability multiplies it (0 * NaN is NaN, masked keys included, as in
-    PyTorch's math SDPA). Gradients follow by autograd of these formulas.
+    its out, lse, entropy and register_share are NaN (out even when only the sink is
+    attended), and so is the key_mass of those keys. Values enter only through
+    out = P V: a NaN in a value row reaches every row whose probability multiplies it
+    (0 * NaN is NaN, masked keys included, as in PyTorch's math SDPA). Gradients follow
+    by autograd of these formulas.
 
     Returns ``out`` [B, H, Nq, Dv] in q's dtype and :class:`AttentionStats` in float32
     (detached). Everything is computed in ``compute_dtype`` (float64 for the oracle; the
@@ -111,7 +112,8 @@ def attention_ref(
     hidden = logits == float("-inf")
     p = torch.exp(torch.where(hidden, float("-inf"), logits - lse_safe[..., None]))
     p_keys = p[..., : R + Nk]
-    out = p_keys @ torch.cat(values, dim=2)
+    # (+ 0 * lse: a row whose softmax is undefined is NaN even where it attends no key, only the sink)
+    out = p_keys @ torch.cat(values, dim=2) + 0.0 * lse_safe[..., None]
 
     share = p_keys[..., : R + num_prefix_tokens].sum(-1)
     stats = AttentionStats(

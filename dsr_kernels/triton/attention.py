@@ -280,7 +280,9 @@ def _attn_fwd_kernel(
         )
 
     # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
-    # A NaN or +inf logit has made l NaN: such a row stays alive and all of it is NaN.
+    # A NaN or +inf logit has made l NaN (a +inf sink alone leaves m = +inf): such a row
+    # stays alive and all of it is NaN.
+    l_i = tl.where(m_i == float("inf"), float("nan"), l_i)
     alive = l_i != 0.0
     l_safe = tl.where(alive, l_i, 1.0)
     inv_l = 1.0 / l_safe
