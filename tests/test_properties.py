@@ -104,6 +104,30 @@ def _finite_max(*tensors) -> float:
     return m
 
 
+def _grad_terms(scale: float, Dv: int, ops: dict) -> float:
+    """_compare's ``terms`` for attention gradients: scale Dv |dO| |values| |queries or keys|, over
+    the operands present (q / k / v / rk / rv, or the drop-ins' query / key / value)."""
+    x = {n: v for n, (_, v) in ops.items()}
+    values = [x.get(n) for n in ("v", "rv", "value")]
+    queries_keys = [x.get(n) for n in ("q", "k", "rk", "query", "key")]
+    return scale * Dv * _finite_max(x["dout"]) * _finite_max(*values) * _finite_max(*queries_keys)
+
+
+def _compare_attention(where, got, ref, eager, dtype, reduction, loose, extra_nan, terms) -> None:
+    """(out, stats, grads) of one backend against the reference's, under _compare's rules."""
+    _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=reduction, loose=loose)
+    # (p = exp(s - lse) carries lse's rounding, eps |lse|, into every statistic)
+    for field in ("lse", "entropy", "register_share", "key_mass"):
+        _compare(f"{field} ({where})", getattr(got[1], field), getattr(ref[1], field), getattr(eager[1], field),
+                 torch.float32 if dtype == torch.float32 else dtype, reduction=reduction,
+                 terms=_finite_max(ref[1].lse))  # fmt: skip
+    for name, grad in ref[2].items():
+        _compare(
+            f"d{name} ({where})", got[2][name], grad, eager[2][name], dtype,
+            reduction=reduction, loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -225,23 +249,10 @@ def test_attention_layouts_and_values(c):
     hides_keys = c["key_mask"] or c["causal"] or c["attn_mask"] == "bool"
     extra_nan = special is not None and special[0] == "v" and hides_keys
     reduction = max(c["Nq"], c["Nk"] + c["R"], c["D"])
-    x = {n: v for n, (_, v) in ops.items()}
-    terms = (c["D"] ** -0.5 * c["Dv"] * _finite_max(x["dout"]) * _finite_max(x["v"], x.get("rv"))
-             * _finite_max(x["q"], x["k"], x.get("rk")))  # fmt: skip
+    terms = _grad_terms(c["D"] ** -0.5, c["Dv"], ops)
     for backend in _backends("attention", dtype):
         got = _run_attention(c, ops, backend, dtype)
-        where = f"{backend} {c}"
-        _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=reduction, loose=loose)
-        # (p = exp(s - lse) carries lse's rounding, eps |lse|, into every statistic)
-        for field in ("lse", "entropy", "register_share", "key_mass"):
-            _compare(f"{field} ({where})", getattr(got[1], field), getattr(ref[1], field), getattr(eager[1], field),
-                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction,
-                     terms=_finite_max(ref[1].lse))  # fmt: skip
-        for name, grad in ref[2].items():
-            _compare(
-                f"d{name} ({where})", got[2][name], grad, eager[2][name], dtype,
-                reduction=reduction, loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms,
-            )  # fmt: skip
+        _compare_attention(f"{backend} {c}", got, ref, eager, dtype, reduction, loose, extra_nan, terms)
 
 
 # ----------------------------------------------------------------------------- attention_varlen
@@ -351,23 +362,10 @@ def test_attention_varlen_layouts_and_values(c):
     loose = special is not None and special[0] == "v" and math.isinf(special[2])
     extra_nan = special is not None and special[0] == "v" and c["causal"]
     reduction = max(max(c["lengths_q"] + [1]), max(c["lengths_k"] + [1]) + R, D)
-    x = {n: v for n, (_, v) in ops.items()}
-    terms = (D**-0.5 * Dv * _finite_max(x["dout"]) * _finite_max(x["v"], x.get("rv"))
-             * _finite_max(x["q"], x["k"], x.get("rk")))  # fmt: skip
+    terms = _grad_terms(D**-0.5, Dv, ops)
     for backend in _backends("attention", dtype):
         got = _run_varlen(c, ops, backend, dtype)
-        where = f"{backend} {c}"
-        _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=reduction, loose=loose)
-        # (p = exp(s - lse) carries lse's rounding, eps |lse|, into every statistic)
-        for field in ("lse", "entropy", "register_share", "key_mass"):
-            _compare(f"{field} ({where})", getattr(got[1], field), getattr(ref[1], field), getattr(eager[1], field),
-                     torch.float32 if dtype == torch.float32 else dtype, reduction=reduction,
-                     terms=_finite_max(ref[1].lse))  # fmt: skip
-        for name, grad in ref[2].items():
-            _compare(
-                f"d{name} ({where})", got[2][name], grad, eager[2][name], dtype,
-                reduction=reduction, loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms,
-            )  # fmt: skip
+        _compare_attention(f"{backend} {c}", got, ref, eager, dtype, reduction, loose, extra_nan, terms)
 
 
 # ----------------------------------------------------------------------------- drop-ins
@@ -446,9 +444,7 @@ def test_scaled_dot_product_attention_layouts_and_values(c):
     special = c["special"]
     loose = special is not None and special[0] == "value" and math.isinf(special[2])
     extra_nan = special is not None and special[0] == "value" and (c["is_causal"] or c["attn_mask"] == "bool")
-    x = {n: v for n, (_, v) in ops.items()}
-    terms = ((c["scale"] or E**-0.5) * Ev * _finite_max(x["dout"]) * _finite_max(x["value"])
-             * _finite_max(x["query"], x["key"]))  # fmt: skip
+    terms = _grad_terms(c["scale"] or E**-0.5, Ev, ops)
     for backend in _backends("attention", dtype):
         got = run(backend, dtype)
         where = f"{backend} {c}"
@@ -493,14 +489,7 @@ def test_flash_attn_func_layouts_and_values(c, causal):
     ref, eager, got = run("reference", torch.float64), run("eager", dtype), run("auto", dtype)
     loose = special is not None and special[0] == "value" and math.isinf(special[2])
     extra_nan = special is not None and special[0] == "value" and causal
-    x = {n: v for n, (_, v) in ops.items()}
-    terms = (
-        (c["scale"] or E**-0.5)
-        * E
-        * _finite_max(x["dout"])
-        * _finite_max(x["value"])
-        * _finite_max(x["query"], x["key"])
-    )
+    terms = _grad_terms(c["scale"] or E**-0.5, E, ops)
     where = f"{c} causal={causal}"
     _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=max(L, Sk, E), loose=loose)
     for n in ref[1]:
