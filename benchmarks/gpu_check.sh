@@ -5,7 +5,9 @@
 #   3. run the tests marked gpu (real Triton kernels on CUDA vs the float64 reference),
 #   4. run `dsr-kernels bench` (self-check, attention, norm_modulate, XL models, encoders),
 #      head dim 80 split vs padded, and the larger models and So400M encoder,
-#   5. merge everything into $OUT/gpu_check.json and print a short table last.
+#   5. time each Triton launch of benchmarks/kernel_report.py's target shapes against its
+#      predicted time (kernel_model.json),
+#   6. merge everything into $OUT/gpu_check.json and print a short table last.
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh [--dry-run]
 # --dry-run (for a CPU machine) skips what needs CUDA and benchmarks one tiny shape.
 set -uo pipefail
@@ -50,6 +52,13 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive 
       --out "$RUNS" || status=1
   fi
   tar czf "$OUT/bench-runs.tgz" -C "$RUNS" . || status=1
+
+  if [[ $DRY_RUN == 0 ]]; then
+    echo "== kernel model"
+    # Each Triton launch of the report's target shapes timed (torch.profiler) against the
+    # roofline prediction committed in benchmarks/results/kernels-sm90/report.json.
+    timeout 150 "$PY" benchmarks/kernel_report.py --measure --out "$OUT" || status=1
+  fi
 
   echo "== summary"
   "$PY" benchmarks/gpu_summary.py "$RUNS" "$OUT" || status=1

@@ -12,6 +12,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "dsr_kernels/cpu_capability.h"
 #include "dsr_kernels/norm_modulate.h"
@@ -220,11 +221,10 @@ at::Tensor ttr_fwd(const at::Tensor& h, const at::Tensor& neurons, int64_t num_r
   TORCH_CHECK(at::isFloatingType(h.scalar_type()), "ttr_activation: h must be floating, got ", h.scalar_type());
   TORCH_CHECK(neurons.dim() == 1 && neurons.scalar_type() == at::kLong,
               "ttr_activation: neurons must be a 1-D int64 tensor, got ", neurons.sizes(), " ", neurons.scalar_type());
-  TORCH_CHECK(neurons.device() == h.device(), "ttr_activation: neurons is on ", neurons.device(), " but h is on ",
-              h.device());
+  TORCH_CHECK(neurons.device() == h.device() || neurons.is_cpu(), "ttr_activation: neurons is on ", neurons.device(),
+              " but h is on ", h.device(), " (neurons may also be on the CPU)");
   TtrActivationArgs a;
   a.h = h.contiguous();
-  a.neurons = neurons.contiguous();
   a.B = h.size(0);
   a.T = h.size(1);
   a.F = h.size(2);
@@ -237,12 +237,22 @@ at::Tensor ttr_fwd(const at::Tensor& h, const at::Tensor& neurons, int64_t num_r
   TORCH_CHECK(num_registers >= 1 && num_prefix_tokens >= 0 && num_prefix_tokens + num_registers <= a.T,
               "ttr_activation: need num_registers >= 1, num_prefix_tokens >= 0 and their sum <= T = ", a.T, ", got ",
               num_registers, " and ", num_prefix_tokens);
-  if (h.is_cpu() && a.K) {  // device tensors are range-checked by the Python API (without a sync here)
-    const int64_t* n = a.neurons.const_data_ptr<int64_t>();
-    for (int64_t k = 0; k < a.K; ++k)
+  // Every device checks the neurons on the host before any launch: range and duplicates.
+  // Given on the CPU (as dsr_kernels.ttr_activation passes them), that costs no device
+  // sync, and they reach the GPU by an asynchronous copy; given on the GPU, they are read
+  // back once (a sync).
+  const at::Tensor host = neurons.to(at::kCPU).contiguous();
+  if (a.K) {
+    const int64_t* n = host.const_data_ptr<int64_t>();
+    std::vector<bool> seen(static_cast<size_t>(a.F), false);
+    for (int64_t k = 0; k < a.K; ++k) {
       TORCH_CHECK(n[k] >= 0 && n[k] < a.F, "ttr_activation: neurons[", k, "] = ", n[k], " is not in [0, F = ", a.F,
                   ")");
+      TORCH_CHECK(!seen[n[k]], "ttr_activation: neurons[", k, "] = ", n[k], " appears twice (neurons must be distinct)");
+      seen[n[k]] = true;
+    }
   }
+  a.neurons = h.is_cpu() ? host : neurons.is_cpu() ? host.to(h.device(), /*non_blocking=*/true) : neurons.contiguous();
   at::Tensor out = at::empty_like(a.h);
   const auto acc = h.options().dtype(acc_type(h.scalar_type()));
   TtrColumnValues v;

@@ -295,3 +295,47 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), m(x))
     compiled(x).sum().backward()
     assert m.fc1.weight.grad is not None
+
+
+@requires_extension
+@pytest.mark.parametrize(
+    "neurons, words",
+    [([3, 72, 5], ["neurons[1] = 72", "[0, F = 72)"]), ([3, -1], ["neurons[1] = -1"]), ([3, 5, 3], ["appears twice"])],
+)
+def test_compiled_op_checks_neurons_itself(neurons, words):
+    """The compiled op, called directly, checks range and duplicates on the host before any launch."""
+    h = torch.randn(2, 6, 72)
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.dsr_kernels.ttr_activation_fwd(h, torch.tensor(neurons), 1, 1, "zero", "signed_max", False)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_cuda_op_checks_neurons_before_launch(where):
+    """On CUDA tensors as on the CPU: [3, 72, -1, 5] with F = 72 raises (it used to be ignored)."""
+    h = torch.randn(2, 6, 72, device="cuda")
+    bad = torch.tensor([3, 72, -1, 5], device=where)
+    with pytest.raises(RuntimeError, match="is not in"):
+        torch.ops.dsr_kernels.ttr_activation_fwd(h, bad, 1, 1, "zero", "signed_max", False)
+    with pytest.raises(ValueError, match="not a neuron index"):
+        ttr_activation(h, bad, num_prefix_tokens=1)
+    good = torch.tensor([3, 70, 5], device=where)  # host neurons with device h: copied, not synced
+    torch.testing.assert_close(
+        ttr_activation(h, good, num_prefix_tokens=1, backend="cuda"),
+        ttr_activation_ref(h, good.cuda(), num_prefix_tokens=1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_device_neurons_are_read_back_once_per_version():
+    """check_neurons keeps the validated host copy on a tensor and redoes it after an in-place change."""
+    from dsr_kernels.ops.ttr_activation import check_neurons
+
+    n = torch.tensor([1, 4], device="meta")  # (a device tensor that cannot be read: the cache must answer)
+    n._dsr_checked_neurons = (n._version, 8, torch.tensor([1, 4]))
+    assert check_neurons("f", n, 8).tolist() == [1, 4]
+    with pytest.raises(NotImplementedError):
+        check_neurons("f", n, 9)  # another width: checked again, which means reading the tensor back

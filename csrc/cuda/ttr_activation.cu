@@ -39,8 +39,12 @@ namespace dsr_kernels {
 namespace {
 
 // Shared memory for "mean"'s cached patch keys (static, so at most 48 KiB): up to 8192
-// float / 4096 double patches; more patches recompute the activations on each pass.
+// float / 4096 double patches; more patches recompute the activations on each pass. The
+// kernel is compiled for caches of 2, 8 and 32 KiB, and a launch takes the smallest that
+// holds its patches, so a short sequence does not reserve what it does not use (blocks
+// per SM are bounded by 228 KiB / the cache).
 constexpr int kMeanCacheBytes = 32 * 1024;
+constexpr int kMeanCacheSizes[] = {2 * 1024, 8 * 1024, kMeanCacheBytes};
 constexpr int kMaxThreads = 256;
 // Stage 2: vectors per block (whole rows; one row when a row has more).
 constexpr int64_t kTileVectors = 1024;
@@ -182,8 +186,8 @@ struct ColumnParams {
 };
 
 // kPatch: 0 zero / same (or no patches), 1 only_outliers, 2 mean with the patch keys in
-// shared memory, 3 mean recomputing the activations on each pass. 1-3 need P > 0.
-template <typename scalar_t, int kPatch>
+// kCacheBytes of shared memory, 3 mean recomputing the activations on each pass. 1-3 need P > 0.
+template <typename scalar_t, int kPatch, int kCacheBytes = 0>
 __global__ void ttr_column_values_kernel(ColumnParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   using Key = OrderedKey<acc_t>;
@@ -205,7 +209,8 @@ __global__ void ttr_column_values_kernel(ColumnParams<scalar_t> p) {
 
   U* cache = nullptr;
   if constexpr (kPatch == 2) {
-    __shared__ U keys[kMeanCacheBytes / sizeof(U)];
+    static_assert(kCacheBytes >= static_cast<int>(sizeof(U)), "kPatch 2 needs a cache");
+    __shared__ U keys[kCacheBytes / sizeof(U)];
     cache = keys;
   }
 
@@ -443,8 +448,13 @@ void ttr_column_values_cuda(const TtrActivationArgs& a, TtrColumnValues& values)
     if (a.patch_values == PatchValues::OnlyOutliers && P > 0) {
       ttr_column_values_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(p);
     } else if (a.patch_values == PatchValues::Mean && P > 0) {
-      if (P * static_cast<int64_t>(sizeof(U)) <= kMeanCacheBytes) {
-        ttr_column_values_kernel<scalar_t, 2><<<grid, threads, 0, stream>>>(p);
+      const int64_t bytes = P * static_cast<int64_t>(sizeof(U));
+      if (bytes <= kMeanCacheSizes[0]) {
+        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[0]><<<grid, threads, 0, stream>>>(p);
+      } else if (bytes <= kMeanCacheSizes[1]) {
+        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[1]><<<grid, threads, 0, stream>>>(p);
+      } else if (bytes <= kMeanCacheSizes[2]) {
+        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[2]><<<grid, threads, 0, stream>>>(p);
       } else {
         ttr_column_values_kernel<scalar_t, 3><<<grid, threads, 0, stream>>>(p);
       }

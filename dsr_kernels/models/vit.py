@@ -37,7 +37,7 @@ from dsr_kernels.models.layers import PatchEmbed, make_norm
 from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.ops.norm_modulate import norm_modulate
-from dsr_kernels.ops.ttr_activation import _ttr_activation
+from dsr_kernels.ops.ttr_activation import _ttr_activation, check_neurons
 from dsr_kernels.reference.ttr_activation import ttr_activation_ref
 
 GLOBAL_POOLS = ("token", "avg", "map", "")
@@ -99,7 +99,12 @@ class RegisterNeuronGELU(nn.Module):
         )
         if self.backend == "eager":
             return ttr_activation_ref(h, self.neurons, compute_dtype=h.dtype, **kw)
-        return _ttr_activation(h, self.neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
+        neurons = self.neurons
+        if not torch.compiler.is_compiling():
+            # The validated host copy (read back once per buffer, then cached on it): the
+            # compiled op then checks and copies it without waiting for the device.
+            neurons = check_neurons("RegisterNeuronGELU", neurons, h.shape[2])
+        return _ttr_activation(h, neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
 
     def extra_repr(self) -> str:
         k = 0 if self.neurons is None else self.neurons.numel()

@@ -40,13 +40,25 @@ def _is_int(v) -> bool:
 
 
 def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor:
-    """``neurons`` as a [K] int64 CPU tensor of distinct columns in [0, width); raises otherwise."""
+    """``neurons`` as a [K] int64 CPU tensor of distinct columns in [0, width); raises otherwise.
+
+    A device tensor is read back (a device sync) the first time only: the validated host
+    copy is kept on the tensor, keyed by its version counter."""
     if isinstance(neurons, Tensor):
         if neurons.dim() != 1:
             raise ValueError(f"{fn}: argument '{name}' must be a 1-D tensor [K], got shape {_shape(neurons)}")
         if neurons.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{fn}: argument '{name}' must be an int64 tensor, got {neurons.dtype}")
-        values = neurons.detach().to("cpu", torch.int64)
+        if neurons.device.type != "cpu":
+            # Reading a device tensor waits for the device: do it once per tensor (and
+            # again only after an in-place change), keeping the validated host copy.
+            cached = getattr(neurons, "_dsr_checked_neurons", None)
+            if cached is not None and cached[0] == neurons._version and cached[1] == width:
+                return cached[2]
+            values = check_neurons(fn, neurons.detach().to("cpu", torch.int64), width, name)
+            neurons._dsr_checked_neurons = (neurons._version, width, values)
+            return values
+        values = neurons.detach().to(torch.int64)
     else:
         try:
             seq = list(neurons)
@@ -115,7 +127,7 @@ def _ttr_activation_fwd_triton(h, neurons, num_registers, num_prefix_tokens, pat
     if out.numel():
         ttr_activation_triton(
             h,
-            neurons.contiguous(),
+            neurons.to(h.device, non_blocking=True).contiguous(),
             out,
             num_registers=num_registers,
             num_prefix_tokens=num_prefix_tokens,
@@ -143,6 +155,7 @@ def _ttr_activation_bwd(dout, h, neurons, num_registers, num_prefix_tokens, patc
     dh = torch.ops.aten.gelu_backward(g, x, approximate=approx)
     K = neurons.numel()
     if K:
+        neurons = neurons.to(h.device, non_blocking=True)  # (the forward may have been given them on the CPU)
         B, T, _ = h.shape
         p0, p1 = num_prefix_tokens, T - num_registers
         xs = x.index_select(2, neurons)  # [B, T, K]
@@ -214,11 +227,13 @@ def _ttr_activation(
     approximate: str,
     backend: str,
 ) -> Tensor:
-    """The op without argument checks: ``neurons`` already validated, [K] int64 on h's device."""
+    """The op without argument checks: ``neurons`` already validated, [K] int64 on the CPU
+    (no device sync: the compiled op checks them again on the host and copies them
+    asynchronously) or on h's device."""
     if backend == "reference":
         return ttr_activation_ref(
             h,
-            neurons,
+            neurons.to(h.device, non_blocking=True),
             num_registers=num_registers,
             num_prefix_tokens=num_prefix_tokens,
             patch_values=patch_values,
@@ -279,7 +294,7 @@ def ttr_activation(
     """
     fn = "ttr_activation()"
     _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend)
-    idx = check_neurons(fn, [] if neurons is None else neurons, h.shape[2]).to(h.device)
+    idx = check_neurons(fn, [] if neurons is None else neurons, h.shape[2])  # [K] int64 on the CPU
     return _ttr_activation(
         h,
         idx,

@@ -42,20 +42,32 @@ HEAD_SPLIT = os.environ.get("DSR_ATTN_HEAD_SPLIT", "auto")
 
 
 @triton.jit
-def _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = BASE + rows[:, None] * stride_row + offs_d[None, :]
+def _row_starts(BASE, rows, stride_row, ALIGNED: tl.constexpr):
+    """Pointers to the first column of each row; ALIGNED: the launcher checked that every
+    row starts on a 16-byte boundary (base and strides), which the compiler cannot see
+    when a stride is not a multiple of 16 elements (head dim 72: rows of 144 bytes), and
+    without which it loads the tile 2 bytes at a time and does not pipeline it."""
+    starts = BASE + rows * stride_row
+    if ALIGNED:
+        starts = tl.multiple_of(starts, [16])
+    return starts
+
+
+@triton.jit
+def _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    ptrs = _row_starts(BASE, rows, stride_row, ALIGNED)[:, None] + offs_d[None, :]
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
 def _load_qk(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, COS, SIN,
-             ROPE: tl.constexpr, IS_REGISTER: tl.constexpr):
+             ROPE: tl.constexpr, IS_REGISTER: tl.constexpr, ALIGNED: tl.constexpr):
     """A q or k tile, rotated when ROPE (1 interleaved pairs, 2 half pairs) for token rows.
 
     rope(x)[d] = x[d] cos[n, d] + sign[d] x[partner(d)] sin[n, d] (dsr_kernels.rope), in
     float32, rounded back to x's dtype for the tensor cores. Register keys never rotate.
     """
-    x = _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM)
+    x = _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM, ALIGNED)
     if ROPE != 0 and not IS_REGISTER:
         if ROPE == 1:
             first = (offs_d % 2) == 0
@@ -63,7 +75,7 @@ def _load_qk(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, COS
         else:
             first = offs_d < HEAD_DIM // 2
             partner = tl.where(first, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
-        xp = _load_tile(BASE, rows, n_rows, stride_row, partner, HEAD_DIM)
+        xp = _load_tile(BASE, rows, n_rows, stride_row, partner, HEAD_DIM, ALIGNED)
         in_tab = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
         tab = rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
         c = tl.load(COS + tab, mask=in_tab, other=1.0)
@@ -74,8 +86,8 @@ def _load_qk(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, COS
 
 
 @triton.jit
-def _store_tile(BASE, x, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = BASE + rows[:, None] * stride_row + offs_d[None, :]
+def _store_tile(BASE, x, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    ptrs = _row_starts(BASE, rows, stride_row, ALIGNED)[:, None] + offs_d[None, :]
     tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -145,13 +157,13 @@ def _fwd_tile(
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     k1 = k0
     if SPLIT_D:
-        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
     s = _mask_logits(
         s, rows, cols, n_keys, b64, h64, NQ,
@@ -176,10 +188,10 @@ def _fwd_tile(
             if start_n < NUM_PREFIX:
                 r_i += tl.sum(tl.where(cols[None, :] < NUM_PREFIX, p, 0.0), 1)
     l_i = l_i * alpha + p_sum
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V, ALIGNED)
     acc0 = acc0 * alpha[:, None] + _mma(p.to(v0.dtype), v0, DOT_PRECISION)
     if SPLIT_DV:
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V, ALIGNED)
         acc1 = acc1 * alpha[:, None] + _mma(p.to(v1.dtype), v1, DOT_PRECISION)
     return acc0, acc1, m_new, l_i, t_i, r_i
 
@@ -204,6 +216,7 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, RETURN_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """out_i = sum_j softmax_j(s_ij) v_j over [registers ; tokens] (+ sink), s = q k^T scale."""
     pid_m = tl.program_id(0)
@@ -229,10 +242,10 @@ def _attn_fwd_kernel(
     offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
 
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
-    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
+    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
     q1 = q0
     if SPLIT_D:
-        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
+        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
 
     # The sink is one more outcome with logit sinks[h]: start the running softmax on it.
     if HAS_SINKS:
@@ -259,7 +272,7 @@ def _attn_fwd_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV,
+            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV, ALIGNED,
         )
 
     hi = NK
@@ -276,7 +289,7 @@ def _attn_fwd_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL,
-            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV,
+            RETURN_STATS, DOT_PRECISION, ROPE, HEAD_DIM_V, SPLIT_DV, ALIGNED,
         )
 
     # A query with nothing to attend (l = 0) gets out = 0, lse = -inf, entropy = 0.
@@ -287,9 +300,9 @@ def _attn_fwd_kernel(
     l_safe = tl.where(alive, l_i, 1.0)
     inv_l = 1.0 / l_safe
     o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
-    _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v0, HEAD_DIM_V)
+    _store_tile(o_base, (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v0, HEAD_DIM_V, ALIGNED)
     if SPLIT_DV:
-        _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v1, HEAD_DIM_V)
+        _store_tile(o_base, (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty), rows, NQ, stride_om, offs_v1, HEAD_DIM_V, ALIGNED)
     row_ok = rows < NQ
     stat_offs = stat_base + rows
     log2_l = tl.log2(l_safe)
@@ -313,15 +326,15 @@ def _key_mass_tile(
     BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     k1 = k0
     if SPLIT_D:
-        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     mass = tl.zeros([BLOCK_N], tl.float32)
     lo = 0
@@ -330,10 +343,10 @@ def _key_mass_tile(
             lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
+        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
         q1 = q0
         if SPLIT_D:
-            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
+            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
         # Rows past NQ or with lse = -inf contribute exp2(s - inf) = 0.
         lse = tl.load(LSE + stat_base + rows, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -367,6 +380,7 @@ def _attn_key_mass_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """key_mass[b, h, j] = sum_i exp(s_ij - lse_i): one program per key block, no atomics."""
     pid_n = tl.program_id(0)
@@ -395,7 +409,7 @@ def _attn_key_mass_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE, ALIGNED,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         tl.store(out_base + cols, mass, mask=cols < R)
@@ -408,7 +422,7 @@ def _attn_key_mass_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
-            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
+            HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE, ALIGNED,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         tl.store(out_base + R + cols, mass, mask=cols < NK)
@@ -426,6 +440,7 @@ def _attn_bwd_preprocess_kernel(
     CU_Q, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """delta_i = sum_d dO_id O_id; with sinks, partial sums of -p_sink,i * delta_i."""
     pid_m = tl.program_id(0)
@@ -442,13 +457,13 @@ def _attn_bwd_preprocess_kernel(
     offs_d0 = tl.arange(0, BLOCK_D0)
     o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
-    o = _load_tile(o_base, rows, NQ, stride_om, offs_d0, HEAD_DIM).to(tl.float32)
-    do = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM).to(tl.float32)
+    o = _load_tile(o_base, rows, NQ, stride_om, offs_d0, HEAD_DIM, ALIGNED).to(tl.float32)
+    do = _load_tile(do_base, rows, NQ, stride_dom, offs_d0, HEAD_DIM, ALIGNED).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if SPLIT_D:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        o = _load_tile(o_base, rows, NQ, stride_om, offs_d1, HEAD_DIM).to(tl.float32)
-        do = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM).to(tl.float32)
+        o = _load_tile(o_base, rows, NQ, stride_om, offs_d1, HEAD_DIM, ALIGNED).to(tl.float32)
+        do = _load_tile(do_base, rows, NQ, stride_dom, offs_d1, HEAD_DIM, ALIGNED).to(tl.float32)
         delta += tl.sum(o * do, 1)
     stat_offs = stat_base + rows
     tl.store(DELTA + stat_offs, delta, mask=rows < NQ)
@@ -472,21 +487,21 @@ def _dkdv_tile(
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     offs_v0 = tl.arange(0, BLOCK_DV0)
     offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
-    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V, ALIGNED)
     k1 = k0
     v1 = v0
     if SPLIT_D:
-        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     if SPLIT_DV:
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_DV0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
@@ -499,14 +514,14 @@ def _dkdv_tile(
             lo = (tl.maximum(start_n - CAUSAL_OFFSET, 0) // BLOCK_M) * BLOCK_M
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
-        do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V)
+        q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
+        do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V, ALIGNED)
         q1 = q0
         do1 = do0
         if SPLIT_D:
-            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
+            q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
         if SPLIT_DV:
-            do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V)
+            do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V, ALIGNED)
         stat_offs = stat_base + rows
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -556,6 +571,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """dV_j = sum_i p_ij dO_i, dK_j = scale sum_i p_ij (dO_i . v_j - delta_i) q_i.
 
@@ -593,18 +609,18 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         # DRK / DRV are contiguous float32 [B, H, R, HEAD_DIM] / [B, H, R, HEAD_DIM_V].
         base = bh.to(tl.int64) * R * HEAD_DIM
         base_v = bh.to(tl.int64) * R * HEAD_DIM_V
-        _store_tile(DRK + base, dk0 * sm_scale, cols, R, HEAD_DIM, offs_d0, HEAD_DIM)
-        _store_tile(DRV + base_v, dv0, cols, R, HEAD_DIM_V, offs_v0, HEAD_DIM_V)
+        _store_tile(DRK + base, dk0 * sm_scale, cols, R, HEAD_DIM, offs_d0, HEAD_DIM, False)
+        _store_tile(DRV + base_v, dv0, cols, R, HEAD_DIM_V, offs_v0, HEAD_DIM_V, False)
         if SPLIT_D:
-            _store_tile(DRK + base, dk1 * sm_scale, cols, R, HEAD_DIM, offs_d1, HEAD_DIM)
+            _store_tile(DRK + base, dk1 * sm_scale, cols, R, HEAD_DIM, offs_d1, HEAD_DIM, False)
         if SPLIT_DV:
-            _store_tile(DRV + base_v, dv1, cols, R, HEAD_DIM_V, offs_v1, HEAD_DIM_V)
+            _store_tile(DRV + base_v, dv1, cols, R, HEAD_DIM_V, offs_v1, HEAD_DIM_V, False)
     else:
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
         dk0, dk1, dv0, dv1 = _dkdv_tile(
@@ -618,17 +634,17 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
         dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + k_start * stride_dkn
         dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + k_start * stride_dvn
-        _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM)
-        _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v0, HEAD_DIM_V)
+        _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM, ALIGNED)
+        _store_tile(dv_base, dv0.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v0, HEAD_DIM_V, ALIGNED)
         if SPLIT_D:
-            _store_tile(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d1, HEAD_DIM)
+            _store_tile(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d1, HEAD_DIM, ALIGNED)
         if SPLIT_DV:
-            _store_tile(dv_base, dv1.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v1, HEAD_DIM_V)
+            _store_tile(dv_base, dv1.to(DV.dtype.element_ty), cols, NK, stride_dvn, offs_v1, HEAD_DIM_V, ALIGNED)
 
 
 @triton.jit
@@ -642,17 +658,17 @@ def _dq_tile(
     IS_REGISTER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_DV: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
-    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V)
+    k0 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d0, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
+    v0 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v0, HEAD_DIM_V, ALIGNED)
     k1 = k0
     v1 = v0
     if SPLIT_D:
-        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER)
+        k1 = _load_qk(K_BASE, cols, n_keys, stride_kn, offs_d1, HEAD_DIM, COS, SIN, ROPE, IS_REGISTER, ALIGNED)
     if SPLIT_DV:
-        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V)
+        v1 = _load_tile(V_BASE, cols, n_keys, stride_vn, offs_v1, HEAD_DIM_V, ALIGNED)
     s = _qk(q0, q1, k0, k1, SPLIT_D, DOT_PRECISION) * qk_scale
     s = _mask_logits(
         s, rows, cols, n_keys, b64, h64, NQ,
@@ -689,6 +705,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """dQ_i = scale sum_j p_ij (dO_i . v_j - delta_i) k_j over registers and tokens."""
     pid_m = tl.program_id(0)
@@ -714,14 +731,14 @@ def _attn_bwd_dq_kernel(
     offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
-    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False)
-    do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V)
+    q0 = _load_qk(q_base, rows, NQ, stride_qm, offs_d0, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
+    do0 = _load_tile(do_base, rows, NQ, stride_dom, offs_v0, HEAD_DIM_V, ALIGNED)
     q1 = q0
     do1 = do0
     if SPLIT_D:
-        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False)
+        q1 = _load_qk(q_base, rows, NQ, stride_qm, offs_d1, HEAD_DIM, COS, SIN, ROPE, False, ALIGNED)
     if SPLIT_DV:
-        do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V)
+        do1 = _load_tile(do_base, rows, NQ, stride_dom, offs_v1, HEAD_DIM_V, ALIGNED)
     stat_offs = stat_base + rows
     lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -740,7 +757,7 @@ def _attn_bwd_dq_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             True, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, SPLIT_DV,
+            HEAD_DIM_V, SPLIT_DV, ALIGNED,
         )
     hi = NK
     if IS_CAUSAL:
@@ -756,12 +773,12 @@ def _attn_bwd_dq_kernel(
             ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, CAUSAL_OFFSET,
             COS, SIN,
             False, HEAD_DIM, BLOCK_N, SPLIT_D, HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, SPLIT_DV,
+            HEAD_DIM_V, SPLIT_DV, ALIGNED,
         )
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqm
-    _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM)
+    _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d0, HEAD_DIM, ALIGNED)
     if SPLIT_D:
-        _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d1, HEAD_DIM)
+        _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows, NQ, stride_dqm, offs_d1, HEAD_DIM, ALIGNED)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -807,25 +824,48 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _fwd_config(tiling: _Tiling, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and dQ launches."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and dQ launches.
+
+    Chosen from benchmarks/results/kernels-sm90 so that no launch spills on sm_90: two
+    warp groups (8 warps) share the 128-row query block.
+    """
     width = tiling.block_d0 + (tiling.block_d1 if tiling.split_d else 0)
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if width <= 128 else (32, 32, 4, 1)
+    if dtype == torch.float32:  # full-precision (ieee) dots: FP32 pipes, small tiles
+        return (32, 32, 8, 2) if width <= 128 else (16, 32, 8, 2)
     if width <= 64:
-        return 128, 64, 4, 3
+        return 128, 64, 8, 3
     if width <= 128:
         return 128, 64, 8, 2
-    return 64, 32, 4, 2
+    return 64, 32, 8, 2
 
 
-def _bwd_config(tiling: _Tiling, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the key-block-major launches."""
+def _bwd_config(tiling: _Tiling, dtype: torch.dtype, heavy: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the key-block-major launches (dK/dV, key mass).
+
+    Chosen from benchmarks/results/kernels-sm90 so that no launch spills on sm_90
+    (masks and RoPE included): dK and dV accumulate BLOCK_N x D float32 each, so 8 warps
+    share them above head dim 64, with the query block halved to 32 rows (16 when `heavy`:
+    RoPE or a float mask add their own tiles); past 128, 32 x 32 tiles without pipelining.
+    """
     width = tiling.block_d0 + (tiling.block_d1 if tiling.split_d else 0)
     if dtype == torch.float32:
-        return (32, 32, 4, 1) if width > 64 else (32, 64, 4, 2)
-    if width <= 128:
+        return 16, 32, 8, 1
+    if width <= 64:
         return 64, 64, 4, 2
-    return 32, 32, 4, 1
+    if width <= 128:
+        return (16 if heavy else 32), 64, 8, 2
+    return 32, 32, 8, 1
+
+
+def _rows_aligned(*tensors: Tensor | None) -> bool:
+    """ALIGNED of the kernels: every row of every tile tensor starts on a 16-byte boundary
+    (the data pointer, and all strides but the last in bytes, are multiples of 16). When
+    not, the kernels compile a second specialisation without the promise."""
+    return all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in tensors
+        if t is not None
+    )
 
 
 def _rope_flag(rope_cos: Tensor | None, style: str) -> int:
@@ -906,6 +946,7 @@ def attention_fwd_triton(
     rk_, rv_ = (rk, rv) if rk is not None else (q, q)
     block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
     stats_dst = (entropy, register_share) if return_stats else (lse, lse)
+    aligned = _rows_aligned(q, k, v, rk, rv, out)
     _attn_fwd_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
         q, k, v, rk_, rv_, sinks.contiguous() if sinks is not None else q, km, am, cos, sin,
         out, lse, *stats_dst,
@@ -918,11 +959,11 @@ def attention_fwd_triton(
         H, H // k.shape[1], NQ, NK, R, num_prefix_tokens, causal, qk_scale,
         cu_q, cu_k, tq, VARLEN=varlen is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=sinks is not None,
-        RETURN_STATS=return_stats, num_warps=warps, num_stages=stages, **flags,
+        RETURN_STATS=return_stats, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
     )
     if not return_stats:
         return
-    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
+    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype, rope_cos is not None or mask_kind == 2)
     n_reg_blocks = triton.cdiv(R, block_n)
     if varlen is not None:
         key_mass.zero_()  # past each sequence's keys
@@ -933,7 +974,7 @@ def attention_fwd_triton(
         *_reg_strides(rk), *km_strides, *am_strides,
         H, H // k.shape[1], NQ, NK, R, n_reg_blocks, causal, qk_scale, R + n_keys,
         cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
     )
 
 
@@ -1009,6 +1050,7 @@ def attention_bwd_triton(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
 
+    aligned = _rows_aligned(q, k, v, rk, rv, out, dout, dq, dk, dv)
     pre_m = 64
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # [B, H, Nq] or [H, Tq]
     n_pre = triton.cdiv(NQ, pre_m)
@@ -1020,12 +1062,12 @@ def attention_bwd_triton(
         H, NQ,
         cu_q, tq, VARLEN=varlen is not None,
         HEAD_DIM=v.shape[3], BLOCK_D0=vt.block_d0, BLOCK_D1=vt.block_d1, SPLIT_D=vt.split_d,
-        BLOCK_M=pre_m, HAS_SINKS=sinks is not None,
+        BLOCK_M=pre_m, HAS_SINKS=sinks is not None, ALIGNED=aligned,
     )
     if sinks is not None:
         dsinks.copy_(dsink_partial.view(n_rows, H, n_pre).sum((0, 2)))
 
-    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype)
+    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype, rope_cos is not None or mask_kind == 2)
     n_reg_blocks = triton.cdiv(R, block_n)
     if R:
         drk_buf = torch.empty(n_rows, H, R, D, dtype=torch.float32, device=q.device)
@@ -1045,7 +1087,7 @@ def attention_bwd_triton(
         *km_strides, *am_strides,
         H, group, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
         cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
     )
     if R:
         if rk.dim() == 3:  # shared registers: sum the per-sample gradients over the batch
@@ -1065,7 +1107,7 @@ def attention_bwd_triton(
         *km_strides, *am_strides,
         H, group, NQ, NK, R, causal, qk_scale, scale,
         cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
     )
     if group > 1:
         dk = dk.unflatten(1, (H // group, group)).sum(2)

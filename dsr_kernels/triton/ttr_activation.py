@@ -156,7 +156,7 @@ def ttr_activation_triton(
         slot[neurons] = torch.arange(K, dtype=torch.int32, device=h.device)
     rows = B * T
     block_f = min(128, triton.next_power_of_2(F))
-    block_r = max(1, min(64, 4096 // block_f))
+    block_r = max(1, min(64, 1024 // block_f))  # 8 elements per thread: registers for full occupancy
     grid = (triton.cdiv(rows, block_r), triton.cdiv(F, block_f))
     _ttr_activation_kernel[grid](
         h, out, slot, reg, fill, thresh,
