@@ -391,15 +391,13 @@ def occupancy(regs: int, smem: int, warps: int) -> tuple[int, float]:
     return blocks, blocks * warps / SM_WARPS
 
 
-def compile_launch(launch: Launch, arch: int) -> dict:
+def compile_launch(launch: Launch, target, specialised: tuple) -> dict:
+    """Compiles one launch for target from its ``specialise`` output; the resource row."""
     import triton
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    signature, constexprs, attrs, options = specialise(launch, backend)
+    signature, constexprs, attrs, options = specialised
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True
     try:
@@ -554,6 +552,11 @@ def _detail(case) -> str:
 
 
 def build_report(arch: int, cases=CASES, names: set[str] | None = None) -> list[Row]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
     rows, seen = [], {}
     for case in cases:
         if names and case.name not in names:
@@ -571,10 +574,7 @@ def build_report(arch: int, cases=CASES, names: set[str] | None = None) -> list[
                 _block(launch.kwargs),
             )
             try:
-                from triton.backends.compiler import GPUTarget
-                from triton.compiler import make_backend
-
-                sig, constexprs, attrs, options = specialise(launch, make_backend(GPUTarget("cuda", arch, 32)))
+                specialised = sig, constexprs, attrs, options = specialise(launch, backend)
                 key = (
                     name,
                     repr(sorted(sig.items())),
@@ -583,7 +583,7 @@ def build_report(arch: int, cases=CASES, names: set[str] | None = None) -> list[
                     repr(sorted(options.__dict__.items())),
                 )
                 if key not in seen:
-                    seen[key] = compile_launch(launch, arch)
+                    seen[key] = compile_launch(launch, target, specialised)
                 row.resources = dict(seen[key])
                 row.model = predict(launch, row.resources, case.dtype)
             except Exception as exc:  # reported, and --check fails on it
