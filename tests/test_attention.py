@@ -922,7 +922,7 @@ def test_a_nan_key_reaches_every_row_in_any_vector_lane(backend):
 )
 def test_nan_contract(backend, plant):
     """Each planted value against the reference: NaN where it is NaN, equal elsewhere, and the
-    same gradients (README "NaN and inf")."""
+    same gradients (docs/attention.md, "NaN and inf")."""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 19, 8, generator=g) for _ in range(3))
     rk, rv = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)

@@ -274,4 +274,4 @@ def test_readme_results_section_is_generated_from_the_committed_runs():
     assert runs, "no committed run under benchmarks/results/runs/"
     for run in runs:
         assert (run / "results.json").exists() and (run / "results.csv").exists() and list(run.glob("*.png"))
-    assert module.main(["--check"]) == 0, "README.md's results section is stale: python benchmarks/readme_results.py"
+    assert module.main(["--check"]) == 0, "benchmarks/results/RESULTS.md is stale: python benchmarks/readme_results.py"

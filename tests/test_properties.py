@@ -7,7 +7,7 @@ element, row or column of one operand (or none), scales the logits up to 4x, and
 compares each backend's outputs, statistics and gradients with the float64 reference
 under the tolerance rule (tests/utils.py: at most 2x the error of eager PyTorch at the
 input dtype, plus a few ulps), NaN and inf positions exactly: that is the NaN contract
-of README "NaN and inf", which the reference defines.
+of docs/attention.md, "NaN and inf", which the reference defines.
 
 CI runs a fixed, derandomised budget (the "dsr-ci" profile, set in conftest.py); run more
 with ``pytest tests/test_properties.py --hypothesis-profile=dsr-thorough``.
@@ -66,7 +66,7 @@ def _compare(
     only the positions of non-finite elements are compared there.
     extra_nan: a NaN value row of a masked key (gradients): the backends' delta =
     rowsum(dO * out) carries the forward's 0 * NaN into rows whose reference gradient
-    (autograd's sum p dP, masked keys left out) stays finite (README "NaN and inf"). Every
+    (autograd's sum p dP, masked keys left out) stays finite (docs/attention.md, "NaN and inf"). Every
     NaN of the reference must be there; more are allowed; finite values must agree.
     """
     if got is None or ref is None:
