@@ -197,76 +197,75 @@ def run_attention(case: AttentionCase, device: str) -> None:
     """Runs the Triton launchers of one attention case (forward, then backward) on device."""
     import torch
 
-    from dsr_kernels.ops import attention as ops
-    from dsr_kernels.ops import attention_varlen as vops
-    from dsr_kernels.rope import rope_1d_tables
-    from dsr_kernels.triton.attention import (
-        attention_bwd_triton,
-        attention_fwd_triton,
-        attention_varlen_bwd_triton,
-        attention_varlen_fwd_triton,
-    )
+    from dsr_kernels.attention_call import AttentionCall, Causal
+    from dsr_kernels.ops.attention import alloc_grads, alloc_outputs
+    from dsr_kernels.rope import RopeStyle, rope_1d_tables
+    from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
 
     dt = _dtype(case.dtype)
     kw = dict(dtype=dt, device=device)
     B, H, N, D, R = case.B, case.H, case.N, case.D, case.R
     Hk, Dv = case.Hk or H, case.Dv or D
-    rk = torch.randn(H, R, D, **kw) if R else None
-    rv = torch.randn(H, R, Dv, **kw) if R else None
-    s = torch.randn(H, device=device) if case.sinks else None
+    call = AttentionCall(
+        q=torch.empty(0),  # (set below)
+        k=torch.empty(0),
+        v=torch.empty(0),
+        rk=torch.randn(H, R, D, **kw) if R else None,
+        rv=torch.randn(H, R, Dv, **kw) if R else None,
+        sinks=torch.randn(H, device=device) if case.sinks else None,
+        num_prefix_tokens=0,
+        scale=D**-0.5,
+        return_stats=case.stats,
+    )
     if case.varlen:
         lens = [N - N // 3, N // 3 + 1, N] if B == 3 else [N] * B
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         T = sum(lens)
-        q = torch.randn(T, H, D, **kw)
-        k, v = torch.randn(T, Hk, D, **kw), torch.randn(T, Hk, Dv, **kw)
-        outs = vops._alloc_fwd(q, v, rk, len(lens), max(lens), case.stats)
-        args = (q, k, v, cu, cu, max(lens), max(lens), rk, rv, s, 0, D**-0.5, case.causal is not None)
-        attention_varlen_fwd_triton(*args, case.stats, *outs)
-        if case.backward:
-            grads = vops._alloc_bwd(q, k, v, rk, rv, s)
-            attention_varlen_bwd_triton(
-                torch.randn_like(outs[0]), *args[:10], outs[0], outs[1], D**-0.5, case.causal is not None, *grads
-            )
-        return
-
-    def tokens(heads, dim):
-        if case.unaligned:  # column slices of wider rows: row stride dim + 1
-            return torch.randn(B, heads, N, dim + 1, **kw)[..., 1:]
-        return torch.randn(B, heads, N, dim, **kw)
-
-    q, k, v = tokens(H, D), tokens(Hk, D), tokens(Hk, Dv)
-    km = torch.rand(B, N, device=device) > 0.5 if case.key_mask else None
-    am = None
-    if case.attn_mask == "bool":
-        am = (torch.rand(B, 1, N, N, device=device) > 0.5).expand(B, H, N, N)
-    elif case.attn_mask == "float":
-        am = torch.randn(1, H, N, N, **kw).expand(B, H, N, N)
-    rope = {}
-    if case.rope:
-        cos, sin = rope_1d_tables(N, D, style=case.rope)
-        rope = dict(rope_cos=cos.to(device), rope_sin=sin.to(device), rope_style=case.rope)
-    outs = ops._alloc_fwd(q, k, v, rk, case.stats)
-    attention_fwd_triton(q, k, v, rk, rv, s, km, am, 0, D**-0.5, case.causal, case.stats, *outs, **rope)
-    if case.backward:
-        grads = ops._alloc_bwd(q, k, v, rk, rv, s)
-        attention_bwd_triton(
-            torch.randn_like(outs[0]),
-            q,
-            k,
-            v,
-            rk,
-            rv,
-            s,
-            km,
-            am,
-            outs[0],
-            outs[1],
-            D**-0.5,
-            case.causal,
-            *grads,
-            **rope,
+        call = call.replace(
+            q=torch.randn(T, H, D, **kw),
+            k=torch.randn(T, Hk, D, **kw),
+            v=torch.randn(T, Hk, Dv, **kw),
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=max(lens),
+            max_seqlen_k=max(lens),
+            causal=int(Causal.BOTTOM_RIGHT if case.causal is not None else Causal.NONE),
         )
+    else:
+
+        def tokens(heads, dim, rows=N):
+            if case.unaligned:  # column slices of wider rows: row stride dim + 1
+                return torch.randn(B, heads, rows, dim + 1, **kw)[..., 1:]
+            return torch.randn(B, heads, rows, dim, **kw)
+
+        nq = N - (case.causal or 0)  # causal=c: c fewer queries than keys, bottom-right: offset c
+
+        am = None
+        if case.attn_mask == "bool":
+            am = (torch.rand(B, 1, N, N, device=device) > 0.5).expand(B, H, N, N)
+        elif case.attn_mask == "float":
+            am = torch.randn(1, H, N, N, **kw).expand(B, H, N, N)
+        call = call.replace(
+            q=tokens(H, D, nq),
+            k=tokens(Hk, D),
+            v=tokens(Hk, Dv),
+            key_mask=torch.rand(B, N, device=device) > 0.5 if case.key_mask else None,
+            attn_mask=am,
+            causal=int(Causal.BOTTOM_RIGHT if case.causal is not None else Causal.NONE),
+        )
+        if case.rope:
+            cos, sin = rope_1d_tables(N, D, style=case.rope)
+            call = call.replace(
+                rope_cos=cos.to(device), rope_sin=sin.to(device), rope_style=int(RopeStyle.parse(case.rope))
+            )
+    outs = alloc_outputs(call)
+    attention_fwd_triton(call, outs)
+    if case.backward:
+        grads = alloc_grads(call)
+        present = grads._replace(
+            drk=grads.drk if R else None, drv=grads.drv if R else None, dsinks=grads.dsinks if case.sinks else None
+        )
+        attention_bwd_triton(call, torch.randn_like(outs.out), outs.out, outs.lse, present)
 
 
 def run_norm(case: NormCase, device: str) -> None:

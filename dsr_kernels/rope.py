@@ -14,32 +14,52 @@ the same formula to q and k tiles as they load them.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 from torch import Tensor
 
 ROPE_STYLES = ("interleaved", "half")
 
 
-def _partner(x: Tensor, style: str) -> Tensor:
+class RopeStyle(IntEnum):
+    """How the kernels pair channels: the value of their ``ROPE`` constant (0: no rotary tables)."""
+
+    NONE = 0
+    INTERLEAVED = 1  # pairs (2i, 2i + 1)
+    HALF = 2  # pairs (i, i + D/2)
+
+    @classmethod
+    def parse(cls, style: str | int) -> RopeStyle:
+        """``"interleaved"`` / ``"half"`` (the public spelling) or a RopeStyle."""
+        return cls(style) if isinstance(style, int) else cls(ROPE_STYLES.index(style) + 1)
+
+    @property
+    def label(self) -> str:
+        """The public spelling ("interleaved", "half")."""
+        return ROPE_STYLES[self - 1]
+
+
+def _partner(x: Tensor, style: str | RopeStyle) -> Tensor:
     """x[..., partner(d)] for every d."""
     D = x.shape[-1]
-    if style == "interleaved":
+    if RopeStyle.parse(style) == RopeStyle.INTERLEAVED:
         return x.unflatten(-1, (D // 2, 2)).flip(-1).flatten(-2)
     return torch.cat([x[..., D // 2 :], x[..., : D // 2]], dim=-1)
 
 
-def _sign(D: int, style: str, like: Tensor) -> Tensor:
+def _sign(D: int, style: str | RopeStyle, like: Tensor) -> Tensor:
     d = torch.arange(D, device=like.device)
-    first = d % 2 == 0 if style == "interleaved" else d < D // 2
+    first = d % 2 == 0 if RopeStyle.parse(style) == RopeStyle.INTERLEAVED else d < D // 2
     return torch.where(first, -1.0, 1.0).to(like.dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str | RopeStyle) -> Tensor:
     """rope(x) for x [..., N, D] with tables [N, D] (broadcast over leading dims)."""
     return x * cos + _sign(x.shape[-1], style, x) * _partner(x, style) * sin
 
 
-def apply_rope_transpose(g: Tensor, cos: Tensor, sin: Tensor, style: str) -> Tensor:
+def apply_rope_transpose(g: Tensor, cos: Tensor, sin: Tensor, style: str | RopeStyle) -> Tensor:
     """The transpose (adjoint) of :func:`apply_rope`: the gradient w.r.t. x given g = dL/d rope(x).
 
     dx[e] = g[e] cos[e] + sign[p(e)] g[p(e)] sin[p(e)], p the (involutive) partner map.

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import dsr_kernels
 from dsr_kernels import AttentionStats, BackendUnavailable, attention
+from dsr_kernels.attention_call import AttentionCall, Causal
 from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.ops import attention as attention_ops
 from dsr_kernels.reference.attention import attention_ref
@@ -328,23 +329,18 @@ def test_cpu_kernel_direct_calls_check_their_arguments(mutate, words):
     mutate(a)
     lse, stats = torch.empty(B, H, N), [torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, R + N)]
     with pytest.raises(RuntimeError, match=re.escape(words)):
-        torch.ops.dsr_kernels.attention_fwd_cpu(
-            a["q"],
-            a["k"],
-            a["v"],
-            a["rk"],
-            a["rv"],
-            None,
-            a["key_mask"],
-            None,
-            a["num_prefix_tokens"],
-            0.25,
-            None,
-            True,
-            a["out"],
-            lse,
-            *stats,
+        call = AttentionCall(
+            q=a["q"],
+            k=a["k"],
+            v=a["v"],
+            rk=a["rk"],
+            rv=a["rv"],
+            key_mask=a["key_mask"],
+            num_prefix_tokens=a["num_prefix_tokens"],
+            scale=0.25,
+            return_stats=True,
         )
+        torch.ops.dsr_kernels.attention_fwd_cpu(*call.as_args(), a["out"], lse, *stats)
 
 
 @pytest.mark.gpu
@@ -494,32 +490,18 @@ def test_triton_path_builds_no_concatenated_tensor():
     case = Case(Nq=40, Nk=57, D=72, R=36, sinks=True)
     x = make_inputs(case)
     rk, rv = x["kv_registers"]
-    outs = attention_ops._alloc_fwd(x["q"], x["k"], x["v"], rk, True)
+    call = AttentionCall(q=x["q"], k=x["k"], v=x["v"], rk=rk, rv=rv, sinks=x["sinks"], scale=0.1, return_stats=True)
+    outs = attention_ops.alloc_outputs(call)
 
     def forbidden(ops):  # (the interpreter itself moves data with new_empty / set_)
         return [op for op in ops if any(w in op for w in ("cat", "clone", "contiguous", "_to_copy", "stack"))]
 
     with Record() as rec:
-        attention_fwd_triton(x["q"], x["k"], x["v"], rk, rv, x["sinks"], None, None, 0, 0.1, None, True, *outs)
+        attention_fwd_triton(call, outs)
     assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
-    grads = attention_ops._alloc_bwd(x["q"], x["k"], x["v"], rk, rv, x["sinks"])
+    grads = attention_ops.alloc_grads(call)
     with Record() as rec:
-        attention_bwd_triton(
-            torch.randn_like(outs[0]),
-            x["q"],
-            x["k"],
-            x["v"],
-            rk,
-            rv,
-            x["sinks"],
-            None,
-            None,
-            outs[0],
-            outs[1],
-            0.1,
-            None,
-            *grads,
-        )
+        attention_bwd_triton(call, torch.randn_like(outs.out), outs.out, outs.lse, grads)
     assert rec.ops and not forbidden(rec.ops), forbidden(rec.ops)
 
 
@@ -575,9 +557,9 @@ def test_torch_backend_gradcheck_float64(path):
         options = dict(attn_mask=torch.randn(1, H, Nq, Nk, dtype=torch.float64), causal=True)
     else:
         options = dict(key_mask=torch.tensor([[True, False, True, True, False, True]] * B))
-    assert _uses_cpu_flash(args[0], args[2], options.get("attn_mask"), 0 if options.get("causal") else None) == (
-        path == "cpu_flash"
-    )
+    causal = Causal.BOTTOM_RIGHT if options.get("causal") else Causal.NONE
+    call = AttentionCall(q=args[0], k=args[1], v=args[2], attn_mask=options.get("attn_mask"), causal=int(causal))
+    assert _uses_cpu_flash(call) == (path == "cpu_flash")
 
     def f(q, k, v, rk, rv, sinks):
         return attention(q, k, v, kv_registers=(rk, rv), sinks=sinks, backend="torch", **options)
@@ -621,23 +603,28 @@ def test_opcheck(backend):
     cos, sin = rope_tables(19, 24, "interleaved", identity_rows=2)
     for t in (q, k, v, rk, rv, sinks):
         t.requires_grad_(True)
-    for rope in ((None, None, 0), (cos, sin, 1)):
-        args = (q, k, v, rk, rv, sinks, key_mask, None, 2, 0.2, 0, *rope, True, backend)
+    for cos_, sin_, style in ((None, None, 0), (cos, sin, 1)):
+        call = AttentionCall(
+            q=q,
+            k=k,
+            v=v,
+            rk=rk,
+            rv=rv,
+            sinks=sinks,
+            key_mask=key_mask,
+            rope_cos=cos_,
+            rope_sin=sin_,
+            rope_style=style,
+            causal=int(Causal.TOP_LEFT),
+            num_prefix_tokens=2,
+            scale=0.2,
+            return_stats=True,
+        )
+        args = (*call.as_args(), backend)
         torch.library.opcheck(torch.ops.dsr_kernels.attention_fwd.default, args)
         out, lse = torch.ops.dsr_kernels.attention_fwd(*args)[:2]
-        detached = [t.detach() for t in (q, k, v, rk, rv, sinks)]
-        bwd_args = (
-            torch.randn_like(out),
-            *detached,
-            key_mask,
-            None,
-            out.detach(),
-            lse.detach(),
-            0.2,
-            0,
-            *rope,
-            backend,
-        )
+        detached = call.replace(**{n: getattr(call, n).detach() for n in ("q", "k", "v", "rk", "rv", "sinks")})
+        bwd_args = (torch.randn_like(out), out.detach(), lse.detach(), *detached.as_args(), backend)
         torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd.default, bwd_args)
 
 
@@ -783,8 +770,8 @@ def test_bad_input_raises_before_launch(monkeypatch, mutate, exc, words):
     def no_launch(*_):
         raise AssertionError("a kernel was launched before validation failed")
 
-    monkeypatch.setattr(attention_ops, "_fwd_impl", no_launch)
-    monkeypatch.setattr(attention_ops, "attention_ref", no_launch)
+    monkeypatch.setattr(attention_ops, "launcher", no_launch)
+    monkeypatch.setattr(attention_ops, "attention_call_ref", no_launch)
     args = _good()
     mutate(args)
     with pytest.raises(exc) as info:
@@ -829,8 +816,8 @@ def test_triton_rejects_float64():
 
 def test_auto_backend_on_cpu_is_the_cpu_kernel_when_built(monkeypatch):
     seen = []
-    real = attention_ops._fwd_impl
-    monkeypatch.setattr(attention_ops, "_fwd_impl", lambda b: seen.append(b) or real(b))
+    real = attention_ops.launcher
+    monkeypatch.setattr(attention_ops, "launcher", lambda b, direction: seen.append(b) or real(b, direction))
     attention(**_good())
     built = dsr_kernels.explain("attention", "cpu")["cpu"] == "available"
     assert seen == ["cpu" if built else "torch"]

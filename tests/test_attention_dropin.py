@@ -234,13 +234,13 @@ def test_sdpa_gqa_reads_kv_in_place(monkeypatch):
     from dsr_kernels.ops import attention_dropin
 
     seen = {}
-    real = attention_dropin._attention
+    real = attention_dropin.validated_attention
 
     def spy(fn, q, k, v, **kw):
         seen["shapes"] = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
         return real(fn, q, k, v, **kw)
 
-    monkeypatch.setattr(attention_dropin, "_attention", spy)
+    monkeypatch.setattr(attention_dropin, "validated_attention", spy)
     q, k, v = torch.randn(2, 6, 11, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
     out, expected = _torch_and_ours(q, k, v, enable_gqa=True)
     assert seen["shapes"] == ((2, 6, 11, 16), (2, 2, 13, 16), (2, 2, 13, 8))
@@ -327,13 +327,13 @@ def test_flash_attn_gqa_reads_kv_in_place(monkeypatch):
     from dsr_kernels.ops import attention_dropin
 
     seen = {}
-    real = attention_dropin._attention
+    real = attention_dropin.validated_attention
 
     def spy(fn, q, k, v, **kw):
         seen["k"] = (tuple(k.shape), k.data_ptr())
         return real(fn, q, k, v, **kw)
 
-    monkeypatch.setattr(attention_dropin, "_attention", spy)
+    monkeypatch.setattr(attention_dropin, "validated_attention", spy)
     q, k, v = torch.randn(2, 11, 6, 16), torch.randn(2, 13, 2, 16), torch.randn(2, 13, 2, 24)
     out = dsr_kernels.flash_attn_func(q, k, v)
     assert seen["k"] == ((2, 2, 13, 16), k.data_ptr()) and out.shape == (2, 11, 6, 24)

@@ -9,6 +9,7 @@ from test_attention import CPU, requires_interpreter
 
 import dsr_kernels
 from dsr_kernels import BackendUnavailable, attention_varlen
+from dsr_kernels.attention_call import AttentionCall, Causal
 from dsr_kernels.reference.attention import attention_ref
 from utils import assert_within_eager_error
 
@@ -220,7 +221,7 @@ def test_varlen_bad_input():
         (dict(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError, "one offset per sequence"),
         (dict(cu_seqlens_q=cu_q.float()), ValueError, "int32 / int64"),
         (dict(max_seqlen_k=3), ValueError, "'max_seqlen_k' must be an int >= the longest sequence \\(7\\)"),
-        (dict(kv_registers=(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))), ValueError, "\\[S=2, H=2, R, 16\\]"),
+        (dict(kv_registers=(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))), ValueError, "\\[S=2, H=2, R, D=16\\]"),
         (dict(k=torch.randn(12, 3, 16), v=torch.randn(12, 3, 16)), ValueError, "Hk dividing H=2"),
     ]
     for change, error, words in cases:
@@ -276,8 +277,22 @@ def test_varlen_op_opcheck_and_compile():
     case = VarlenCase((5, 0, 11), (7, 3, 11), H=2, Hk=1, D=16, R=2, sinks=True, causal=True)
     x, cu_q, cu_k = _inputs(case)
     rk, rv = x["kv_registers"]
-    args = (x["q"], x["k"], x["v"], cu_q, cu_k, 11, 11, rk, rv, x["sinks"], 0, 0.25, True, True, "cpu")
-    torch.library.opcheck(torch.ops.dsr_kernels.attention_varlen_fwd.default, args)
+    call = AttentionCall(
+        q=x["q"],
+        k=x["k"],
+        v=x["v"],
+        rk=rk,
+        rv=rv,
+        sinks=x["sinks"],
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=11,
+        max_seqlen_k=11,
+        causal=int(Causal.BOTTOM_RIGHT),
+        scale=0.25,
+        return_stats=True,
+    )
+    torch.library.opcheck(torch.ops.dsr_kernels.attention_fwd.default, (*call.as_args(), "cpu"))
 
     def f(q, k, v):
         return attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=11, max_seqlen_k=11, backend="cpu")

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
@@ -94,80 +96,10 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 }  // namespace
 }  // namespace dsr_kernels
 
-// The Fortran BLAS sgemm of the BLAS libtorch links (MKL on x86 wheels, OpenBLAS or
-// Accelerate elsewhere), which libtorch_cpu exports; ATen's own cpublas::gemm is not
-// exported to extensions. Weak: where it is missing, gemm_rm falls back to at::addmm_out.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-// MKL's per-thread thread count (libtorch_cpu exports it where torch links MKL): inside our
-// parallel region each GEMM must run on its own thread; MKL does not see libgomp's region
-// and would start threads of its own on every call (measured: 5x slower on 2 cores).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // (mkl_set_num_threads_local: by pointer)
+#include "blas.h"
 
 namespace dsr_kernels {
 namespace {
-
-// Within its scope, BLAS calls of this thread run on this thread only.
-class SerialBlas {
- public:
-  SerialBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SerialBlas(const SerialBlas&) = delete;
-  SerialBlas& operator=(const SerialBlas&) = delete;
-
- private:
-  int previous_;
-};
-
-at::Tensor view_rm(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-  at::Tensor t = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
-  return trans ? t.t() : t;
-}
-
-// Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, through the column-major BLAS
-// (C^T = op(B)^T op(A)^T: a row-major matrix read column-major is its transpose).
-void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {  // C = beta C (an empty product; BLAS would reject the zero leading dimension of A)
-    for (int64_t i = 0; i < M; ++i) {
-      float* row = C + i * ldc;
-      for (int64_t j = 0; j < N; ++j) row[j] = beta == 0.0f ? 0.0f : beta * row[j];
-    }
-    return;
-  }
-  // BLAS takes a leading dimension of at least the row length (it prints an error and
-  // returns without writing C otherwise). A matrix of one row is read once, whatever its
-  // stride; for more rows a smaller stride (expanded or overlapping rows) is a caller's
-  // bug, raised here rather than handed on. (The launchers copy such operands.)
-  auto leading = [](const char* what, int64_t ld, int64_t rows, int64_t cols) {
-    if (rows <= 1) return std::max<int64_t>(ld, std::max<int64_t>(cols, 1));
-    TORCH_CHECK(ld >= cols, "attention (cpu): ", what, " rows have stride ", ld, " below their length ", cols,
-                " (expanded or overlapping rows must be copied before the kernel)");
-    return ld;
-  };
-  lda = trans_a ? leading("an operand's", lda, K, M) : leading("an operand's", lda, M, K);
-  ldb = trans_b ? leading("an operand's", ldb, N, K) : leading("an operand's", ldb, K, N);
-  ldc = leading("an output's", ldc, M, N);
-  if (sgemm_ != nullptr) {
-    constexpr int64_t kMax = std::numeric_limits<int>::max();
-    TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
-                "attention (cpu): a block of ", M, " x ", N, " x ", K, " exceeds the 32-bit BLAS interface");
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  at::Tensor c = view_rm(C, M, N, ldc, false);
-  at::Tensor a = trans_a ? view_rm(A, K, M, lda, true) : view_rm(A, M, K, lda, false);
-  at::Tensor b = trans_b ? view_rm(B, N, K, ldb, true) : view_rm(B, K, N, ldb, false);
-  if (beta == 0.0f) c.zero_();  // addmm's beta = 0 still reads C (NaN * 0)
-  at::addmm_out(c, c, a, b, beta, alpha);
-}
 
 // Everything a task needs to read one (sequence, head): base pointers, row strides and the
 // sequences. Batch mode: sequence s is batch entry s (B sequences of Nq queries and Nk
@@ -183,7 +115,7 @@ struct Operands {
   int64_t sq[3]{}, sk[3]{}, sv[3]{}, srk[3]{}, srv[3]{};  // strides of dims b, h, n (elements)
   const bool* key_mask = nullptr;                          // [B, Nk] contiguous (batch mode)
   at::Tensor attn_mask;                                    // [B, H, Nq, Nk] (strided), or undefined
-  std::optional<int64_t> causal;  // batch: the offset; varlen: bottom-right in each sequence
+  Causal causal = Causal::kNone;
   float scale = 1.0f;
   // Rotary tables [N, D] (float32, contiguous) applied to q and the token keys as their
   // rows are loaded; rope 1: interleaved pairs (2i, 2i + 1), 2: half pairs (i, i + D / 2).
@@ -196,9 +128,10 @@ struct Operands {
   int64_t koff(int64_t s) const { return varlen() ? cu_k[s] : 0; }
   int64_t nq(int64_t s) const { return varlen() ? cu_q[s + 1] - cu_q[s] : Nq; }
   int64_t nk(int64_t s) const { return varlen() ? cu_k[s + 1] - cu_k[s] : Nk; }
+  // Token key j is visible to query i of sequence s iff j <= i + offset (nullopt: all are).
   std::optional<int64_t> causal_offset(int64_t s) const {
-    if (!causal.has_value()) return std::nullopt;
-    return varlen() ? nk(s) - nq(s) : *causal;
+    if (causal == Causal::kNone) return std::nullopt;
+    return causal == Causal::kTopLeft ? 0 : nk(s) - nq(s);
   }
   const float* q_row(int64_t s, int64_t h, int64_t i) const {
     return q + b(s) * sq[0] + h * sq[1] + (qoff(s) + i) * sq[2];
@@ -283,21 +216,17 @@ std::vector<int64_t> offsets(const at::Tensor& cu, const char* name, int64_t tot
   return v;
 }
 
-Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, double scale,
-                       std::optional<int64_t> causal_offset, at::Tensor& key_mask_holder,
-                       const at::Tensor* cu_seqlens_q = nullptr, const at::Tensor* cu_seqlens_k = nullptr,
-                       const std::optional<at::Tensor>& rope_cos = std::nullopt,
-                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0) {
+Operands make_operands(const AttentionArgs& a, at::Tensor& key_mask_holder) {
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const std::optional<at::Tensor>&rk = a.rk, &rv = a.rv, &sinks = a.sinks, &key_mask = a.key_mask;
+  const std::optional<at::Tensor>&attn_mask = a.attn_mask, &rope_cos = a.rope_cos, &rope_sin = a.rope_sin;
   check_f32(q, "q", 4, 4);
   check_f32(k, "k", 4, 4);
   check_f32(v, "v", 4, 4);
   Operands o;
   o.B = q.size(0), o.H = q.size(1), o.Nq = q.size(2), o.D = q.size(3), o.Nk = k.size(2);
   o.Hk = k.size(1), o.Dv = v.size(3);
-  const bool varlen = cu_seqlens_q != nullptr;
+  const bool varlen = a.cu_seqlens_q.has_value();
   TORCH_CHECK(o.B > 0 && o.H > 0 && o.Hk > 0 && o.D > 0 && o.Dv > 0 && (varlen || (o.Nq > 0 && o.Nk > 0)),
               "attention (cpu): empty inputs, q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
   TORCH_CHECK(k.size(0) == o.B && o.H % o.Hk == 0 && k.size(3) == o.D,
@@ -308,8 +237,9 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               " matching k ", k.sizes(), ", got ", v.sizes());
   if (varlen) {
     TORCH_CHECK(o.B == 1, "attention (cpu): varlen q, k, v must be [1, H, T, D] views of packed [T, H, D] tensors");
-    o.cu_q = offsets(*cu_seqlens_q, "cu_seqlens_q", o.Nq);
-    o.cu_k = offsets(*cu_seqlens_k, "cu_seqlens_k", o.Nk);
+    TORCH_CHECK(a.cu_seqlens_k.has_value(), "attention (cpu): cu_seqlens_q and cu_seqlens_k go together");
+    o.cu_q = offsets(*a.cu_seqlens_q, "cu_seqlens_q", o.Nq);
+    o.cu_k = offsets(*a.cu_seqlens_k, "cu_seqlens_k", o.Nk);
     TORCH_CHECK(o.cu_q.size() == o.cu_k.size(), "attention (cpu): cu_seqlens_q and cu_seqlens_k must have one length, ",
                 "got ", o.cu_q.size(), " and ", o.cu_k.size());
     TORCH_CHECK(!key_mask.has_value() && !attn_mask.has_value(),
@@ -363,13 +293,17 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                 "attention (cpu): attn_mask must be bool or floating, got ", attn_mask->scalar_type());
     o.attn_mask = *attn_mask;
   }
-  o.causal = varlen && causal_offset.has_value() ? std::optional<int64_t>(0) : causal_offset;
-  o.scale = static_cast<float>(scale);
+  TORCH_CHECK(a.causal == Causal::kNone || a.causal == Causal::kTopLeft || a.causal == Causal::kBottomRight,
+              "attention (cpu): causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+              static_cast<int64_t>(a.causal));
+  o.causal = a.causal;
+  o.scale = static_cast<float>(a.scale);
   TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), "attention (cpu): rope_cos and rope_sin go together");
   if (rope_cos.has_value()) {
     TORCH_CHECK(!varlen, "attention (cpu): rope tables are for batch mode (one position per query / key row)");
-    TORCH_CHECK(rope_style == 1 || rope_style == 2,
-                "attention (cpu): rope_style must be 1 (interleaved) or 2 (half), got ", rope_style);
+    TORCH_CHECK(a.rope_style == RopeStyle::kInterleaved || a.rope_style == RopeStyle::kHalf,
+                "attention (cpu): rope_style must be 1 (interleaved) or 2 (half), got ",
+                static_cast<int64_t>(a.rope_style));
     TORCH_CHECK(o.Nq == o.Nk && o.D % 2 == 0,
                 "attention (cpu): rope needs self-attention (Nq == Nk) and an even D, got Nq ", o.Nq, ", Nk ", o.Nk,
                 ", D ", o.D);
@@ -379,7 +313,7 @@ Operands make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                   "attention (cpu): rope tables must be contiguous float32 CPU tensors [N = ", o.Nq, ", D = ", o.D,
                   "], got ", t->sizes(), " ", t->scalar_type());
     }
-    o.cos = rope_cos->data_ptr<float>(), o.sin = rope_sin->data_ptr<float>(), o.rope = static_cast<int>(rope_style);
+    o.cos = rope_cos->data_ptr<float>(), o.sin = rope_sin->data_ptr<float>(), o.rope = static_cast<int>(a.rope_style);
   }
   return o;
 }
@@ -426,8 +360,8 @@ void apply_masks(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t 
 // both already rotated when rope is on.
 void logits_block(const Operands& o, int64_t seq, int64_t h, int64_t i0, int64_t m, float* s, int64_t T,
                   const float* q, int64_t ldq, const float* k, int64_t ldk) {
-  if (o.R > 0) gemm_rm(false, true, m, o.R, o.D, o.scale, q, ldq, o.rk_rows(seq, h), o.srk[2], 0.0f, s, T);
-  gemm_rm(false, true, m, o.nk(seq), o.D, o.scale, q, ldq, k, ldk, 0.0f, s + o.R, T);
+  if (o.R > 0) blas::gemm_rm(false, true, m, o.R, o.D, o.scale, q, ldq, o.rk_rows(seq, h), o.srk[2], 0.0f, s, T);
+  blas::gemm_rm(false, true, m, o.nk(seq), o.D, o.scale, q, ldq, k, ldk, 0.0f, s + o.R, T);
   apply_masks(o, seq, h, i0, m, s + o.R, T);
 }
 
@@ -487,9 +421,11 @@ int64_t key_mass_parts(const Operands& o, int64_t Tmax) {
   return std::max<int64_t>(1, std::min(for_threads, for_memory));
 }
 
-void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, const at::Tensor& out,
-              const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-              const at::Tensor& key_mass) {
+void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs& outputs) {
+  const int64_t num_prefix_tokens = a.num_prefix_tokens;
+  const bool return_stats = a.return_stats;
+  const at::Tensor &out = outputs.out, &lse = outputs.lse, &entropy = outputs.entropy;
+  const at::Tensor &register_share = outputs.register_share, &key_mass = outputs.key_mass;
   const int64_t H = o.H, Dv = o.Dv, R = o.R, S = o.S, Tmax = R + o.max_nk;
   const int64_t LQ = o.Nq;  // the queries of one (b, h) row of lse: Nq, or Tq in varlen mode
   TORCH_CHECK(num_prefix_tokens >= 0 && (o.varlen() || num_prefix_tokens <= o.Nk),
@@ -551,7 +487,7 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
   // Tasks run head-major (t = h * nparts + part), so that a thread's consecutive tasks share
   // their key rows (rotated once with rope).
   at::parallel_for(0, nparts * H, 1, [&](int64_t begin, int64_t end) {
-    const SerialBlas serial;
+    const blas::SerialBlas serial;
     std::vector<float> buf(static_cast<size_t>(BM * Tmax));
     RowSource rows_of;
     for (int64_t t = begin; t < end; ++t) {
@@ -614,9 +550,9 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
           vo.scale_row(row, T, inv);
         }
         float* o_rows = out_p + o.b(seq) * so[0] + h * so[1] + (o.qoff(seq) + i0) * so[2];
-        if (R > 0) gemm_rm(false, false, m, Dv, R, 1.0f, s, T, o.rv_rows(seq, h), o.srv[2], 0.0f, o_rows, so[2]);
+        if (R > 0) blas::gemm_rm(false, false, m, Dv, R, 1.0f, s, T, o.rv_rows(seq, h), o.srv[2], 0.0f, o_rows, so[2]);
         if (nk > 0 || R == 0) {  // (no token and no register: K = 0 writes zeros)
-          gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
+          blas::gemm_rm(false, false, m, Dv, nk, 1.0f, s + R, T, o.v_rows(seq, h), o.sv[2], R > 0 ? 1.0f : 0.0f, o_rows,
                   so[2]);
         }
         if (any_undefined) {  // NaN p reached out through the GEMM, but for a row that attends only the sink
@@ -644,11 +580,10 @@ void fwd_impl(const Operands& o, int64_t num_prefix_tokens, bool return_stats, c
   }
 }
 
-void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-              const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-              const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
-              const std::optional<at::Tensor>& rk, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const std::optional<at::Tensor>& rv) {
+void bwd_impl(const Operands& o, const AttentionArgs& a, const at::Tensor& dout, const at::Tensor& out,
+              const at::Tensor& lse, const AttentionGrads& grads) {
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v, &dq = grads.dq, &dk = grads.dk, &dv = grads.dv;
+  const std::optional<at::Tensor>&rk = a.rk, &rv = a.rv, &drk = grads.drk, &drv = grads.drv, &dsinks = grads.dsinks;
   const int64_t H = o.H, Hk = o.Hk, G = o.G, D = o.D, Dv = o.Dv, R = o.R, S = o.S, LQ = o.Nq;
   const int64_t Tmax = R + o.max_nk;
   check_f32(dout, "dout", 4, 4);
@@ -696,7 +631,7 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
   // dk, dv rows, so grouped heads need no atomics and no expanded copy; the sequences'
   // key rows are disjoint.
   at::parallel_for(0, S * Hk, 1, [&](int64_t begin, int64_t end) {
-    const SerialBlas serial;
+    const blas::SerialBlas serial;
     std::vector<float> p(static_cast<size_t>(BM * Tmax)), dp(static_cast<size_t>(BM * Tmax));
     std::vector<float> delta(static_cast<size_t>(BM)), tmp(static_cast<size_t>(D));
     RowSource rows_of;
@@ -758,26 +693,26 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
           }
           const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + qrow * sdo[2];
           // dV += P^T dO
-          gemm_rm(true, false, nk, Dv, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
-          if (R > 0) gemm_rm(true, false, R, Dv, m, 1.0f, p.data(), T, do_rows, sdo[2], beta_r, drv_rows, Dv);
+          blas::gemm_rm(true, false, nk, Dv, m, 1.0f, p.data() + R, T, do_rows, sdo[2], beta, dv_rows, sdv[2]);
+          if (R > 0) blas::gemm_rm(true, false, R, Dv, m, 1.0f, p.data(), T, do_rows, sdo[2], beta_r, drv_rows, Dv);
           // dP = dO V^T; dS = P (dP - delta)
-          gemm_rm(false, true, m, nk, Dv, 1.0f, do_rows, sdo[2], o.v_rows(seq, h), o.sv[2], 0.0f, dp.data() + R, T);
+          blas::gemm_rm(false, true, m, nk, Dv, 1.0f, do_rows, sdo[2], o.v_rows(seq, h), o.sv[2], 0.0f, dp.data() + R, T);
           if (R > 0) {
-            gemm_rm(false, true, m, R, Dv, 1.0f, do_rows, sdo[2], o.rv_rows(seq, h), o.srv[2], 0.0f, dp.data(), T);
+            blas::gemm_rm(false, true, m, R, Dv, 1.0f, do_rows, sdo[2], o.rv_rows(seq, h), o.srv[2], 0.0f, dp.data(), T);
           }
           for (int64_t r = 0; r < m; ++r) vo.softmax_grad_row(p.data() + r * T, dp.data() + r * T, T, delta[r]);
           // dQ = scale dS [rk ; k]; dK += scale dS^T Q
           float* dq_rows = dq_p + b * sdq[0] + h * sdq[1] + qrow * sdq[2];
           if (R > 0) {
-            gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(seq, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
+            blas::gemm_rm(false, false, m, D, R, o.scale, dp.data(), T, o.rk_rows(seq, h), o.srk[2], 0.0f, dq_rows, sdq[2]);
           }
           if (nk > 0 || R == 0) {
-            gemm_rm(false, false, m, D, nk, o.scale, dp.data() + R, T, k_rows, ldk, R > 0 ? 1.0f : 0.0f, dq_rows,
+            blas::gemm_rm(false, false, m, D, nk, o.scale, dp.data() + R, T, k_rows, ldk, R > 0 ? 1.0f : 0.0f, dq_rows,
                     sdq[2]);
           }
           if (o.rope != 0) rope_rows_transpose(o, dq_rows, sdq[2], m, i0, tmp.data());  // the rows are complete
-          gemm_rm(true, false, nk, D, m, o.scale, dp.data() + R, T, q_rows, ldq, beta, dk_rows, sdk[2]);
-          if (R > 0) gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, ldq, beta_r, drk_rows, D);
+          blas::gemm_rm(true, false, nk, D, m, o.scale, dp.data() + R, T, q_rows, ldq, beta, dk_rows, sdk[2]);
+          if (R > 0) blas::gemm_rm(true, false, R, D, m, o.scale, dp.data(), T, q_rows, ldq, beta_r, drk_rows, D);
         }
         sink_parts[sh] = dsink;
       }
@@ -815,136 +750,79 @@ void bwd_impl(const Operands& o, const at::Tensor& dout, const at::Tensor& out, 
 
 }  // namespace
 
-void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
-                       std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
-                       const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                       const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos,
-                       const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
+void attention_fwd_cpu(const AttentionArgs& args, const AttentionOutputs& outputs) {
   at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder,
-                                   nullptr, nullptr, rope_cos, rope_sin, rope_style);
-  fwd_impl(o, num_prefix_tokens, return_stats, out, lse, entropy, register_share, key_mass);
+  fwd_impl(make_operands(args, km_holder), args, outputs);
 }
 
-void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
-                       double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
-                       const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
-                       const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-                       int64_t rope_style) {
+void attention_bwd_cpu(const AttentionArgs& args, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                       const AttentionGrads& grads) {
   at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, km_holder,
-                                   nullptr, nullptr, rope_cos, rope_sin, rope_style);
-  bwd_impl(o, dout, out, lse, dq, dk, dv, drk, drv, dsinks, rk, q, k, v, rv);
-}
-
-void attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                              const std::optional<at::Tensor>& sinks, int64_t num_prefix_tokens, double scale,
-                              bool causal, bool return_stats, const at::Tensor& out, const at::Tensor& lse,
-                              const at::Tensor& entropy, const at::Tensor& register_share,
-                              const at::Tensor& key_mass) {
-  at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, std::nullopt, std::nullopt, scale,
-                                   causal ? std::optional<int64_t>(0) : std::nullopt, km_holder, &cu_seqlens_q,
-                                   &cu_seqlens_k);
-  fwd_impl(o, num_prefix_tokens, return_stats, out, lse, entropy, register_share, key_mass);
-}
-
-void attention_varlen_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                              const std::optional<at::Tensor>& sinks, const at::Tensor& out, const at::Tensor& lse,
-                              double scale, bool causal, const at::Tensor& dq, const at::Tensor& dk,
-                              const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                              const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks) {
-  at::Tensor km_holder;
-  const Operands o = make_operands(q, k, v, rk, rv, sinks, std::nullopt, std::nullopt, scale,
-                                   causal ? std::optional<int64_t>(0) : std::nullopt, km_holder, &cu_seqlens_q,
-                                   &cu_seqlens_k);
-  bwd_impl(o, dout, out, lse, dq, dk, dv, drk, drv, dsinks, rk, q, k, v, rv);
+  bwd_impl(make_operands(args, km_holder), args, dout, out, lse, grads);
 }
 
 const char* attention_cpu_capability() { return ops().name; }
 
+// The fields of AttentionArgs in dsr_kernels/attention_call.py's order (a test compares the two).
+const char* const kAttentionArgsSchema =
+    "Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, Tensor? attn_mask, "
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? rope_cos, "
+    "Tensor? rope_sin, int rope_style, int causal, int num_prefix_tokens, float scale, bool return_stats";
+
 namespace {
 
-void fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rk,
-            const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& sinks,
-            const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& attn_mask,
-            int64_t num_prefix_tokens, double scale, std::optional<int64_t> causal_offset, bool return_stats,
-            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-            const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos,
-            const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
-  attention_fwd_cpu(q, k, v, rk, rv, sinks, key_mask, attn_mask, num_prefix_tokens, scale, causal_offset,
-                    return_stats, out, lse, entropy, register_share, key_mass, rope_cos, rope_sin, rope_style);
+constexpr size_t kArgFields = 19;
+
+// AttentionArgs from the op's arguments args[0] .. args[kArgFields - 1], in schema order:
+// the one place that reads them.
+AttentionArgs args_from(const c10::IValue* f) {
+  AttentionArgs a;
+  a.q = f[0].toTensor(), a.k = f[1].toTensor(), a.v = f[2].toTensor();
+  a.rk = f[3].toOptional<at::Tensor>(), a.rv = f[4].toOptional<at::Tensor>();
+  a.sinks = f[5].toOptional<at::Tensor>(), a.key_mask = f[6].toOptional<at::Tensor>();
+  a.attn_mask = f[7].toOptional<at::Tensor>();
+  a.cu_seqlens_q = f[8].toOptional<at::Tensor>(), a.cu_seqlens_k = f[9].toOptional<at::Tensor>();
+  a.max_seqlen_q = f[10].toInt(), a.max_seqlen_k = f[11].toInt();
+  a.rope_cos = f[12].toOptional<at::Tensor>(), a.rope_sin = f[13].toOptional<at::Tensor>();
+  a.rope_style = static_cast<RopeStyle>(f[14].toInt());
+  a.causal = static_cast<Causal>(f[15].toInt());
+  a.num_prefix_tokens = f[16].toInt();
+  a.scale = f[17].toDouble();
+  a.return_stats = f[18].toBool();
+  return a;
 }
 
-void bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-            const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-            const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-            const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
-            std::optional<int64_t> causal_offset, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-            const std::optional<at::Tensor>& drk, const std::optional<at::Tensor>& drv,
-            const std::optional<at::Tensor>& dsinks, const std::optional<at::Tensor>& rope_cos,
-            const std::optional<at::Tensor>& rope_sin, int64_t rope_style) {
-  attention_bwd_cpu(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal_offset, dq, dk, dv,
-                    drk, drv, dsinks, rope_cos, rope_sin, rope_style);
+// attention_fwd_cpu(<AttentionArgs>, out, lse, entropy, register_share, key_mass) -> ()
+void fwd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  TORCH_INTERNAL_ASSERT(n == kArgFields + 5);
+  const c10::IValue* f = &(*stack)[stack->size() - n];
+  const AttentionOutputs outputs{f[kArgFields].toTensor(), f[kArgFields + 1].toTensor(), f[kArgFields + 2].toTensor(),
+                                 f[kArgFields + 3].toTensor(), f[kArgFields + 4].toTensor()};
+  attention_fwd_cpu(args_from(f), outputs);
+  torch::jit::drop(*stack, n);
 }
 
-// Shape-only checks for the Meta kernels: the outputs are the caller's, nothing to compute.
-void fwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, int64_t, double, std::optional<int64_t>, bool, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t) {}
-
-void bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
-              const at::Tensor&, double, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              int64_t) {}
-
-void varlen_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                   const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& rk,
-                   const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& sinks,
-                   int64_t num_prefix_tokens, double scale, bool causal, bool return_stats, const at::Tensor& out,
-                   const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                   const at::Tensor& key_mass) {
-  attention_varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, rk, rv, sinks, num_prefix_tokens, scale, causal,
-                           return_stats, out, lse, entropy, register_share, key_mass);
+// attention_bwd_cpu(dout, out, lse, <AttentionArgs>, dq, dk, dv, drk?, drv?, dsinks?) -> ()
+void bwd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  TORCH_INTERNAL_ASSERT(n == 3 + kArgFields + 6);
+  const c10::IValue* f = &(*stack)[stack->size() - n];
+  const c10::IValue* g = f + 3 + kArgFields;
+  const AttentionGrads grads{g[0].toTensor(),
+                             g[1].toTensor(),
+                             g[2].toTensor(),
+                             g[3].toOptional<at::Tensor>(),
+                             g[4].toOptional<at::Tensor>(),
+                             g[5].toOptional<at::Tensor>()};
+  attention_bwd_cpu(args_from(f + 3), f[0].toTensor(), f[1].toTensor(), f[2].toTensor(), grads);
+  torch::jit::drop(*stack, n);
 }
 
-void varlen_bwd_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                   const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                   const std::optional<at::Tensor>& sinks, const at::Tensor& out, const at::Tensor& lse, double scale,
-                   bool causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                   const std::optional<at::Tensor>& drk, const std::optional<at::Tensor>& drv,
-                   const std::optional<at::Tensor>& dsinks) {
-  attention_varlen_bwd_cpu(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, rk, rv, sinks, out, lse, scale, causal, dq,
-                           dk, dv, drk, drv, dsinks);
+// Meta: the outputs are the caller's, nothing to compute.
+void meta_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  torch::jit::drop(*stack, op.schema().arguments().size());
 }
-
-void varlen_fwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, int64_t, double, bool, bool, const at::Tensor&,
-                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
-
-void varlen_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, bool,
-                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {}
 
 }  // namespace
 }  // namespace dsr_kernels
@@ -953,37 +831,24 @@ void varlen_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, co
 // attention.py), which is what the Python custom op dsr_kernels::attention_fwd / _bwd
 // calls for backend "cpu".
 TORCH_LIBRARY_FRAGMENT(dsr_kernels, m) {
-  m.def(
-      "attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, "
-      "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, bool return_stats, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_style=0) -> ()");
-  m.def(
-      "attention_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
-      "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
-      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None, int rope_style=0) -> ()");
-  m.def(
-      "attention_varlen_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? rk, "
-      "Tensor? rv, Tensor? sinks, int num_prefix_tokens, float scale, bool causal, bool return_stats, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, Tensor(e!) key_mass) -> ()");
-  m.def(
-      "attention_varlen_bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "Tensor? rk, Tensor? rv, Tensor? sinks, Tensor out, Tensor lse, float scale, bool causal, Tensor(a!) dq, "
-      "Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, Tensor(f!)? dsinks) -> ()");
+  const std::string fields = dsr_kernels::kAttentionArgsSchema;
+  const std::string fwd = "attention_fwd_cpu(" + fields +
+                          ", Tensor(a!) out, Tensor(b!) lse, Tensor(c!) entropy, Tensor(d!) register_share, "
+                          "Tensor(e!) key_mass) -> ()";
+  const std::string bwd = "attention_bwd_cpu(Tensor dout, Tensor out, Tensor lse, " + fields +
+                          ", Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, "
+                          "Tensor(f!)? dsinks) -> ()";
+  m.def(fwd.c_str());
+  m.def(bwd.c_str());
   m.def("attention_cpu_capability() -> str", [] { return std::string(dsr_kernels::attention_cpu_capability()); });
 }
 
 TORCH_LIBRARY_IMPL(dsr_kernels, CPU, m) {
-  m.impl("attention_fwd_cpu", &dsr_kernels::fwd_op);
-  m.impl("attention_bwd_cpu", &dsr_kernels::bwd_op);
-  m.impl("attention_varlen_fwd_cpu", &dsr_kernels::varlen_fwd_op);
-  m.impl("attention_varlen_bwd_cpu", &dsr_kernels::varlen_bwd_op);
+  m.impl("attention_fwd_cpu", torch::CppFunction::makeFromBoxedFunction<&dsr_kernels::fwd_boxed>());
+  m.impl("attention_bwd_cpu", torch::CppFunction::makeFromBoxedFunction<&dsr_kernels::bwd_boxed>());
 }
 
 TORCH_LIBRARY_IMPL(dsr_kernels, Meta, m) {
-  m.impl("attention_fwd_cpu", &dsr_kernels::fwd_meta);
-  m.impl("attention_bwd_cpu", &dsr_kernels::bwd_meta);
-  m.impl("attention_varlen_fwd_cpu", &dsr_kernels::varlen_fwd_meta);
-  m.impl("attention_varlen_bwd_cpu", &dsr_kernels::varlen_bwd_meta);
+  m.impl("attention_fwd_cpu", torch::CppFunction::makeFromBoxedFunction<&dsr_kernels::meta_boxed>());
+  m.impl("attention_bwd_cpu", torch::CppFunction::makeFromBoxedFunction<&dsr_kernels::meta_boxed>());
 }

@@ -73,11 +73,9 @@ bool run(const Case& c) {
     key_mask = torch::rand({c.B, c.Nk}) > 0.3;
     allowed = allowed.logical_and(key_mask->view({c.B, 1, 1, c.Nk}));
   }
-  std::optional<int64_t> causal;
-  if (c.causal) {
-    causal = c.Nk - c.Nq;
+  if (c.causal) {  // bottom-right aligned: offset Nk - Nq
     Tensor i = torch::arange(c.Nq).view({-1, 1}), j = torch::arange(c.Nk).view({1, -1});
-    allowed = allowed.logical_and(j <= i + *causal);
+    allowed = allowed.logical_and(j <= i + (c.Nk - c.Nq));
   }
   std::optional<Tensor> attn_mask;
   if (c.bool_mask) {
@@ -88,8 +86,12 @@ bool run(const Case& c) {
   Tensor out = torch::empty({c.B, c.Nq, c.H, c.D}, f32).transpose(1, 2);
   Tensor lse = torch::empty({c.B, c.H, c.Nq}, f32), entropy = torch::empty_like(lse), share = torch::empty_like(lse);
   Tensor mass = torch::empty({c.B, c.H, c.R + c.Nk}, f32);
-  dsr_kernels::attention_fwd_cpu(q, k, v, rk, rv, sinks, key_mask, attn_mask, c.prefix, scale, causal, true, out, lse,
-                                 entropy, share, mass);
+  dsr_kernels::AttentionArgs args;
+  args.q = q, args.k = k, args.v = v, args.rk = rk, args.rv = rv, args.sinks = sinks;
+  args.key_mask = key_mask, args.attn_mask = attn_mask, args.num_prefix_tokens = c.prefix, args.scale = scale;
+  args.causal = c.causal ? dsr_kernels::Causal::kBottomRight : dsr_kernels::Causal::kNone;
+  args.return_stats = true;
+  dsr_kernels::attention_fwd_cpu(args, {out, lse, entropy, share, mass});
 
   auto leaf = [](const Tensor& t) { return t.to(torch::kDouble).detach().requires_grad_(true); };
   Tensor qd = leaf(q), kd = leaf(k), vd = leaf(v);
@@ -124,8 +126,7 @@ bool run(const Case& c) {
   std::optional<Tensor> drk, drv, dsinks;
   if (c.R) drk = torch::empty_like(*rk), drv = torch::empty_like(*rv);
   if (c.sinks) dsinks = torch::empty({c.H}, f32);
-  dsr_kernels::attention_bwd_cpu(dout, q, k, v, rk, rv, sinks, key_mask, attn_mask, out, lse, scale, causal, dq, dk,
-                                 dv, drk, drv, dsinks);
+  dsr_kernels::attention_bwd_cpu(args, dout, out, lse, {dq, dk, dv, drk, drv, dsinks});
   std::vector<Tensor> mine{dq, dk, dv};
   if (c.R) mine.push_back(*drk), mine.push_back(*drv);
   if (c.sinks) mine.push_back(*dsinks);
@@ -151,7 +152,9 @@ bool run_edge_cases() {
     k.index_put_({0, 0, j, 0}, NAN);
     Tensor out = torch::empty({1, 1, 40, 16}, f32), lse = torch::empty({1, 1, 40}, f32);
     Tensor ent = torch::empty_like(lse), share = torch::empty_like(lse), mass = torch::empty({1, 1, 40}, f32);
-    dsr_kernels::attention_fwd_cpu(q, k, v, {}, {}, {}, {}, {}, 0, 0.25, std::nullopt, true, out, lse, ent, share, mass);
+    dsr_kernels::AttentionArgs args;
+    args.q = q, args.k = k, args.v = v, args.scale = 0.25, args.return_stats = true;
+    dsr_kernels::attention_fwd_cpu(args, {out, lse, ent, share, mass});
     if (!out.isnan().all().item<bool>() || !lse.isnan().all().item<bool>() || !mass.isnan().all().item<bool>()) {
       std::printf("FAIL a NaN in key %lld did not reach every row\n", static_cast<long long>(j));
       ok = false;
@@ -160,7 +163,9 @@ bool run_edge_cases() {
   Tensor q = torch::randn({1, 1, 1, 16}, f32).expand({1, 1, 9, 16}), k = torch::randn({1, 1, 9, 16}, f32);
   Tensor out = torch::empty({1, 1, 9, 16}, f32), lse = torch::empty({1, 1, 9}, f32), none = torch::empty({0}, f32);
   try {
-    dsr_kernels::attention_fwd_cpu(q, k, k, {}, {}, {}, {}, {}, 0, 0.25, std::nullopt, false, out, lse, none, none, none);
+    dsr_kernels::AttentionArgs args;
+    args.q = q, args.k = k, args.v = k, args.scale = 0.25;
+    dsr_kernels::attention_fwd_cpu(args, {out, lse, none, none, none});
     std::printf("FAIL expanded query rows were accepted\n");
     ok = false;
   } catch (const c10::Error&) {

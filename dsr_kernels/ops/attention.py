@@ -17,16 +17,20 @@ Backend ``<name>`` other than the reference lives in ``dsr_kernels/<name>/attent
 as ``attention_fwd_<name>`` / ``attention_bwd_<name>``, imported when it first runs.
 """
 
+import dataclasses
 import importlib
 import math
 
 import torch
 from torch import Tensor
 
+from dsr_kernels.attention_call import AttentionCall, AttentionGrads, AttentionOutputs, Causal
+from dsr_kernels.attention_call import schema as call_schema
 from dsr_kernels.backends import resolve
-from dsr_kernels.reference.attention import attention_ref
-from dsr_kernels.rope import ROPE_STYLES
+from dsr_kernels.reference.attention import attention_call_ref
+from dsr_kernels.rope import ROPE_STYLES, RopeStyle
 from dsr_kernels.types import AttentionStats
+from dsr_kernels.validation import check_device, check_dtype, check_tensor, last_dim_contiguous, shape_str
 
 MAX_HEAD_DIM = 256
 MAX_SEQLEN = 2**31  # row indices are 32-bit in the kernels (and BLAS's interface): checked before allocating
@@ -34,16 +38,80 @@ _ANY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
+# Shared by the batched call (here) and packed sequences (attention_varlen.py): the parts
+# that do not depend on the layout.
 
 
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+def check_operands(fn: str, q: Tensor, k: Tensor, v: Tensor, layout: dict[str, str]) -> None:
+    """q, k, v are tensors of ``layout``'s rank (e.g. {"q": "[B, H, Nq, D]", ...}) with q's dtype and device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(fn, name, t)
+        if t.dim() != layout[name].count(",") + 1:
+            raise ValueError(f"{fn}(): argument '{name}' must be {layout[name]}, got shape {shape_str(t)}")
+    if q.dtype not in _ANY_DTYPES:
+        raise TypeError(f"{fn}(): argument 'q' must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        check_dtype(fn, name, t, q, "q")
+        check_device(fn, name, t, q, "q")
 
 
-def _check_tensor(fn: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}(): argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
-    return t
+def check_registers(fn: str, kv_registers, q: Tensor, lead: tuple[str, int], H: int, D: int, Dv: int):
+    """kv_registers is None or (rk [H, R, D] | [lead, H, R, D], rv the same with Dv); returns (rk, rv)."""
+    if kv_registers is None:
+        return None, None
+    if not isinstance(kv_registers, (tuple, list)) or len(kv_registers) != 2:
+        raise TypeError(f"{fn}(): argument 'kv_registers' must be a pair (rk, rv), got {type(kv_registers).__name__}")
+    rk, rv = kv_registers
+    name0, n0 = lead
+    for name, t, d in (("kv_registers[0]", rk, D), ("kv_registers[1]", rv, Dv)):
+        check_tensor(fn, name, t)
+        ok = (t.dim() == 3 and t.shape[0] == H and t.shape[2] == d) or (
+            t.dim() == 4 and t.shape[0] == n0 and t.shape[1] == H and t.shape[3] == d
+        )
+        if not ok or t.shape[-2] == 0:
+            what = "D" if t is rk else "Dv"
+            raise ValueError(
+                f"{fn}(): argument '{name}' must have shape [H={H}, R, {what}={d}] or "
+                f"[{name0}={n0}, H={H}, R, {what}={d}] with R >= 1 (one register per query head), got {shape_str(t)}"
+            )
+        check_dtype(fn, name, t, q, "q")
+        check_device(fn, name, t, q, "q")
+    if rk.shape[:-1] != rv.shape[:-1]:
+        raise ValueError(
+            f"{fn}(): kv_registers keys and values must have the same shape but for the head dim, "
+            f"got {shape_str(rk)} and {shape_str(rv)}"
+        )
+    return rk, rv
+
+
+def check_sinks(fn: str, sinks: Tensor | None, q: Tensor, H: int) -> None:
+    if sinks is None:
+        return
+    check_tensor(fn, "sinks", sinks)
+    if sinks.shape != (H,):
+        raise ValueError(f"{fn}(): argument 'sinks' must have shape [H={H}], got {shape_str(sinks)}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"{fn}(): argument 'sinks' must be a floating tensor, got {sinks.dtype}")
+    check_device(fn, "sinks", sinks, q, "q")
+
+
+def check_head_dims(fn: str, D: int, Dv: int, q: Tensor) -> None:
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}(): head dims must be at most {MAX_HEAD_DIM}, got D={D}, Dv={Dv} (q {shape_str(q)})")
+
+
+def check_options(fn: str, num_prefix_tokens: int, max_prefix: int | None, scale: float | None) -> None:
+    """num_prefix_tokens an int in [0, max_prefix] (None: no upper bound); scale finite or None."""
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError(f"{fn}(): argument 'num_prefix_tokens' must be an int, got {type(num_prefix_tokens).__name__}")
+    if num_prefix_tokens < 0 or (max_prefix is not None and num_prefix_tokens > max_prefix):
+        bound = f"[0, Nk={max_prefix}]" if max_prefix is not None else "[0, inf)"
+        raise ValueError(f"{fn}(): argument 'num_prefix_tokens' must be in {bound}, got {num_prefix_tokens}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{fn}(): argument 'scale' must be a finite number or None, got {scale!r}")
+
+
+_BATCHED = {"q": "4-D [B, H, Nq, D]", "k": "4-D [B, Hk, Nk, D]", "v": "4-D [B, Hk, Nk, Dv]"}
 
 
 def _check_attention_args(
@@ -59,91 +127,45 @@ def _check_attention_args(
     scale: float | None,
 ) -> Tensor | None:
     """Raises ValueError/TypeError naming the argument; returns attn_mask viewed as 4-D."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(fn, name, t)
-        if t.dim() != 4:
-            what = {"q": "[B, H, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}[name]
-            raise ValueError(f"{fn}(): argument '{name}' must be 4-D {what}, got shape {_shape(t)}")
+    check_operands(fn, q, k, v, _BATCHED)
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if q.dtype not in _ANY_DTYPES:
-        raise TypeError(f"{fn}(): argument 'q' must be float16, bfloat16 or float32, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{fn}(): argument '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
     if k.shape[0] != B or k.shape[3] != D or Hk == 0 or H % Hk != 0:
         raise ValueError(
             f"{fn}(): argument 'k' must have shape [B={B}, Hk, Nk, D={D}] with Hk dividing H={H} "
-            f"(Hk < H: grouped-query attention) to match q, got {_shape(k)}"
+            f"(Hk < H: grouped-query attention) to match q, got {shape_str(k)}"
         )
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{fn}(): argument 'v' must have shape [B={B}, Hk={Hk}, Nk={Nk}, Dv] as k, got {_shape(v)}")
+        raise ValueError(f"{fn}(): argument 'v' must have shape [B={B}, Hk={Hk}, Nk={Nk}, Dv] as k, got {shape_str(v)}")
     if Nq == 0 or Nk == 0 or B == 0 or H == 0 or D == 0 or Dv == 0:
-        raise ValueError(f"{fn}(): empty inputs are not supported, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
-    if max(D, Dv) > MAX_HEAD_DIM:
-        raise ValueError(f"{fn}(): head dims must be at most {MAX_HEAD_DIM}, got D={D}, Dv={Dv} (q {_shape(q)})")
+        raise ValueError(
+            f"{fn}(): empty inputs are not supported, got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}"
+        )
+    check_head_dims(fn, D, Dv, q)
     for name, n in (("Nq", Nq), ("Nk", Nk)):
         if n >= MAX_SEQLEN:
             raise ValueError(
                 f"{fn}(): sequence lengths must be below 2**31 (the kernels index rows in 32 bits), got {name}={n} "
-                f"(q {_shape(q)}, k {_shape(k)})"
+                f"(q {shape_str(q)}, k {shape_str(k)})"
             )
-
-    if kv_registers is not None:
-        if not isinstance(kv_registers, (tuple, list)) or len(kv_registers) != 2:
-            raise TypeError(
-                f"{fn}(): argument 'kv_registers' must be a pair (rk, rv), got {type(kv_registers).__name__}"
-            )
-        rk, rv = kv_registers
-        for name, t, d in (("kv_registers[0]", rk, D), ("kv_registers[1]", rv, Dv)):
-            _check_tensor(fn, name, t)
-            ok = (t.dim() == 3 and t.shape[0] == H and t.shape[2] == d) or (
-                t.dim() == 4 and t.shape[0] == B and t.shape[1] == H and t.shape[3] == d
-            )
-            if not ok or t.shape[-2] == 0:
-                what = "D" if d == D else "Dv"
-                raise ValueError(
-                    f"{fn}(): argument '{name}' must have shape [H={H}, R, {what}={d}] or "
-                    f"[B={B}, H={H}, R, {what}={d}] with R >= 1 (one register per query head), got {_shape(t)}"
-                )
-            if t.dtype != q.dtype:
-                raise TypeError(f"{fn}(): argument '{name}' must have q's dtype {q.dtype}, got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
-        if rk.shape[:-1] != rv.shape[:-1]:
-            raise ValueError(
-                f"{fn}(): kv_registers keys and values must have the same shape but for the head dim, "
-                f"got {_shape(rk)} and {_shape(rv)}"
-            )
-        if Nk + rk.shape[-2] >= MAX_SEQLEN:
-            raise ValueError(f"{fn}(): R + Nk must be below 2**31, got R={rk.shape[-2]}, Nk={Nk}")
-
-    if sinks is not None:
-        _check_tensor(fn, "sinks", sinks)
-        if sinks.shape != (H,):
-            raise ValueError(f"{fn}(): argument 'sinks' must have shape [H={H}], got {_shape(sinks)}")
-        if not sinks.is_floating_point():
-            raise TypeError(f"{fn}(): argument 'sinks' must be a floating tensor, got {sinks.dtype}")
-        if sinks.device != q.device:
-            raise ValueError(f"{fn}(): argument 'sinks' is on {sinks.device} but q is on {q.device}")
+    rk, _ = check_registers(fn, kv_registers, q, ("B", B), H, D, Dv)
+    if rk is not None and Nk + rk.shape[-2] >= MAX_SEQLEN:
+        raise ValueError(f"{fn}(): R + Nk must be below 2**31, got R={rk.shape[-2]}, Nk={Nk}")
+    check_sinks(fn, sinks, q, H)
 
     if key_mask is not None:
-        _check_tensor(fn, "key_mask", key_mask)
+        check_tensor(fn, "key_mask", key_mask)
         if key_mask.dtype != torch.bool:
             raise TypeError(f"{fn}(): argument 'key_mask' must be a bool tensor, got {key_mask.dtype}")
         if key_mask.shape != (B, Nk):
-            raise ValueError(f"{fn}(): argument 'key_mask' must have shape [B={B}, Nk={Nk}], got {_shape(key_mask)}")
-        if key_mask.device != q.device:
-            raise ValueError(f"{fn}(): argument 'key_mask' is on {key_mask.device} but q is on {q.device}")
+            raise ValueError(f"{fn}(): argument 'key_mask' must have shape [B={B}, Nk={Nk}], got {shape_str(key_mask)}")
+        check_device(fn, "key_mask", key_mask, q, "q")
 
     if attn_mask is not None:
-        _check_tensor(fn, "attn_mask", attn_mask)
+        check_tensor(fn, "attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"{fn}(): argument 'attn_mask' must be bool or floating, got {attn_mask.dtype}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"{fn}(): argument 'attn_mask' is on {attn_mask.device} but q is on {q.device}")
+        check_device(fn, "attn_mask", attn_mask, q, "q")
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(f"{fn}(): gradients with respect to a float 'attn_mask' are not supported")
         target = (B, H, Nq, Nk)
@@ -151,21 +173,12 @@ def _check_attention_args(
         if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False)):
             raise ValueError(
                 f"{fn}(): argument 'attn_mask' must be broadcastable to [B={B}, H={H}, Nq={Nq}, Nk={Nk}], "
-                f"got {_shape(attn_mask)}"
+                f"got {shape_str(attn_mask)}"
             )
         attn_mask = attn_mask.expand(target)  # a view with zero strides, never a copy
 
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"{fn}(): argument 'num_prefix_tokens' must be an int, got {type(num_prefix_tokens).__name__}")
-    if not 0 <= num_prefix_tokens <= Nk:
-        raise ValueError(f"{fn}(): argument 'num_prefix_tokens' must be in [0, Nk={Nk}], got {num_prefix_tokens}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{fn}(): argument 'scale' must be a finite number or None, got {scale!r}")
+    check_options(fn, num_prefix_tokens, Nk, scale)
     return attn_mask
-
-
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t
 
 
 def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
@@ -181,13 +194,12 @@ def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
     if D % 2:
         raise ValueError(f"{fn}(): argument 'rope' needs an even head dim, got D={D}")
     for name, t in (("rope[0]", rope[0]), ("rope[1]", rope[1])):
-        _check_tensor(fn, name, t)
+        check_tensor(fn, name, t)
         if tuple(t.shape) != (Nq, D):
-            raise ValueError(f"{fn}(): argument '{name}' must have shape [N={Nq}, D={D}], got {_shape(t)}")
+            raise ValueError(f"{fn}(): argument '{name}' must have shape [N={Nq}, D={D}], got {shape_str(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{fn}(): argument '{name}' must be floating, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but q is on {q.device}")
+        check_device(fn, name, t, q, "q")
         if t.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(f"{fn}(): gradients with respect to '{name}' (the rope tables) are not supported")
 
@@ -195,245 +207,144 @@ def _check_rope(fn: str, q: Tensor, k: Tensor, rope, rope_style: str) -> None:
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _alloc_fwd(q: Tensor, k: Tensor, v: Tensor, rk: Tensor | None, return_stats: bool):
-    B, H, Nq, _ = q.shape
-    Dv = v.shape[3]
-    R = 0 if rk is None else rk.shape[-2]
+def alloc_outputs(call: AttentionCall) -> AttentionOutputs:
+    """The forward's outputs (empty [0] tensors stand for statistics not asked for).
+
+    Batched: out [B, H, Nq, Dv] in [B, Nq, H, Dv] memory order (out.transpose(1, 2)
+    .reshape(B, Nq, H * Dv) is then free: the layout an output projection reads), lse and
+    the row statistics [B, H, Nq], key_mass [B, H, R + Nk]. Packed sequences: out
+    [Tq, H, Dv], the row statistics [H, Tq] (flash-attn's softmax_lse layout), key_mass
+    [S, H, R + max_seqlen_k].
+    """
+    q, v = call.q, call.v
     f32 = dict(dtype=torch.float32, device=q.device)
     # lse is also what the backward recomputes probabilities from: float64 for float64
     # inputs (the public statistics are float32 either way).
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # out is written in [B, Nq, H, Dv] memory order: out.transpose(1, 2).reshape(B, Nq, H * Dv)
-    # is then free, which is the layout the output projection of a transformer block reads.
-    out = torch.empty(B, Nq, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(B, H, Nq, dtype=lse_dtype, device=q.device)
-    if return_stats:
-        return (
-            out,
-            lse,
-            torch.empty(B, H, Nq, **f32),
-            torch.empty(B, H, Nq, **f32),
-            torch.empty(B, H, R + k.shape[2], **f32),
-        )
+    if call.varlen:
+        Tq, H, _ = q.shape
+        out = torch.empty(Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
+        rows, keys = (H, Tq), (call.num_sequences, H, call.num_registers + call.max_seqlen_k)
+    else:
+        B, H, Nq, _ = q.shape
+        out = torch.empty(B, Nq, H, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+        rows, keys = (B, H, Nq), (B, H, call.num_registers + call.k.shape[2])
+    lse = torch.empty(rows, dtype=lse_dtype, device=q.device)
+    if call.return_stats:
+        return AttentionOutputs(out, lse, torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(keys, **f32))
     empty = torch.empty(0, **f32)
-    return out, lse, empty, empty.clone(), empty.clone()
+    return AttentionOutputs(out, lse, empty, empty.clone(), empty.clone())
 
 
-def _alloc_bwd(q: Tensor, k: Tensor, v: Tensor, rk: Tensor | None, rv: Tensor | None, sinks: Tensor | None):
-    def bnhd(t: Tensor) -> Tensor:  # gradient in [B, N, H, D] memory order, seen as [B, H, N, D]
-        B, H, N, D = t.shape
-        return torch.empty(B, N, H, D, dtype=t.dtype, device=t.device).transpose(1, 2)
+def alloc_grads(call: AttentionCall) -> AttentionGrads:
+    """Gradients in the layout of the forward's out (empty [0] tensors for absent registers / sinks)."""
 
-    none = torch.empty(0, dtype=q.dtype, device=q.device)
-    drk = torch.empty(rk.shape, dtype=rk.dtype, device=rk.device) if rk is not None else none
-    drv = torch.empty(rv.shape, dtype=rv.dtype, device=rv.device) if rv is not None else none.clone()
-    dsinks = torch.empty(sinks.shape, dtype=sinks.dtype, device=sinks.device) if sinks is not None else none.clone()
-    return bnhd(q), bnhd(k), bnhd(v), drk, drv, dsinks
+    def like(t: Tensor) -> Tensor:
+        if t.dim() == 4:  # [B, H, N, D], in [B, N, H, D] memory order
+            B, H, N, D = t.shape
+            return torch.empty(B, N, H, D, dtype=t.dtype, device=t.device).transpose(1, 2)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)  # packed [T, H, D]
+
+    def small(t: Tensor | None) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else call.q.new_empty(0)
+
+    return AttentionGrads(like(call.q), like(call.k), like(call.v), small(call.rk), small(call.rv), small(call.sinks))
 
 
-def _impl(backend: str, direction: str):
+def _present(call: AttentionCall, grads: AttentionGrads) -> AttentionGrads:
+    """The gradients as launchers take them: None for what the call does not have."""
+    has_reg, has_sink = call.rk is not None, call.sinks is not None
+    return grads._replace(
+        drk=grads.drk if has_reg else None,
+        drv=grads.drv if has_reg else None,
+        dsinks=grads.dsinks if has_sink else None,
+    )
+
+
+def launcher(backend: str, direction: str):
+    """``attention_{direction}_{backend}`` of ``dsr_kernels/{backend}/attention.py`` (imported when first run)."""
     module = importlib.import_module(f"dsr_kernels.{backend}.attention")  # triton is imported only here
     return getattr(module, f"attention_{direction}_{backend}")
 
 
-def _fwd_impl(backend: str):
-    return _impl(backend, "fwd")
-
-
-def _bwd_impl(backend: str):
-    return _impl(backend, "bwd")
-
-
-_FWD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, "
-    "Tensor? attn_mask, int num_prefix_tokens, float scale, int? causal_offset, Tensor? rope_cos, "
-    "Tensor? rope_sin, int rope_style, bool return_stats, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, "
-    "Tensor? key_mask, Tensor? attn_mask, Tensor out, Tensor lse, float scale, int? causal_offset, "
-    "Tensor? rope_cos, Tensor? rope_sin, int rope_style, str backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-# rope_style in the schemas: an index into ROPE_STYLES (the op signature takes no enum).
-
-
-def _rope_kwargs(rope_cos, rope_sin, rope_style: int) -> dict:
-    if rope_cos is None:
-        return {}
-    return dict(rope_cos=rope_cos, rope_sin=rope_sin, rope_style=ROPE_STYLES[rope_style])
+_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_GRADS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+_FWD_SCHEMA = f"({call_schema()}, str backend) -> {_OUTPUTS}"
+_BWD_SCHEMA = f"(Tensor dout, Tensor out, Tensor lse, {call_schema()}, str backend) -> {_GRADS}"
 
 
 @torch.library.custom_op("dsr_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _attention_fwd_op(
-    q,
-    k,
-    v,
-    rk,
-    rv,
-    sinks,
-    key_mask,
-    attn_mask,
-    num_prefix_tokens,
-    scale,
-    causal_offset,
-    rope_cos,
-    rope_sin,
-    rope_style,
-    return_stats,
-    backend,
-):
-    outputs = _alloc_fwd(q, k, v, rk, return_stats)
-    _fwd_impl(backend)(
-        q,
-        k,
-        v,
-        rk,
-        rv,
-        sinks,
-        key_mask,
-        attn_mask,
-        num_prefix_tokens,
-        scale,
-        causal_offset,
-        return_stats,
-        *outputs,
-        **_rope_kwargs(rope_cos, rope_sin, rope_style),
-    )
-    return outputs
+def _attention_fwd_op(*args):
+    """args: the fields of :class:`AttentionCall`, then the backend."""
+    call = AttentionCall.from_args(args)
+    outputs = alloc_outputs(call)
+    launcher(args[-1], "fwd")(call, outputs)
+    return tuple(outputs)
 
 
 @_attention_fwd_op.register_fake
-def _(
-    q,
-    k,
-    v,
-    rk,
-    rv,
-    sinks,
-    key_mask,
-    attn_mask,
-    num_prefix_tokens,
-    scale,
-    causal_offset,
-    rope_cos,
-    rope_sin,
-    rope_style,
-    return_stats,
-    backend,
-):
-    return _alloc_fwd(q, k, v, rk, return_stats)
+def _(*args):
+    return tuple(alloc_outputs(AttentionCall.from_args(args)))
 
 
 @torch.library.custom_op("dsr_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _attention_bwd_op(
-    dout,
-    q,
-    k,
-    v,
-    rk,
-    rv,
-    sinks,
-    key_mask,
-    attn_mask,
-    out,
-    lse,
-    scale,
-    causal_offset,
-    rope_cos,
-    rope_sin,
-    rope_style,
-    backend,
-):
-    grads = _alloc_bwd(q, k, v, rk, rv, sinks)
-    dq, dk, dv, drk, drv, dsinks = grads
-    _bwd_impl(backend)(
-        dout,
-        q,
-        k,
-        v,
-        rk,
-        rv,
-        sinks,
-        key_mask,
-        attn_mask,
-        out,
-        lse,
-        scale,
-        causal_offset,
-        dq,
-        dk,
-        dv,
-        drk if rk is not None else None,
-        drv if rk is not None else None,
-        dsinks if sinks is not None else None,
-        **_rope_kwargs(rope_cos, rope_sin, rope_style),
-    )
-    return grads
+def _attention_bwd_op(dout, out, lse, *args):
+    """args: the fields of :class:`AttentionCall`, then the backend."""
+    call = AttentionCall.from_args(args)
+    grads = alloc_grads(call)
+    launcher(args[-1], "bwd")(call, dout, out, lse, _present(call, grads))
+    return tuple(grads)
 
 
 @_attention_bwd_op.register_fake
-def _(
-    dout,
-    q,
-    k,
-    v,
-    rk,
-    rv,
-    sinks,
-    key_mask,
-    attn_mask,
-    out,
-    lse,
-    scale,
-    causal_offset,
-    rope_cos,
-    rope_sin,
-    rope_style,
-    backend,
-):
-    return _alloc_bwd(q, k, v, rk, rv, sinks)
+def _(dout, out, lse, *args):
+    return tuple(alloc_grads(AttentionCall.from_args(args)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rk, rv, sinks, key_mask, attn_mask, _, scale, causal_offset, cos, sin, style, _, backend = inputs
-    ctx.save_for_backward(q, k, v, rk, rv, sinks, key_mask, attn_mask, cos, sin, output[0], output[1])
-    ctx.scale, ctx.causal_offset, ctx.rope_style, ctx.backend = scale, causal_offset, style, backend
+    call = AttentionCall.from_args(inputs)
+    ctx.save_for_backward(*call.tensors(), output[0], output[1])
+    ctx.call, ctx.backend = call.with_tensors((None,) * len(call.tensors())), inputs[-1]
 
 
 def _backward(ctx, dout, *_stat_grads):
-    q, k, v, rk, rv, sinks, key_mask, attn_mask, cos, sin, out, lse = ctx.saved_tensors
-    dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_bwd(
-        dout,
-        q,
-        k,
-        v,
-        rk,
-        rv,
-        sinks,
-        key_mask,
-        attn_mask,
-        out,
-        lse,
-        ctx.scale,
-        ctx.causal_offset,
-        cos,
-        sin,
-        ctx.rope_style,
-        ctx.backend,
-    )
-    has_reg, has_sink = rk is not None, sinks is not None
-    grads = (dq, dk, dv, drk if has_reg else None, drv if has_reg else None, dsinks if has_sink else None)
-    return grads + (None,) * 10  # masks, sizes, scale, causal, rope tables (not differentiable), flags
+    *tensors, out, lse = ctx.saved_tensors
+    call = ctx.call.with_tensors(tensors)
+    dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_bwd(dout, out, lse, *call.as_args(), ctx.backend)
+    differentiable = {
+        "q": dq,
+        "k": dk,
+        "v": dv,
+        "rk": drk if call.rk is not None else None,
+        "rv": drv if call.rk is not None else None,
+        "sinks": dsinks if call.sinks is not None else None,
+    }
+    # masks, offsets, rope tables (not differentiable), sizes and flags, the backend: None
+    return tuple(differentiable.get(f.name) for f in dataclasses.fields(AttentionCall)) + (None,)
 
 
 torch.library.register_autograd("dsr_kernels::attention_fwd", _backward, setup_context=_setup_context)
 
 
+def run(call: AttentionCall, backend: str) -> tuple[Tensor, AttentionStats]:
+    """A validated call on a resolved backend: out and the statistics.
+
+    "reference" is the definition, differentiable by autograd; "torch" runs packed
+    sequences one at a time (its batched op per sequence, :func:`dsr_kernels.torch.
+    attention.attention_varlen_torch`); every other call is the custom op.
+    """
+    if backend == "reference":
+        return attention_call_ref(call)
+    if backend == "torch" and call.varlen:
+        return launcher("torch", "varlen")(call)
+    out, lse, entropy, register_share, key_mass = torch.ops.dsr_kernels.attention_fwd(*call.as_args(), backend)
+    return out, AttentionStats(lse.detach().float(), entropy.detach(), register_share.detach(), key_mass.detach())
+
+
 # ----------------------------------------------------------------------------- public API
 
 
-def _attention(
+def validated_attention(
     fn: str,
     q: Tensor,
     k: Tensor,
@@ -443,7 +354,7 @@ def _attention(
     sinks: Tensor | None,
     key_mask: Tensor | None,
     attn_mask: Tensor | None,
-    causal: str | None,
+    causal: Causal,
     num_prefix_tokens: int,
     scale: float | None,
     return_stats: bool,
@@ -451,62 +362,40 @@ def _attention(
     rope: tuple[Tensor, Tensor] | None = None,
     rope_style: str = "interleaved",
 ) -> tuple[Tensor, AttentionStats]:
-    """Validated dispatch shared by ``attention`` and the drop-in interfaces.
+    """Validates a batched call (errors name ``fn``), builds its :class:`AttentionCall` and runs it.
 
-    causal: None, "bottom_right" (flash-attn: key j visible to query i iff
-    j <= i + Nk - Nq) or "top_left" (torch SDPA: iff j <= i).
+    Shared by :func:`attention` and the drop-in interfaces (``dsr_kernels.ops.attention_dropin``).
     """
     attn_mask = _check_attention_args(fn, q, k, v, kv_registers, sinks, key_mask, attn_mask, num_prefix_tokens, scale)
     _check_rope(fn, q, k, rope, rope_style)
     # Any strides: the kernels read rows in place; a last dim that is not contiguous is
     # copied first, as torch's SDPA does.
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if kv_registers is not None:
-        kv_registers = tuple(_last_dim_contiguous(t) for t in kv_registers)
-    causal_offset = {None: None, "top_left": 0, "bottom_right": k.shape[2] - q.shape[2]}[causal]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    rk, rv = (last_dim_contiguous(t) for t in kv_registers) if kv_registers is not None else (None, None)
     needs = ("value_head_dim",) if v.shape[-1] != q.shape[-1] else ()
     backend = resolve("attention", backend, q, needs)
-    if backend == "reference":
-        return attention_ref(
-            q,
-            k,
-            v,
-            kv_registers=kv_registers,
-            sinks=sinks,
-            key_mask=key_mask,
-            attn_mask=attn_mask,
-            causal_offset=causal_offset,
-            num_prefix_tokens=num_prefix_tokens,
-            scale=scale,
-            rope=rope,
-            rope_style=rope_style,
-        )
-    rk, rv = kv_registers if kv_registers is not None else (None, None)
     cos = sin = None
     if rope is not None:  # tables in the accumulation type, [N, D] contiguous (a few KiB)
         table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cos, sin = (t.to(table_dtype).contiguous() for t in rope)
-    out, lse, entropy, register_share, key_mass = torch.ops.dsr_kernels.attention_fwd(
-        q,
-        k,
-        v,
-        rk,
-        rv,
-        sinks,
-        key_mask,
-        attn_mask,
-        num_prefix_tokens,
-        scale,
-        causal_offset,
-        cos,
-        sin,
-        ROPE_STYLES.index(rope_style),
-        return_stats,
-        backend,
+    call = AttentionCall(
+        q=q,
+        k=k,
+        v=v,
+        rk=rk,
+        rv=rv,
+        sinks=sinks,
+        key_mask=key_mask,
+        attn_mask=attn_mask,
+        rope_cos=cos,
+        rope_sin=sin,
+        rope_style=int(RopeStyle.parse(rope_style) if rope is not None else RopeStyle.NONE),
+        causal=int(causal),
+        num_prefix_tokens=num_prefix_tokens,
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        return_stats=return_stats,
     )
-    stats = AttentionStats(lse.detach().float(), entropy.detach(), register_share.detach(), key_mass.detach())
-    return out, stats
+    return run(call, backend)
 
 
 def attention(
@@ -578,7 +467,7 @@ def attention(
         out [B, H, Nq, Dv] in q's dtype (memory order [B, Nq, H, Dv]), or
         ``(out, stats)`` with ``return_stats=True``.
     """
-    out, stats = _attention(
+    out, stats = validated_attention(
         "attention",
         q,
         k,
@@ -587,7 +476,7 @@ def attention(
         sinks=sinks,
         key_mask=key_mask,
         attn_mask=attn_mask,
-        causal="bottom_right" if causal else None,
+        causal=Causal.BOTTOM_RIGHT if causal else Causal.NONE,
         num_prefix_tokens=num_prefix_tokens,
         scale=scale,
         return_stats=return_stats,

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsr_kernels.ops.attention import MAX_HEAD_DIM, _attention, _check_tensor
+from dsr_kernels.attention_call import Causal
+from dsr_kernels.ops.attention import MAX_HEAD_DIM, validated_attention
 from dsr_kernels.ops.attention_varlen import attention_varlen
+from dsr_kernels.validation import check_tensor
 
 __all__ = [
     "SDPAError",
@@ -78,7 +80,7 @@ def _flash(
             raise ValueError(
                 f"{fn}(): argument '{name}' has {t.shape[2]} heads, which must divide the {q.shape[2]} heads of q"
             )
-    out, stats = _attention(
+    out, stats = validated_attention(
         fn,
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -87,7 +89,7 @@ def _flash(
         sinks=sinks,
         key_mask=None,
         attn_mask=None,
-        causal="bottom_right" if causal else None,
+        causal=Causal.BOTTOM_RIGHT if causal else Causal.NONE,
         num_prefix_tokens=0,
         scale=softmax_scale,
         return_stats=return_stats,
@@ -145,7 +147,7 @@ def flash_attn_func(
     fn = "flash_attn_func"
     _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(fn, name, t)
+        check_tensor(fn, name, t)
     return _flash(fn, q, k, v, softmax_scale, causal, return_attn_probs, kv_registers, sinks, return_stats)
 
 
@@ -172,7 +174,7 @@ def flash_attn_qkvpacked_func(
     """
     fn = "flash_attn_qkvpacked_func"
     _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
-    _check_tensor(fn, "qkv", qkv)
+    check_tensor(fn, "qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"{fn}(): argument 'qkv' must be 5-D [B, N, 3, H, D], got shape {list(qkv.shape)}")
     q, k, v = qkv.unbind(2)
@@ -202,8 +204,8 @@ def flash_attn_kvpacked_func(
     """
     fn = "flash_attn_kvpacked_func"
     _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
-    _check_tensor(fn, "q", q)
-    _check_tensor(fn, "kv", kv)
+    check_tensor(fn, "q", q)
+    check_tensor(fn, "kv", kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"{fn}(): argument 'kv' must be 5-D [B, N, 2, H, D], got shape {list(kv.shape)}")
     k, v = kv.unbind(2)
@@ -298,7 +300,7 @@ def flash_attn_varlen_qkvpacked_func(
     ``cu_seqlens`` for queries and keys; the rest as :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_qkvpacked_func"
     _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
-    _check_tensor(fn, "qkv", qkv)
+    check_tensor(fn, "qkv", qkv)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"{fn}(): argument 'qkv' must be 4-D [T, 3, H, D], got shape {list(qkv.shape)}")
     q, k, v = qkv.unbind(1)
@@ -332,7 +334,7 @@ def flash_attn_varlen_kvpacked_func(
     place; the rest as :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_kvpacked_func"
     _check_flash_options(fn, dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, return_stats)
-    _check_tensor(fn, "kv", kv)
+    check_tensor(fn, "kv", kv)
     if kv.dim() != 4 or kv.shape[1] != 2:
         raise ValueError(f"{fn}(): argument 'kv' must be 4-D [T, 2, H, D], got shape {list(kv.shape)}")
     k, v = kv.unbind(1)
@@ -578,7 +580,7 @@ def scaled_dot_product_attention(
         rk, rv = kv_registers
         k, v = rk.expand(B, *rk.shape[-3:]), rv.expand(B, *rv.shape[-3:])
         kv_registers, mask, is_causal = None, None, False
-    out, _ = _attention(
+    out, _ = validated_attention(
         fn,
         q,
         k,
@@ -587,7 +589,7 @@ def scaled_dot_product_attention(
         sinks=sinks,
         key_mask=None,
         attn_mask=mask,
-        causal="top_left" if is_causal else None,
+        causal=Causal.TOP_LEFT if is_causal else Causal.NONE,
         num_prefix_tokens=0,
         scale=scale,
         return_stats=False,

@@ -7,10 +7,14 @@ differentiable with plain autograd (``torch.autograd.gradcheck`` runs on it in f
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from dsr_kernels.rope import apply_rope
+from dsr_kernels.attention_call import AttentionCall, Causal
+from dsr_kernels.rope import RopeStyle, apply_rope
 from dsr_kernels.types import FLOATS, AttentionStats, Backend
 
 BACKEND = Backend("reference", None, FLOATS)  # any device, any float dtype: the definition
@@ -46,7 +50,7 @@ def attention_ref(
     Registers are never masked. The sink adds exp(sinks[h]) to the softmax denominator
     and is one outcome of the distribution, with no value vector.
 
-    Non-finite inputs (the contract every backend follows; README "NaN and inf"): masked
+    Non-finite inputs (the contract every backend follows; docs/attention.md "NaN and inf"): masked
     keys (key_mask, a bool attn_mask, causal) get the logit -inf whatever their k row
     holds, and p = 0 exactly. A NaN or +inf among a row's logits (q row, attended keys,
     registers, the float mask, the sink) makes that row's p NaN on every key it attends:
@@ -124,3 +128,92 @@ def attention_ref(
     )
     stats = AttentionStats(*(t.detach().float() for t in stats))
     return out.to(q.dtype), stats
+
+
+def attention_call_ref(call: AttentionCall) -> tuple[Tensor, AttentionStats]:
+    """:func:`attention_ref` on a validated :class:`~dsr_kernels.attention_call.AttentionCall`
+    (packed sequences: one sequence at a time, :func:`per_sequence`)."""
+    if call.varlen:
+        return per_sequence(call, attention_call_ref)
+    rope = (call.rope_cos, call.rope_sin) if call.rope_cos is not None else None
+    return attention_ref(
+        call.q,
+        call.k,
+        call.v,
+        kv_registers=(call.rk, call.rv) if call.rk is not None else None,
+        sinks=call.sinks,
+        key_mask=call.key_mask,
+        attn_mask=call.attn_mask,
+        causal_offset=call.causal_offset,
+        num_prefix_tokens=call.num_prefix_tokens,
+        scale=call.scale,
+        rope=rope,
+        rope_style=RopeStyle(call.rope_style).label if rope is not None else "interleaved",
+    )
+
+
+def per_sequence(
+    call: AttentionCall, batched: Callable[[AttentionCall], tuple[Tensor, AttentionStats]]
+) -> tuple[Tensor, AttentionStats]:
+    """Packed sequences (``call.varlen``) as one batched call per sequence: the definition of
+    ``attention_varlen``, and the "torch" backend's way to run it.
+
+    ``batched(sub)`` runs a batched call of one sequence (q [1, H, nq, D]) with statistics.
+    The results are packed as the kernels pack them: out [Tq, H, Dv], lse, entropy,
+    register_share [H, Tq] and key_mass [S, H, R + max_seqlen_k] (zeros past each
+    sequence's keys). Differentiable wherever ``batched`` is: out is assembled by cat.
+    """
+    q, k, v, sinks = call.q, call.k, call.v, call.sinks
+    Tq, H, _ = q.shape
+    Dv, S, R = v.shape[2], call.num_sequences, call.num_registers
+    offsets_q, offsets_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+    out = q.new_zeros(Tq, H, Dv)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse, entropy, share = torch.full((H, Tq), -math.inf, **f32), torch.zeros(H, Tq, **f32), torch.zeros(H, Tq, **f32)
+    key_mass = torch.zeros(S, H, R + call.max_seqlen_k, **f32)
+    pieces = []
+    for s in range(S):
+        (q0, q1), (k0, k1) = offsets_q[s : s + 2], offsets_k[s : s + 2]
+        if q1 == q0:
+            continue
+        regs = None if call.rk is None else tuple(t if t.dim() == 3 else t[s : s + 1] for t in (call.rk, call.rv))
+        qs = q[q0:q1].transpose(0, 1)[None]  # [1, H, nq, D]
+        ks, vs = k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None]
+        prefix = min(call.num_prefix_tokens, k1 - k0)
+        if k1 == k0:
+            if regs is None:  # nothing but the sink to attend: out = 0 (no value), p_sink = 1
+                if sinks is not None:  # (a NaN or +inf sink: a NaN row, out too: the NaN contract)
+                    sink = sinks.float().masked_fill(sinks == float("inf"), float("nan"))
+                    undefined = torch.where(sink.isnan(), float("nan"), 0.0)
+                    lse[:, q0:q1] = sink[:, None]
+                    entropy[:, q0:q1] = share[:, q0:q1] = undefined[:, None]
+                    if undefined.isnan().any():
+                        pieces.append((q0, q1, undefined[None, :, None].expand(q1 - q0, H, Dv).to(q.dtype)))
+                continue
+            ks, vs = (t.expand(1, *t.shape[-3:]) for t in regs)  # the registers are the only keys
+            regs, prefix = None, R  # (and count in the register share)
+        sub = call.replace(
+            q=qs,
+            k=ks,
+            v=vs,
+            rk=None if regs is None else regs[0],
+            rv=None if regs is None else regs[1],
+            cu_seqlens_q=None,
+            cu_seqlens_k=None,
+            max_seqlen_q=0,
+            max_seqlen_k=0,
+            causal=call.causal if k1 > k0 else Causal.NONE,
+            num_prefix_tokens=prefix,
+            return_stats=True,
+        )
+        o, st = batched(sub)
+        pieces.append((q0, q1, o[0].transpose(0, 1)))
+        lse[:, q0:q1], entropy[:, q0:q1], share[:, q0:q1] = st.lse[0], st.entropy[0], st.register_share[0]
+        key_mass[s, :, : st.key_mass.shape[-1]] = st.key_mass[0]
+    if pieces:  # (assembled by cat, so that gradients flow to every sequence's q, k, v)
+        parts, end = [], 0
+        for q0, q1, o in pieces:
+            parts += [out[end:q0], o]
+            end = q1
+        out = torch.cat(parts + [out[end:]])
+    return out, AttentionStats(lse, entropy, share, key_mass)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsr_kernels.rope import apply_rope, apply_rope_transpose
-from dsr_kernels.types import FLOATS, Backend
+from dsr_kernels.attention_call import AttentionCall, AttentionGrads, AttentionOutputs, Causal
+from dsr_kernels.reference.attention import per_sequence
+from dsr_kernels.rope import RopeStyle, apply_rope, apply_rope_transpose
+from dsr_kernels.types import FLOATS, AttentionStats, Backend
 
 BACKEND = Backend("torch", None, FLOATS)  # PyTorch ops: any device
 
@@ -39,15 +41,20 @@ _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _cpu_flash_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _uses_cpu_flash(q: Tensor, v: Tensor, attn_mask: Tensor | None, causal_offset: int | None) -> bool:
+def _uses_cpu_flash(call: AttentionCall) -> bool:
     # (PyTorch's CPU flash kernel needs one head dim for q, k and v.)
     return (
-        q.device.type == "cpu"
-        and attn_mask is None
-        and causal_offset is None
+        call.q.device.type == "cpu"
+        and call.attn_mask is None
+        and call.causal == Causal.NONE
         and _cpu_flash is not None
-        and v.shape[-1] == q.shape[-1]
+        and call.v.shape[-1] == call.q.shape[-1]
     )
+
+
+def _unpack(call: AttentionCall) -> tuple:
+    """(q, k, v, rk, rv, sinks, key_mask, scale): what the CPU flash paths read."""
+    return call.q, call.k, call.v, call.rk, call.rv, call.sinks, call.key_mask, call.scale
 
 
 def _repeat_heads(t: Tensor, group: int) -> Tensor:
@@ -77,18 +84,12 @@ def _registers(q: Tensor, rk: Tensor | None, rv: Tensor | None, dtype: torch.dty
     return rk.to(dtype).expand(B, H, -1, -1), rv.to(dtype).expand(B, H, -1, -1)
 
 
-def _token_logits(
-    qc: Tensor,
-    row0: int,
-    k: Tensor,
-    key_mask: Tensor | None,
-    attn_mask: Tensor | None,
-    causal_offset: int | None,
-    scale: float,
-) -> Tensor:
-    """Masked logits of one query chunk qc [B, H, C, D] on the token keys: [B, H, C, Nk]."""
+def _token_logits(qc: Tensor, row0: int, k: Tensor, call: AttentionCall) -> Tensor:
+    """Masked logits of one query chunk qc [B, H, C, D] (rows row0 ..) on the token keys k
+    (call's, in the accumulation dtype): [B, H, C, Nk]."""
     C, Nk = qc.shape[2], k.shape[2]
-    s = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
+    s = torch.matmul(qc, k.transpose(-1, -2)).mul_(call.scale)
+    key_mask, attn_mask, causal_offset = call.key_mask, call.attn_mask, call.causal_offset
     allowed = None if key_mask is None else key_mask[:, None, None, :]
     if causal_offset is not None:
         i = torch.arange(row0, row0 + C, device=qc.device)[:, None]
@@ -105,19 +106,24 @@ def _token_logits(
     return s
 
 
-def _logits(qc, row0, k, rk, key_mask, attn_mask, causal_offset, scale) -> Tensor:
+def _logits(qc: Tensor, row0: int, k: Tensor, rk: Tensor | None, call: AttentionCall) -> Tensor:
     """[B, H, C, R + Nk] logits of one query chunk, registers first (never masked)."""
-    s = _token_logits(qc, row0, k, key_mask, attn_mask, causal_offset, scale)
+    s = _token_logits(qc, row0, k, call)
     if rk is None:
         return s
-    return torch.cat([torch.matmul(qc, rk.transpose(-1, -2)).mul_(scale), s], dim=-1)
+    return torch.cat([torch.matmul(qc, rk.transpose(-1, -2)).mul_(call.scale), s], dim=-1)
 
 
-def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, style: str) -> tuple[Tensor, Tensor]:
-    """q and k rotated in the accumulation type, rounded back to their dtype (as the kernels do)."""
+def _rotated(call: AttentionCall) -> AttentionCall:
+    """The call with q and k rotated in the accumulation type, rounded back to their dtype
+    (as the kernels do), and no rotary tables left."""
+    q, k = call.q, call.k
     acc = _acc_dtype(q)
-    cos, sin = cos.to(acc), sin.to(acc)
-    return (apply_rope(q.to(acc), cos, sin, style).to(q.dtype), apply_rope(k.to(acc), cos, sin, style).to(k.dtype))
+    cos, sin = call.rope_cos.to(acc), call.rope_sin.to(acc)
+    style = RopeStyle(call.rope_style)
+    q = apply_rope(q.to(acc), cos, sin, style).to(q.dtype)
+    k = apply_rope(k.to(acc), cos, sin, style).to(k.dtype)
+    return call.replace(q=q, k=k, rope_cos=None, rope_sin=None, rope_style=int(RopeStyle.NONE))
 
 
 def _overlaps(t: Tensor) -> bool:
@@ -135,6 +141,10 @@ def _no_overlap(t: Tensor | None) -> Tensor | None:
     """t, or a copy where its elements share memory: PyTorch's CPU flash kernels read such
     views wrongly (heads overlapping as unfold makes them gave wrong outputs)."""
     return t.contiguous() if t is not None and _overlaps(t) else t
+
+
+def _without_overlaps(call: AttentionCall) -> AttentionCall:
+    return call.replace(**{name: _no_overlap(getattr(call, name)) for name in ("q", "k", "v", "rk", "rv")})
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
@@ -161,7 +171,8 @@ def _key_mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse) -> None:
+def _fwd_cpu_flash(call: AttentionCall, out: Tensor, lse: Tensor) -> None:
+    q, k, v, rk, rv, sinks, key_mask, scale = _unpack(call)
     acc = _acc_dtype(q)
     bias = _key_mask_bias(key_mask, q.dtype)
     o_tok, lse_tok = _cpu_flash(q, k, v, attn_mask=bias, scale=scale)
@@ -190,14 +201,15 @@ def _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse) -> None:
         out.copy_(merged)
 
 
-def _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements):
+def _fwd_chunked(call: AttentionCall, out: Tensor, lse: Tensor, chunk_elements: int | None) -> None:
+    q, k, v, rk, rv, sinks, _, _ = _unpack(call)
     acc = _acc_dtype(q)
     k_, v_ = k.to(acc), v.to(acc)
     rk_, rv_ = _registers(q, rk, rv, acc)
     R = 0 if rk is None else rk_.shape[2]
     sink = None if sinks is None else sinks.to(acc)[None, :, None]  # [1, H, 1]
     for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
-        s = _logits(q[:, :, i0:i1].to(acc), i0, k_, rk_, key_mask, attn_mask, causal_offset, scale)
+        s = _logits(q[:, :, i0:i1].to(acc), i0, k_, rk_, call)
         m = s.amax(-1)  # [B, H, C]
         if sink is not None:
             m = torch.maximum(m, sink)
@@ -214,26 +226,13 @@ def _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offs
         out[:, :, i0:i1] = o
 
 
-def _stats_sweep(
-    q,
-    k,
-    rk,
-    sinks,
-    key_mask,
-    attn_mask,
-    num_prefix_tokens,
-    scale,
-    causal_offset,
-    lse,
-    entropy,
-    register_share,
-    key_mass,
-    chunk_elements,
-) -> None:
+def _stats_sweep(call: AttentionCall, outputs: AttentionOutputs, chunk_elements: int | None) -> None:
     """entropy, register_share and key_mass from the final lse, chunk by chunk.
 
     log p = s - lse directly, so the entropy -sum p log p takes no log per element.
     """
+    q, k, rk, sinks, scale = call.q, call.k, call.rk, call.sinks, call.scale
+    _, lse, entropy, register_share, key_mass = outputs
     acc = _acc_dtype(q)
     k_ = k.to(acc)
     rk_, _ = _registers(q, rk, rk, acc)
@@ -248,7 +247,7 @@ def _stats_sweep(
         ent = torch.zeros_like(lse_c[..., 0])
         share = torch.zeros_like(ent)
         parts = [(R, torch.matmul(qc, rk_.transpose(-1, -2)).mul_(scale))] if R else []
-        parts.append((num_prefix_tokens, _token_logits(qc, i0, k_, key_mask, attn_mask, causal_offset, scale)))
+        parts.append((call.num_prefix_tokens, _token_logits(qc, i0, k_, call)))
         col = 0
         for n_register_cols, log_p in parts:
             hidden = log_p == float("-inf")  # masked keys: p = 0, in NaN rows too
@@ -268,65 +267,38 @@ def _stats_sweep(
         register_share[:, :, i0:i1] = share.masked_fill_(torch.isnan(lse_c[..., 0]), float("nan"))
 
 
-def attention_fwd_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rk: Tensor | None,
-    rv: Tensor | None,
-    sinks: Tensor | None,
-    key_mask: Tensor | None,
-    attn_mask: Tensor | None,
-    num_prefix_tokens: int,
-    scale: float,
-    causal_offset: int | None,
-    return_stats: bool,
-    out: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    register_share: Tensor,
-    key_mass: Tensor,
-    *,
-    rope_cos: Tensor | None = None,
-    rope_sin: Tensor | None = None,
-    rope_style: str = "interleaved",
-    chunk_elements: int | None = None,
-) -> None:
+def attention_fwd_torch(call: AttentionCall, outputs: AttentionOutputs, *, chunk_elements: int | None = None) -> None:
     """Fills out [B, H, Nq, Dv], lse [B, H, Nq] and, with return_stats, the statistics.
 
     With rope tables, q and the token keys are rotated first (the registers are not).
     """
-    group = q.shape[1] // k.shape[1]
+    group = call.q.shape[1] // call.k.shape[1]
     if group > 1:
-        k, v = _repeat_heads(k, group), _repeat_heads(v, group)
-    if rope_cos is not None:
-        q, k = _rotated(q, k, rope_cos, rope_sin, rope_style)
+        call = call.replace(k=_repeat_heads(call.k, group), v=_repeat_heads(call.v, group))
+    if call.rope_cos is not None:
+        call = _rotated(call)
+    out, lse = outputs.out, outputs.lse
     # PyTorch's CPU flash kernel can drop a NaN logit (its row max skips NaN in bf16) and
     # keeps a NaN key that an additive -inf masks: inputs with a non-finite q or key take
     # the chunks, which follow the NaN contract.
-    if _uses_cpu_flash(q, v, attn_mask, causal_offset) and _all_finite(q, k, rk):
-        q, k, v, rk, rv = (_no_overlap(t) for t in (q, k, v, rk, rv))
-        _fwd_cpu_flash(q, k, v, rk, rv, sinks, key_mask, scale, out, lse)
+    if _uses_cpu_flash(call) and _all_finite(call.q, call.k, call.rk):
+        _fwd_cpu_flash(_without_overlaps(call), out, lse)
     else:
-        _fwd_chunked(q, k, v, rk, rv, sinks, key_mask, attn_mask, scale, causal_offset, out, lse, chunk_elements)
+        _fwd_chunked(call, out, lse, chunk_elements)
     _undefined_rows_nan(out, lse)
-    if return_stats:
-        _stats_sweep(
-            q,
-            k,
-            rk,
-            sinks,
-            key_mask,
-            attn_mask,
-            num_prefix_tokens,
-            scale,
-            causal_offset,
-            lse,
-            entropy,
-            register_share,
-            key_mass,
-            chunk_elements,
-        )
+    if call.return_stats:
+        _stats_sweep(call, outputs, chunk_elements)
+
+
+def attention_varlen_torch(call: AttentionCall) -> tuple[Tensor, AttentionStats]:
+    """Packed sequences, one at a time: this backend's batched op on each sequence
+    (:func:`dsr_kernels.reference.attention.per_sequence`), differentiable through it."""
+
+    def batched(sub: AttentionCall) -> tuple[Tensor, AttentionStats]:
+        out, lse, entropy, share, key_mass = torch.ops.dsr_kernels.attention_fwd(*sub.as_args(), "torch")
+        return out, AttentionStats(lse.detach().float(), entropy.detach(), share.detach(), key_mass.detach())
+
+    return per_sequence(call, batched)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -345,10 +317,12 @@ def _store_register_grads(rk: Tensor, drk_b: Tensor, drv_b: Tensor, drk: Tensor,
     drv.copy_(drv_b)
 
 
-def _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv) -> None:
-    # The kernel computes P = exp(s - lse) and delta = rowsum(dO * out) from what it is
+def _bwd_cpu_flash(call: AttentionCall, dout: Tensor, out: Tensor, lse: Tensor, grads: AttentionGrads) -> None:
+    # The kernel computes P = exp(s - lse) and delta = rowsum(dO * O) from what it is
     # given: passing the merged out and lse yields the merged softmax's gradient. Rows
     # with lse = -inf get +inf instead, so that their P is 0 rather than inf.
+    q, k, v, rk, rv, _, key_mask, scale = _unpack(call)
+    dq, dk, dv, drk, drv, _ = grads
     lse_ = lse.masked_fill(torch.isneginf(lse), float("inf"))  # float64 for float64 inputs
     bias = _key_mask_bias(key_mask, q.dtype)
     dq_tok, dk_, dv_ = _cpu_flash_bwd(dout, q, k, v, out, lse_, 0.0, False, attn_mask=bias, scale=scale)
@@ -367,25 +341,10 @@ def _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv,
 
 
 def _bwd_chunked(
-    dout,
-    q,
-    k,
-    v,
-    rk,
-    rv,
-    key_mask,
-    attn_mask,
-    lse,
-    delta,
-    scale,
-    causal_offset,
-    dq,
-    dk,
-    dv,
-    drk,
-    drv,
-    chunk_elements,
+    call: AttentionCall, dout: Tensor, lse: Tensor, delta: Tensor, grads: AttentionGrads, chunk_elements: int | None
 ) -> None:
+    q, k, v, rk, rv, _, _, scale = _unpack(call)
+    dq, dk, dv, drk, drv, _ = grads
     acc = delta.dtype
     k_, v_ = k.to(acc), v.to(acc)
     rk_, rv_ = _registers(q, rk, rv, acc)
@@ -397,7 +356,7 @@ def _bwd_chunked(
     for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
         qc, doc = q[:, :, i0:i1].to(acc), dout[:, :, i0:i1].to(acc)
         lse_c, delta_c = lse[:, :, i0:i1].to(acc), delta[:, :, i0:i1]
-        p = _logits(qc, i0, k_, rk_, key_mask, attn_mask, causal_offset, scale)
+        p = _logits(qc, i0, k_, rk_, call)
         hidden = p == float("-inf")  # masked keys: p = 0 and no gradient, in NaN rows too
         p.sub_(lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]).exp_().masked_fill_(hidden, 0.0)
         dp = torch.matmul(doc, v_.transpose(-1, -2))  # [B, H, C, Nk]
@@ -419,29 +378,12 @@ def _bwd_chunked(
 
 
 def attention_bwd_torch(
+    call: AttentionCall,
     dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rk: Tensor | None,
-    rv: Tensor | None,
-    sinks: Tensor | None,
-    key_mask: Tensor | None,
-    attn_mask: Tensor | None,
     out: Tensor,
     lse: Tensor,
-    scale: float,
-    causal_offset: int | None,
-    dq: Tensor,
-    dk: Tensor,
-    dv: Tensor,
-    drk: Tensor | None,
-    drv: Tensor | None,
-    dsinks: Tensor | None,
+    grads: AttentionGrads,
     *,
-    rope_cos: Tensor | None = None,
-    rope_sin: Tensor | None = None,
-    rope_style: str = "interleaved",
     chunk_elements: int | None = None,
 ) -> None:
     """Fills dq, dk, dv (and drk, drv, dsinks when present) from the saved out and lse.
@@ -450,97 +392,38 @@ def attention_bwd_torch(
     dK = dS^T Q scale, dV = P^T dO; d sink_h = -sum_{b,i} p_sink * delta. With rope the
     gradients of the rotated q and k are rotated back (the transpose of the rotation).
     """
+    q, k, v = call.q, call.k, call.v
     acc = _acc_dtype(q)
     group = q.shape[1] // k.shape[1]
     if group > 1:  # gradients of the repeated heads, summed over each group
         B, Hk, Nk = k.shape[:3]
         dk_rep = torch.empty(B, Hk * group, Nk, k.shape[3], dtype=acc, device=k.device)
         dv_rep = torch.empty(B, Hk * group, Nk, v.shape[3], dtype=acc, device=v.device)
+        repeated = call.replace(k=_repeat_heads(k, group), v=_repeat_heads(v, group))
         attention_bwd_torch(
-            dout,
-            q,
-            _repeat_heads(k, group),
-            _repeat_heads(v, group),
-            rk,
-            rv,
-            sinks,
-            key_mask,
-            attn_mask,
-            out,
-            lse,
-            scale,
-            causal_offset,
-            dq,
-            dk_rep,
-            dv_rep,
-            drk,
-            drv,
-            dsinks,
-            rope_cos=rope_cos,
-            rope_sin=rope_sin,
-            rope_style=rope_style,
-            chunk_elements=chunk_elements,
+            repeated, dout, out, lse, grads._replace(dk=dk_rep, dv=dv_rep), chunk_elements=chunk_elements
         )
-        dk.copy_(dk_rep.unflatten(1, (Hk, group)).sum(2))
-        dv.copy_(dv_rep.unflatten(1, (Hk, group)).sum(2))
+        grads.dk.copy_(dk_rep.unflatten(1, (Hk, group)).sum(2))
+        grads.dv.copy_(dv_rep.unflatten(1, (Hk, group)).sum(2))
         return
-    if rope_cos is not None:
-        q_rot, k_rot = _rotated(q, k, rope_cos, rope_sin, rope_style)
-        dq_rot, dk_rot = torch.empty_like(dq, dtype=acc), torch.empty_like(dk, dtype=acc)
+    if call.rope_cos is not None:
+        dq_rot, dk_rot = torch.empty_like(grads.dq, dtype=acc), torch.empty_like(grads.dk, dtype=acc)
         attention_bwd_torch(
-            dout,
-            q_rot,
-            k_rot,
-            v,
-            rk,
-            rv,
-            sinks,
-            key_mask,
-            attn_mask,
-            out,
-            lse,
-            scale,
-            causal_offset,
-            dq_rot,
-            dk_rot,
-            dv,
-            drk,
-            drv,
-            dsinks,
-            chunk_elements=chunk_elements,
+            _rotated(call), dout, out, lse, grads._replace(dq=dq_rot, dk=dk_rot), chunk_elements=chunk_elements
         )
-        cos, sin = rope_cos.to(acc), rope_sin.to(acc)
-        dq.copy_(apply_rope_transpose(dq_rot, cos, sin, rope_style))
-        dk.copy_(apply_rope_transpose(dk_rot, cos, sin, rope_style))
+        cos, sin, style = call.rope_cos.to(acc), call.rope_sin.to(acc), RopeStyle(call.rope_style)
+        grads.dq.copy_(apply_rope_transpose(dq_rot, cos, sin, style))
+        grads.dk.copy_(apply_rope_transpose(dk_rot, cos, sin, style))
         return
+    sinks, dsinks = call.sinks, grads.dsinks
     # PyTorch's kernel passes masked keys gradient 0 * NaN when a row is NaN (its lse, out or
     # dout): calls with non-finite values take the chunks, which give them none.
-    if _uses_cpu_flash(q, v, attn_mask, causal_offset) and _all_finite(q, k, rk, out, dout):
-        dout, q, k, v, rk, rv = (_no_overlap(t) for t in (dout, q, k, v, rk, rv))
-        _bwd_cpu_flash(dout, q, k, v, rk, rv, key_mask, out, lse, scale, dq, dk, dv, drk, drv)
+    if _uses_cpu_flash(call) and _all_finite(q, k, call.rk, out, dout):
+        _bwd_cpu_flash(_without_overlaps(call), _no_overlap(dout), out, lse, grads)
         if sinks is not None:
             dsinks.copy_(_sink_grad(sinks, lse, (dout.to(acc) * out.to(acc)).sum(-1)))
         return
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, Nq]
-    _bwd_chunked(
-        dout,
-        q,
-        k,
-        v,
-        rk,
-        rv,
-        key_mask,
-        attn_mask,
-        lse,
-        delta,
-        scale,
-        causal_offset,
-        dq,
-        dk,
-        dv,
-        drk,
-        drv,
-        chunk_elements,
-    )
+    _bwd_chunked(call, dout, lse, delta, grads, chunk_elements)
     if sinks is not None:
         dsinks.copy_(_sink_grad(sinks, lse, delta))

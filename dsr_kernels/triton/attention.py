@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsr_kernels.rope import apply_rope_transpose
+from dsr_kernels.attention_call import AttentionCall, AttentionGrads, AttentionOutputs, Causal
+from dsr_kernels.rope import RopeStyle, apply_rope_transpose
 from dsr_kernels.triton import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -51,6 +52,32 @@ def _row_starts(BASE, rows, stride_row, ALIGNED: tl.constexpr):
     if ALIGNED:
         starts = tl.multiple_of(starts, [16])
     return starts
+
+
+@triton.jit
+def _program(CU_Q, CU_K, H, NQ, NK, TQ, CAUSAL_OFFSET, VARLEN: tl.constexpr):
+    """What program row bh = tl.program_id(1) works on: (batch or sequence b64, head h64).
+
+    Packed sequences (VARLEN): sequence b64's query / key rows start at q_start / k_start of
+    the [1, H, T, D] views, it has NQ queries and NK keys, its causal mask is bottom-right
+    aligned (offset NK - NQ), and its row statistics start at h * TQ + q_start. Batched:
+    rows start at 0 and the statistics of (b, h) at bh * NQ.
+    Returns (b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base).
+    """
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    q_start = 0
+    k_start = 0
+    stat_base = bh.to(tl.int64) * NQ
+    if VARLEN:
+        q_start = tl.load(CU_Q + b64).to(tl.int64)
+        k_start = tl.load(CU_K + b64).to(tl.int64)
+        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
+        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
+        CAUSAL_OFFSET = NK - NQ
+        stat_base = h64 * TQ + q_start
+    return b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base
 
 
 @triton.jit
@@ -220,21 +247,7 @@ def _attn_fwd_kernel(
 ):
     """out_i = sum_j softmax_j(s_ij) v_j over [registers ; tokens] (+ sink), s = q k^T scale."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
-    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
-    q_start = 0
-    k_start = 0
-    stat_base = bh.to(tl.int64) * NQ
-    if VARLEN:
-        q_start = tl.load(CU_Q + b64).to(tl.int64)
-        k_start = tl.load(CU_K + b64).to(tl.int64)
-        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
-        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
-        CAUSAL_OFFSET = NK - NQ
-        stat_base = h64 * TQ + q_start
+    b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base = _program(CU_Q, CU_K, H, NQ, NK, TQ, CAUSAL_OFFSET, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
@@ -385,20 +398,7 @@ def _attn_key_mass_kernel(
     """key_mass[b, h, j] = sum_i exp(s_ij - lse_i): one program per key block, no atomics."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
-    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
-    q_start = 0
-    k_start = 0
-    stat_base = bh.to(tl.int64) * NQ
-    if VARLEN:
-        q_start = tl.load(CU_Q + b64).to(tl.int64)
-        k_start = tl.load(CU_K + b64).to(tl.int64)
-        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
-        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
-        CAUSAL_OFFSET = NK - NQ
-        stat_base = h64 * TQ + q_start
+    b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base = _program(CU_Q, CU_K, H, NQ, NK, TQ, CAUSAL_OFFSET, VARLEN)
     out_base = KEY_MASS + bh.to(tl.int64) * KM_STRIDE
     if pid_n < N_REG_BLOCKS:
         start_n = pid_n * BLOCK_N
@@ -445,14 +445,7 @@ def _attn_bwd_preprocess_kernel(
     """delta_i = sum_d dO_id O_id; with sinks, partial sums of -p_sink,i * delta_i."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    q_start = 0
-    stat_base = bh.to(tl.int64) * NQ
-    if VARLEN:
-        q_start = tl.load(CU_Q + b64).to(tl.int64)
-        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
-        stat_base = h64 * TQ + q_start
+    b64, h64, q_start, _, NQ, _, _, stat_base = _program(CU_Q, CU_Q, H, NQ, NQ, TQ, 0, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     o_base = OUT + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
@@ -579,20 +572,7 @@ def _attn_bwd_dkdv_kernel(
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
-    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
-    q_start = 0
-    k_start = 0
-    stat_base = bh.to(tl.int64) * NQ
-    if VARLEN:
-        q_start = tl.load(CU_Q + b64).to(tl.int64)
-        k_start = tl.load(CU_K + b64).to(tl.int64)
-        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
-        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
-        CAUSAL_OFFSET = NK - NQ
-        stat_base = h64 * TQ + q_start
+    b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base = _program(CU_Q, CU_K, H, NQ, NK, TQ, CAUSAL_OFFSET, VARLEN)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     offs_v0 = tl.arange(0, BLOCK_DV0)
@@ -709,21 +689,7 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ_i = scale sum_j p_ij (dO_i . v_j - delta_i) k_j over registers and tokens."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    # Packed sequences: program row bh = (sequence, head); the sequence's rows start at
-    # q_start / k_start of the [1, H, T, D] views, its statistics at h * TQ + q_start.
-    q_start = 0
-    k_start = 0
-    stat_base = bh.to(tl.int64) * NQ
-    if VARLEN:
-        q_start = tl.load(CU_Q + b64).to(tl.int64)
-        k_start = tl.load(CU_K + b64).to(tl.int64)
-        NQ = (tl.load(CU_Q + b64 + 1) - q_start).to(tl.int32)
-        NK = (tl.load(CU_K + b64 + 1) - k_start).to(tl.int32)
-        CAUSAL_OFFSET = NK - NQ
-        stat_base = h64 * TQ + q_start
+    b64, h64, q_start, k_start, NQ, NK, CAUSAL_OFFSET, stat_base = _program(CU_Q, CU_K, H, NQ, NK, TQ, CAUSAL_OFFSET, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
@@ -868,13 +834,6 @@ def _rows_aligned(*tensors: Tensor | None) -> bool:
     )
 
 
-def _rope_flag(rope_cos: Tensor | None, style: str) -> int:
-    """ROPE constexpr of the kernels: 0 none, 1 interleaved pairs, 2 half pairs."""
-    if rope_cos is None:
-        return 0
-    return 1 if style == "interleaved" else 2
-
-
 def _reg_strides(rk: Tensor | None) -> tuple[int, int, int]:
     if rk is None:
         return 0, 0, 0
@@ -893,189 +852,193 @@ def _mask_args(q: Tensor, key_mask: Tensor | None, attn_mask: Tensor | None):
     return km, km_strides, attn_mask, tuple(attn_mask.stride()), kind
 
 
-def attention_fwd_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rk: Tensor | None,
-    rv: Tensor | None,
-    sinks: Tensor | None,
-    key_mask: Tensor | None,
-    attn_mask: Tensor | None,
-    num_prefix_tokens: int,
-    scale: float,
-    causal_offset: int | None,
-    return_stats: bool,
-    out: Tensor,
-    lse: Tensor,
-    entropy: Tensor,
-    register_share: Tensor,
-    key_mass: Tensor,
-    *,
-    rope_cos: Tensor | None = None,
-    rope_sin: Tensor | None = None,
-    rope_style: str = "interleaved",
-    varlen: tuple[Tensor, Tensor, int, int] | None = None,
-) -> None:
-    """Fills out, lse and (with return_stats) the statistics; see dsr_kernels/torch/attention.py for the contract.
+@dataclass(frozen=True)
+class _Launch:
+    """What the forward and backward launchers share for one call: the [B, H, N, D] views
+    the kernels read (packed sequences: [1, H, T, D] with batch stride 0, program row =
+    sequence), sizes, constexpr flags and the pointer stand-ins for absent operands."""
 
-    varlen: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed sequences:
-    q, k, v, out are then [1, H, T, D] views, lse / entropy / register_share [H, Tq] and
-    key_mass [S, H, R + max_seqlen_k]; program row b is sequence b.
-    """
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    n_rows, n_keys, cu_q, cu_k, tq = B, NK, q, q, 0
-    if varlen is not None:
-        cu_q, cu_k, max_q, n_keys = varlen
-        n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
-    R = 0 if rk is None else rk.shape[-2]
-    tiling, vt = _tiling(D), _tiling(v.shape[3])
-    prec = _dot_precision(q.dtype)
-    km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    n_rows: int  # program rows per head: B, or S packed sequences
+    nq: int  # queries per program row: Nq, or the longest sequence's
+    nk: int  # token keys of the views (Nk or Tk)
+    n_keys: int  # keys per program row: Nk, or the longest sequence's
+    R: int
+    cu_q: Tensor  # offsets (q stands in when batched)
+    cu_k: Tensor
+    tq: int  # packed query rows (0 when batched)
+    tiling: _Tiling  # the launch configs follow the wider of the two head dims
+    vt: _Tiling
+    flags: dict
+    mask_kind: int
+    km: Tensor
+    km_strides: tuple
+    am: Tensor
+    am_strides: tuple
+    rk: Tensor
+    rv: Tensor
+    cos: Tensor
+    sin: Tensor
+    causal_offset: int
+    qk_scale: float
+
+    @property
+    def varlen(self) -> bool:
+        return self.tq > 0
+
+    def heavy(self) -> bool:
+        """Rotary tables or a float mask: more registers live in the backward's inner loop."""
+        return self.flags["ROPE"] != 0 or self.mask_kind == 2
+
+
+def _prepare(call: AttentionCall) -> _Launch:
+    q, k, v = call.q, call.k, call.v
+    if call.varlen:
+        q, k, v = (_packed_as_bhnd(t) for t in (q, k, v))
+        n_rows, nq, n_keys, tq = call.num_sequences, call.max_seqlen_q, call.max_seqlen_k, q.shape[2]
+        cu_q, cu_k = call.cu_seqlens_q, call.cu_seqlens_k
+    else:
+        n_rows, nq, n_keys, tq = q.shape[0], q.shape[2], k.shape[2], 0
+        cu_q = cu_k = q
+    D, Dv = q.shape[3], v.shape[3]
+    tiling, vt = _tiling(D), _tiling(Dv)
+    km, km_strides, am, am_strides, mask_kind = _mask_args(q, call.key_mask, call.attn_mask)
     flags = dict(
         HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
-        HEAD_DIM_V=v.shape[3], BLOCK_DV0=vt.block_d0, BLOCK_DV1=vt.block_d1, SPLIT_DV=vt.split_d,
-        HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
-        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
+        HEAD_DIM_V=Dv, BLOCK_DV0=vt.block_d0, BLOCK_DV1=vt.block_d1, SPLIT_DV=vt.split_d,
+        HAS_KEY_MASK=call.key_mask is not None, MASK_KIND=mask_kind,
+        IS_CAUSAL=call.causal != Causal.NONE, DOT_PRECISION=_dot_precision(q.dtype), ROPE=call.rope_style,
+    )  # fmt: skip
+    has_rope = call.rope_cos is not None
+    return _Launch(
+        q=q,
+        k=k,
+        v=v,
+        n_rows=n_rows,
+        nq=nq,
+        nk=k.shape[2],
+        n_keys=n_keys,
+        R=call.num_registers,
+        cu_q=cu_q,
+        cu_k=cu_k,
+        tq=tq,
+        tiling=_wider(tiling, vt),
+        vt=vt,
+        flags=flags,
+        mask_kind=mask_kind,
+        km=km,
+        km_strides=km_strides,
+        am=am,
+        am_strides=am_strides,
+        rk=call.rk if call.rk is not None else q,
+        rv=call.rv if call.rv is not None else q,
+        cos=call.rope_cos if has_rope else q,
+        sin=call.rope_sin if has_rope else q,
+        # (packed sequences: each is bottom-right aligned in the kernels, which set the offset)
+        causal_offset=0 if call.varlen or call.causal == Causal.NONE else call.causal_offset,
+        qk_scale=call.scale * LOG2E,
     )
-    tiling = _wider(tiling, vt)  # the launch configs follow the wider of the two head dims
-    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
-    causal = 0 if causal_offset is None else causal_offset
-    qk_scale = scale * LOG2E
-    rk_, rv_ = (rk, rv) if rk is not None else (q, q)
-    block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
-    stats_dst = (entropy, register_share) if return_stats else (lse, lse)
+
+
+def attention_fwd_triton(call: AttentionCall, outputs: AttentionOutputs) -> None:
+    """Fills out, lse and, with return_stats, the statistics (shapes: :class:`AttentionOutputs`;
+    the contract: dsr_kernels/reference/attention.py)."""
+    L = _prepare(call)
+    q, k, v, rk, rv, H = L.q, L.k, L.v, call.rk, call.rv, L.q.shape[1]
+    out = _packed_as_bhnd(outputs.out) if L.varlen else outputs.out
+    lse, entropy, register_share, key_mass = outputs[1:]
+    sinks = call.sinks.contiguous() if call.sinks is not None else q
+    block_m, block_n, warps, stages = _fwd_config(L.tiling, q.dtype)
+    stats_dst = (entropy, register_share) if call.return_stats else (lse, lse)
     aligned = _rows_aligned(q, k, v, rk, rv, out)
-    _attn_fwd_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
-        q, k, v, rk_, rv_, sinks.contiguous() if sinks is not None else q, km, am, cos, sin,
+    _attn_fwd_kernel[(triton.cdiv(L.nq, block_m), L.n_rows * H)](
+        q, k, v, L.rk, L.rv, sinks, L.km, L.am, L.cos, L.sin,
         out, lse, *stats_dst,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_reg_strides(rk), *_reg_strides(rv),
-        *km_strides, *am_strides,
+        *L.km_strides, *L.am_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        H, H // k.shape[1], NQ, NK, R, num_prefix_tokens, causal, qk_scale,
-        cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=sinks is not None,
-        RETURN_STATS=return_stats, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
-    )
-    if not return_stats:
+        H, H // k.shape[1], L.nq, L.nk, L.R, call.num_prefix_tokens, L.causal_offset, L.qk_scale,
+        L.cu_q, L.cu_k, L.tq, VARLEN=L.varlen,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=call.sinks is not None,
+        RETURN_STATS=call.return_stats, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
+    )  # fmt: skip
+    if not call.return_stats:
         return
-    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype, rope_cos is not None or mask_kind == 2)
-    n_reg_blocks = triton.cdiv(R, block_n)
-    if varlen is not None:
+    block_m, block_n, warps, stages = _bwd_config(L.tiling, q.dtype, L.heavy())
+    n_reg_blocks = triton.cdiv(L.R, block_n)
+    if L.varlen:
         key_mass.zero_()  # past each sequence's keys
-    _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(n_keys, block_n), n_rows * H)](
-        q, k, rk_, lse, km, am, cos, sin, key_mass,
+    _attn_key_mass_kernel[(n_reg_blocks + triton.cdiv(L.n_keys, block_n), L.n_rows * H)](
+        q, k, L.rk, lse, L.km, L.am, L.cos, L.sin, key_mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        *_reg_strides(rk), *km_strides, *am_strides,
-        H, H // k.shape[1], NQ, NK, R, n_reg_blocks, causal, qk_scale, R + n_keys,
-        cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
-    )
+        *_reg_strides(rk), *L.km_strides, *L.am_strides,
+        H, H // k.shape[1], L.nq, L.nk, L.R, n_reg_blocks, L.causal_offset, L.qk_scale, L.R + L.n_keys,
+        L.cu_q, L.cu_k, L.tq, VARLEN=L.varlen,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
+    )  # fmt: skip
 
 
-def attention_bwd_triton(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rk: Tensor | None,
-    rv: Tensor | None,
-    sinks: Tensor | None,
-    key_mask: Tensor | None,
-    attn_mask: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    scale: float,
-    causal_offset: int | None,
-    dq: Tensor,
-    dk: Tensor,
-    dv: Tensor,
-    drk: Tensor | None,
-    drv: Tensor | None,
-    dsinks: Tensor | None,
-    *,
-    rope_cos: Tensor | None = None,
-    rope_sin: Tensor | None = None,
-    rope_style: str = "interleaved",
-    varlen: tuple[Tensor, Tensor, int, int] | None = None,
-) -> None:
+def attention_bwd_triton(call: AttentionCall, dout: Tensor, out: Tensor, lse: Tensor, grads: AttentionGrads) -> None:
     """Fills dq, dk, dv (and drk, drv, dsinks when present).
 
     With rope the kernels produce the gradients of the rotated q and k (float32); they
-    are rotated back with the transpose of the rotation afterwards. varlen: as the forward's.
+    are rotated back with the transpose of the rotation afterwards.
     """
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    n_rows, n_keys, cu_q, cu_k, tq = B, NK, q, q, 0
-    if varlen is not None:
-        cu_q, cu_k, max_q, n_keys = varlen
-        n_rows, tq, NQ = cu_q.shape[0] - 1, NQ, max_q
-    R = 0 if rk is None else rk.shape[-2]
-    tiling, vt = _tiling(D), _tiling(v.shape[3])
-    prec = _dot_precision(q.dtype)
-    km, km_strides, am, am_strides, mask_kind = _mask_args(q, key_mask, attn_mask)
-    flags = dict(
-        HEAD_DIM=D, BLOCK_D0=tiling.block_d0, BLOCK_D1=tiling.block_d1, SPLIT_D=tiling.split_d,
-        HEAD_DIM_V=v.shape[3], BLOCK_DV0=vt.block_d0, BLOCK_DV1=vt.block_d1, SPLIT_DV=vt.split_d,
-        HAS_KEY_MASK=key_mask is not None, MASK_KIND=mask_kind,
-        IS_CAUSAL=causal_offset is not None, DOT_PRECISION=prec, ROPE=_rope_flag(rope_cos, rope_style),
-    )
-    tiling = _wider(tiling, vt)  # the launch configs follow the wider of the two head dims
-    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
-    causal = 0 if causal_offset is None else causal_offset
-    qk_scale = scale * LOG2E
-    rk_, rv_ = (rk, rv) if rk is not None else (q, q)
-    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
-    dq_out, dk_out, dv_out = dq, dk, dv
+    L = _prepare(call)
+    q, k, v, rk, rv, sinks = L.q, L.k, L.v, call.rk, call.rv, call.sinks
+    B, H, _, D = q.shape
+    NK, Dv, vt = k.shape[2], v.shape[3], L.vt
+    if dout.stride(-1) != 1:  # (packed first: the kernels' views keep a batch stride of 0)
+        dout = dout.contiguous()
+    view = _packed_as_bhnd if L.varlen else (lambda t: t)
+    dout, out = view(dout), view(out)
+    dq_out, dk_out, dv_out = (view(g) for g in grads[:3])
+    dq, dk, dv = dq_out, dk_out, dv_out
+    drk, drv, dsinks = grads[3:]
     group = H // k.shape[1]
-    if rope_cos is not None:
-        dq = torch.empty(dq.shape, dtype=torch.float32, device=q.device)
-        dk = torch.empty(dk.shape, dtype=torch.float32, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if call.rope_cos is not None:
+        dq, dk = torch.empty(dq.shape, **f32), torch.empty(dk.shape, **f32)
     if group > 1:
         # Grouped K/V heads: the dk, dv kernel writes one gradient per query head (float32),
         # summed over each group afterwards (as flash-attn 2's backward does), so no two
         # programs add into the same rows: deterministic, no atomics, K/V read in place.
-        f32 = dict(dtype=torch.float32, device=q.device)
-        if varlen is not None:  # [1, H, Tk, D] with batch stride 0, as the kernels read packed sequences
-            dk = _packed_as_bhnd(torch.empty(NK, H, D, **f32))
-            dv = _packed_as_bhnd(torch.empty(NK, H, v.shape[3], **f32))
+        if L.varlen:  # [1, H, Tk, D] with batch stride 0, as the kernels read packed sequences
+            dk, dv = _packed_as_bhnd(torch.empty(NK, H, D, **f32)), _packed_as_bhnd(torch.empty(NK, H, Dv, **f32))
         else:
-            dk = torch.empty(B, H, NK, D, **f32)
-            dv = torch.empty(B, H, NK, v.shape[3], **f32)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+            dk, dv = torch.empty(B, H, NK, D, **f32), torch.empty(B, H, NK, Dv, **f32)
 
     aligned = _rows_aligned(q, k, v, rk, rv, out, dout, dq, dk, dv)
     pre_m = 64
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # [B, H, Nq] or [H, Tq]
-    n_pre = triton.cdiv(NQ, pre_m)
-    dsink_partial = torch.empty(n_rows * H, n_pre, dtype=torch.float32, device=q.device) if sinks is not None else delta
-    _attn_bwd_preprocess_kernel[(n_pre, n_rows * H)](
+    delta = torch.empty(lse.shape, **f32)  # [B, H, Nq] or [H, Tq]
+    n_pre = triton.cdiv(L.nq, pre_m)
+    dsink_partial = torch.empty(L.n_rows * H, n_pre, **f32) if sinks is not None else delta
+    _attn_bwd_preprocess_kernel[(n_pre, L.n_rows * H)](
         out, dout, lse, sinks.contiguous() if sinks is not None else q, delta, dsink_partial,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        H, NQ,
-        cu_q, tq, VARLEN=varlen is not None,
-        HEAD_DIM=v.shape[3], BLOCK_D0=vt.block_d0, BLOCK_D1=vt.block_d1, SPLIT_D=vt.split_d,
+        H, L.nq,
+        L.cu_q, L.tq, VARLEN=L.varlen,
+        HEAD_DIM=Dv, BLOCK_D0=vt.block_d0, BLOCK_D1=vt.block_d1, SPLIT_D=vt.split_d,
         BLOCK_M=pre_m, HAS_SINKS=sinks is not None, ALIGNED=aligned,
-    )
+    )  # fmt: skip
     if sinks is not None:
-        dsinks.copy_(dsink_partial.view(n_rows, H, n_pre).sum((0, 2)))
+        dsinks.copy_(dsink_partial.view(L.n_rows, H, n_pre).sum((0, 2)))
 
-    block_m, block_n, warps, stages = _bwd_config(tiling, q.dtype, rope_cos is not None or mask_kind == 2)
-    n_reg_blocks = triton.cdiv(R, block_n)
-    if R:
-        drk_buf = torch.empty(n_rows, H, R, D, dtype=torch.float32, device=q.device)
-        drv_buf = torch.empty(n_rows, H, R, v.shape[3], dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = _bwd_config(L.tiling, q.dtype, L.heavy())
+    n_reg_blocks = triton.cdiv(L.R, block_n)
+    if L.R:
+        drk_buf, drv_buf = torch.empty(L.n_rows, H, L.R, D, **f32), torch.empty(L.n_rows, H, L.R, Dv, **f32)
     else:
         drk_buf = drv_buf = delta
-    _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(n_keys, block_n), n_rows * H)](
-        q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin,
+    _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(L.n_keys, block_n), L.n_rows * H)](
+        q, k, v, L.rk, L.rv, dout, lse, delta, L.km, L.am, L.cos, L.sin,
         dk, dv, drk_buf, drv_buf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1084,37 +1047,38 @@ def attention_bwd_triton(
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        *km_strides, *am_strides,
-        H, group, NQ, NK, R, n_reg_blocks, causal, qk_scale, scale,
-        cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
-    )
-    if R:
+        *L.km_strides, *L.am_strides,
+        H, group, L.nq, NK, L.R, n_reg_blocks, L.causal_offset, L.qk_scale, call.scale,
+        L.cu_q, L.cu_k, L.tq, VARLEN=L.varlen,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
+    )  # fmt: skip
+    if L.R:
         if rk.dim() == 3:  # shared registers: sum the per-sample gradients over the batch
             drk_buf, drv_buf = drk_buf.sum(0), drv_buf.sum(0)
         drk.copy_(drk_buf)
         drv.copy_(drv_buf)
 
-    block_m, block_n, warps, stages = _fwd_config(tiling, q.dtype)
-    _attn_bwd_dq_kernel[(triton.cdiv(NQ, block_m), n_rows * H)](
-        q, k, v, rk_, rv_, dout, lse, delta, km, am, cos, sin, dq,
+    block_m, block_n, warps, stages = _fwd_config(L.tiling, q.dtype)
+    _attn_bwd_dq_kernel[(triton.cdiv(L.nq, block_m), L.n_rows * H)](
+        q, k, v, L.rk, L.rv, dout, lse, delta, L.km, L.am, L.cos, L.sin, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_reg_strides(rk), *_reg_strides(rv),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        *km_strides, *am_strides,
-        H, group, NQ, NK, R, causal, qk_scale, scale,
-        cu_q, cu_k, tq, VARLEN=varlen is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **flags,
-    )
+        *L.km_strides, *L.am_strides,
+        H, group, L.nq, NK, L.R, L.causal_offset, L.qk_scale, call.scale,
+        L.cu_q, L.cu_k, L.tq, VARLEN=L.varlen,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
+    )  # fmt: skip
     if group > 1:
         dk = dk.unflatten(1, (H // group, group)).sum(2)
         dv_out.copy_(dv.unflatten(1, (H // group, group)).sum(2))
-    if rope_cos is not None:
-        dq_out.copy_(apply_rope_transpose(dq, rope_cos, rope_sin, rope_style))
-        dk = apply_rope_transpose(dk, rope_cos, rope_sin, rope_style)
+    if call.rope_cos is not None:
+        style = RopeStyle(call.rope_style)
+        dq_out.copy_(apply_rope_transpose(dq, call.rope_cos, call.rope_sin, style))
+        dk = apply_rope_transpose(dk, call.rope_cos, call.rope_sin, style)
     if dk is not dk_out:
         dk_out.copy_(dk)
 
@@ -1124,29 +1088,3 @@ def _packed_as_bhnd(t: Tensor) -> Tensor:
     the program row's batch index is the sequence, which must move no pointer but the registers'."""
     T, H, D = t.shape
     return t.as_strided((1, H, T, D), (0, t.stride(1), t.stride(0), t.stride(2)))
-
-
-def attention_varlen_fwd_triton(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rk, rv, sinks, num_prefix_tokens, scale, causal,
-    return_stats, out, lse, entropy, register_share, key_mass,
-) -> None:  # fmt: skip
-    """Packed sequences (dsr_kernels.attention_varlen): the forward kernels with program row = sequence."""
-    attention_fwd_triton(
-        *(_packed_as_bhnd(t) for t in (q, k, v)), rk, rv, sinks, None, None, num_prefix_tokens, scale,
-        0 if causal else None, return_stats, _packed_as_bhnd(out), lse, entropy, register_share, key_mass,
-        varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-    )  # fmt: skip
-
-
-def attention_varlen_bwd_triton(
-    dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rk, rv, sinks, out, lse, scale, causal,
-    dq, dk, dv, drk, drv, dsinks,
-) -> None:  # fmt: skip
-    """Gradients of the packed-sequence forward."""
-    if dout.stride(-1) != 1:  # (packed first: the kernels' views keep a batch stride of 0)
-        dout = dout.contiguous()
-    attention_bwd_triton(
-        *(_packed_as_bhnd(t) for t in (dout, q, k, v)), rk, rv, sinks, None, None, _packed_as_bhnd(out), lse, scale,
-        0 if causal else None, *(_packed_as_bhnd(t) for t in (dq, dk, dv)), drk, drv, dsinks,
-        varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-    )  # fmt: skip

@@ -21,61 +21,65 @@
 
 namespace dsr_kernels {
 
-// q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] with Hk dividing H (query head h
-// reads K/V head h / (H / Hk)) (float32, any strides with a contiguous last dim);
-// rk [H, R, D] or [B, H, R, D], rv the same with Dv; sinks [H] float32; key_mask [B, Nk] bool; attn_mask
-// [B, H, Nq, Nk] (any strides, zero strides for broadcast dims) bool or floating;
-// causal_offset: token key j is visible to query i iff j <= i + offset; rope_cos, rope_sin
-// [N, D] float32 tables (self-attention, Nq = Nk = N) and rope_style 1 (interleaved pairs) or
-// 2 (half pairs): q and the token keys are rotated as their rows are loaded (never the
-// registers), and the backward rotates dq and dk back. Writes out
-// [B, H, Nq, Dv] float32 (any strides with a contiguous last dim), lse [B, H, Nq] and,
-// with return_stats, entropy, register_share [B, H, Nq] and key_mass [B, H, R + Nk].
-void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, int64_t num_prefix_tokens, double scale,
-                       std::optional<int64_t> causal_offset, bool return_stats, const at::Tensor& out,
-                       const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& register_share,
-                       const at::Tensor& key_mass, const std::optional<at::Tensor>& rope_cos = std::nullopt,
-                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0);
+// Which token keys a query sees (dsr_kernels/attention_call.py's Causal): key j is visible
+// to query i iff j <= i (kTopLeft) or j <= i + nk - nq (kBottomRight, per sequence).
+enum class Causal : int64_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
 
-// Gradients of the forward above, written into dq, dk, dv (q's / k's shapes, float32, any
-// strides with a contiguous last dim), drk, drv (rk's shape) and dsinks ([H]) when given.
-void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                       const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_mask,
-                       const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse,
-                       double scale, std::optional<int64_t> causal_offset, const at::Tensor& dq,
-                       const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                       const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks,
-                       const std::optional<at::Tensor>& rope_cos = std::nullopt,
-                       const std::optional<at::Tensor>& rope_sin = std::nullopt, int64_t rope_style = 0);
+// How rotary tables pair channels (dsr_kernels/rope.py's RopeStyle): (2i, 2i + 1) or (i, i + D / 2).
+enum class RopeStyle : int64_t { kNone = 0, kInterleaved = 1, kHalf = 2 };
 
-// Packed variable-length sequences (flash-attn's varlen layout): q [1, H, Tq, D], k [1, Hk,
-// Tk, D], v [1, Hk, Tk, Dv] (views of packed [T, H, D] tensors); sequence s owns query rows
-// cu_seqlens_q[s] .. [s + 1] and key rows cu_seqlens_k[s] .. [s + 1] (int32 / int64, S + 1
-// offsets from 0 to the total); causal: bottom-right aligned in each sequence. rk, rv
-// [H, R, D] shared by the sequences or [S, H, R, D] per sequence. Writes out [1, H, Tq, Dv],
-// lse [H, Tq] and, with return_stats, entropy, register_share [H, Tq] and key_mass
-// [S, H, R + max_s Nk_s] (zeros past each sequence's keys). Tasks are (sequence, head,
-// query block): no Python loop over sequences, and no work for padding.
-void attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                              const std::optional<at::Tensor>& sinks, int64_t num_prefix_tokens, double scale,
-                              bool causal, bool return_stats, const at::Tensor& out, const at::Tensor& lse,
-                              const at::Tensor& entropy, const at::Tensor& register_share, const at::Tensor& key_mass);
+// One attention call: the fields of dsr_kernels/attention_call.py's AttentionCall, in its
+// order (kAttentionArgsSchema below; a test compares the two).
+//
+// Batched: q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] with Hk dividing H (query
+// head h reads K/V head h / (H / Hk)) (float32, any strides with a contiguous last dim and
+// rows that do not overlap); rk [H, R, D] or [B, H, R, D], rv the same with Dv; sinks [H]
+// float32; key_mask [B, Nk] bool; attn_mask [B, H, Nq, Nk] (any strides, zero strides for
+// broadcast dims) bool or floating; rope_cos, rope_sin [N, D] float32 tables
+// (self-attention, Nq = Nk = N): q and the token keys are rotated as their rows are loaded
+// (never the registers), and the backward rotates dq and dk back.
+//
+// Packed sequences (cu_seqlens_q given; flash-attn's varlen layout): q [1, H, Tq, D], k [1,
+// Hk, Tk, D], v [1, Hk, Tk, Dv] (views of packed [T, H, D] tensors); sequence s owns query
+// rows cu_seqlens_q[s] .. [s + 1] and key rows cu_seqlens_k[s] .. [s + 1] (int32 / int64, S
+// + 1 offsets from 0 to the total); rk, rv [H, R, D] shared or [S, H, R, D] per sequence; no
+// masks or rope. Tasks are (sequence, head, query block): no loop over sequences, and no
+// work for padding. max_seqlen_* are not read (the offsets say it).
+struct AttentionArgs {
+  at::Tensor q, k, v;
+  std::optional<at::Tensor> rk, rv, sinks, key_mask, attn_mask, cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  std::optional<at::Tensor> rope_cos, rope_sin;
+  RopeStyle rope_style = RopeStyle::kNone;
+  Causal causal = Causal::kNone;
+  int64_t num_prefix_tokens = 0;
+  double scale = 1.0;
+  bool return_stats = false;
+};
 
-// Gradients of the varlen forward (as attention_bwd_cpu; shared registers and the sinks
-// are summed over the sequences in order).
-void attention_varlen_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                              const std::optional<at::Tensor>& rk, const std::optional<at::Tensor>& rv,
-                              const std::optional<at::Tensor>& sinks, const at::Tensor& out, const at::Tensor& lse,
-                              double scale, bool causal, const at::Tensor& dq, const at::Tensor& dk,
-                              const at::Tensor& dv, const std::optional<at::Tensor>& drk,
-                              const std::optional<at::Tensor>& drv, const std::optional<at::Tensor>& dsinks);
+// The op schema's argument list of AttentionArgs ("Tensor q, Tensor k, ..., bool return_stats").
+extern const char* const kAttentionArgsSchema;
+
+// What the forward writes: out [B, H, Nq, Dv] float32 (any strides with a contiguous last
+// dim; packed: [1, H, Tq, Dv]), lse [B, H, Nq] (packed: [H, Tq]) and, with return_stats,
+// entropy, register_share (lse's shape) and key_mass [B, H, R + Nk] (packed: [S, H, R +
+// max_s Nk_s], zeros past each sequence's keys).
+struct AttentionOutputs {
+  at::Tensor out, lse, entropy, register_share, key_mass;
+};
+
+// What the backward writes: dq, dk, dv (q's / k's / v's shapes, float32, any strides with a
+// contiguous last dim) and, when given, drk, drv (rk's shape; shared registers summed over
+// the batch or the sequences in order) and dsinks ([H]).
+struct AttentionGrads {
+  at::Tensor dq, dk, dv;
+  std::optional<at::Tensor> drk, drv, dsinks;
+};
+
+// The forward of the call, and its gradients from the forward's out and lse.
+void attention_fwd_cpu(const AttentionArgs& args, const AttentionOutputs& outputs);
+void attention_bwd_cpu(const AttentionArgs& args, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                       const AttentionGrads& grads);
 
 // The instruction set of the row operations: "avx512", "avx2" or "default".
 const char* attention_cpu_capability();
