@@ -1,10 +1,10 @@
 """pytest-benchmark over the sections of ``dsr-kernels bench``: the same cases, timing helper and rows.
 
-Each test runs one case of a section (one shape and mode, every provider's repeats
-interleaved by :func:`dsr_kernels.benchmark.common.time_interleaved`) once. pytest-benchmark's
-own statistics are then the wall time of the whole case; the per-provider medians, p20/p80,
-speed-ups and noise flags are the case's rows, in ``extra_info["rows"]`` of
-``--benchmark-json``, in the schema of ``results.json``.
+Each test runs one case of a section (one shape and mode, measured by
+:func:`dsr_kernels.benchmark.measure.measure`: every provider's repeats interleaved)
+once. pytest-benchmark's own statistics are then the wall time of the whole case; the
+per-provider medians, p20/p80, speed-ups and noise flags are the case's rows, in
+``extra_info["rows"]`` of ``--benchmark-json``, in the schema of ``results.json``.
 """
 
 from __future__ import annotations

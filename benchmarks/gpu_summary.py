@@ -8,6 +8,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from dsr_kernels.benchmark import report
+
 
 def _line(r: dict, peak: float | None, bw: float | None) -> str:
     where = (
@@ -23,13 +25,11 @@ def _line(r: dict, peak: float | None, bw: float | None) -> str:
         text += f" {r['tflops']:7.1f} TFLOP/s" + (f" ({r['tflops'] / peak:.1%} of matmul)" if peak else "")
     if r.get("gb_per_s") is not None:
         text += f" {r['gb_per_s']:7.0f} GB/s" + (f" ({r['gb_per_s'] / 1e3 / bw:.1%} of copy)" if bw else "")
-    if r.get("speedup") is not None:
-        sp = r["speedup"]
-        text += f"  {sp:.2f}x faster than" if sp >= 1 else f"  {1 / sp:.2f}x slower than"
-        text += f" {r['baseline']}" + (" (within noise)" if r["speedup_within_noise"] else "")
+    if r.get("speedup") is not None:  # a direction only where the rows are not noisy (report.py)
+        text += f"  {report.faster_sentence(r['provider'], r, r['baseline'])}"
     for key in ("register_overhead", "latency_overhead"):
         if r.get(f"{key}_pct") is not None:
-            text += f"  {key.split('_')[0]} overhead {r[f'{key}_pct']:+.1f}%"
+            text += f"  {key.split('_')[0]} overhead {report.overhead_clause(r, key)}"
     if r.get("flop_overhead_pct"):
         text += f" (FLOPs +{r['flop_overhead_pct']:.1f}%)"
     if r.get("noisy"):

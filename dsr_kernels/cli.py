@@ -1,4 +1,4 @@
-"""``dsr-kernels``: the command line.
+"""dsr-kernels: the command line.
 
 dsr-kernels bench                     # every section on this device: what registers cost here
 dsr-kernels bench --quick             # the same in at most 90 s on a 2-core CPU
@@ -12,11 +12,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
 
 SECTION_ALIASES = {"kernels": ("attention", "norm_modulate"), "all": None}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is printed
+    (listing the bench's sections imports them all: seconds)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 class UsageError(Exception):
@@ -79,7 +91,7 @@ def _bench_config(args: argparse.Namespace):
                 raise UsageError(f"provider {p!r} does not run on {device.type}; valid here: {', '.join(sorted(here))}")
     shapes = _split(args.shapes)
     if shapes is not None:
-        names = [n for s in chosen for n in s.shape_names()]
+        names = list(dict.fromkeys(n for s in chosen for n in s.shape_names()))  # sections share some names
         for n in shapes:
             if n not in names:
                 raise UsageError(
@@ -106,11 +118,7 @@ def _bench_config(args: argparse.Namespace):
                 raise UsageError(f"unknown mode {m!r} for sections {', '.join(selected)}; valid: {', '.join(valid)}")
 
     out = Path(args.out)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {args.out}: {existing} is not a writable folder")
+    _check_out(out, args.out)
 
     if registers is not None and not any(s.uses_registers() for s in chosen):
         users = [n for n, s in known.items() if s.uses_registers()]
@@ -142,6 +150,54 @@ def _bench_config(args: argparse.Namespace):
     return cfg, selected, out, previous
 
 
+def _check_out(out: Path, given: str) -> None:
+    """--out must be a folder this process can create and write a file in: tried here, before
+    anything is measured, and undone (the run makes it again)."""
+    existing, missing = out, []
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {given}: {existing} is not a writable folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:  # /proc, a read-only mount, a full disk: os.access cannot tell
+        raise UsageError(f"--out {given}: {existing} is not a writable folder ({exc.strerror or exc})") from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def _sections_help() -> str:
+    """Each section of the bench: what it measures, its providers, modes and shape names."""
+    from dsr_kernels.benchmark.run import sections
+
+    def wrap(label: str, names) -> list[str]:
+        return textwrap.wrap(
+            f"{label}: {', '.join(names)}",
+            96,
+            initial_indent="    ",
+            subsequent_indent="      ",
+            break_on_hyphens=False,  # shape names have hyphens
+            break_long_words=False,
+        )
+
+    lines = ["sections (--section; kernels: attention,norm_modulate; all: every section, the default):"]
+    for name, section in sections().items():
+        lines.append(f"  {name}: {section.title}")
+        if section.all_providers():
+            lines += wrap("providers", section.all_providers())
+        if section.mode_names:
+            lines += wrap("modes", section.mode_names)
+        lines += wrap("shapes" if name != "selfcheck" else "ops (as --shapes)", section.shape_names())
+    return "\n".join(lines)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from dsr_kernels.benchmark.run import run
 
@@ -161,17 +217,17 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dsr-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="dsr-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser(
         "bench",
         help="what registers cost here, and whether the fused path is worth it",
-        description="Runs the self-check, attention, norm_modulate, models and encoder sections "
-        "(at most 3 minutes on a 2-core CPU; --quick 90 s) and writes <out>/<date>-<time>-<device>/ "
-        "with results.json, results.csv and PNG plots.",
+        description="Runs the sections listed below (by default all: at most 3 minutes on a 2-core CPU;\n"
+        "--quick 90 s) and writes <out>/<date>-<time>-<device>/ with results.json, results.csv and\n"
+        "PNG plots.",
+        epilog=_sections_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument(
         "--section",
@@ -191,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     preset = b.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="fewer shapes and repeats (at most 90 s on a 2-core CPU)")
     preset.add_argument("--full", action="store_true", help="every shape, register count and mode")
-    b.add_argument("--shapes", default=None, help="comma-separated shape or model names of the selected sections")
+    b.add_argument(
+        "--shapes", default=None, help="comma-separated shape or model names of the selected sections (listed below)"
+    )
     b.add_argument("--providers", default=None, help="comma-separated providers (default: all available here)")
     b.add_argument("--registers", default=None, help="comma-separated register counts R >= 0 (attention, models)")
     b.add_argument(
         "--modes",
         default=None,
-        help="comma-separated from fwd, bwd, full (attention, norm_modulate), fwd, train (models)",
+        help="comma-separated modes of the selected sections (listed below)",
     )
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     b.add_argument(

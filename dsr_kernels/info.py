@@ -90,7 +90,8 @@ def _extension_lines() -> list[InfoLine]:
     return [InfoLine("extension", f"built ({C.__file__})"), InfoLine("extension CUDA kernels", cuda)]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -110,7 +111,7 @@ def _cpu_lines() -> list[InfoLine]:
     else:
         isa = "none (the extension is not built)"
     lines = [
-        InfoLine("cpu", f"{_cpu_model()} ({usable} usable of {os.cpu_count()} logical CPUs)"),
+        InfoLine("cpu", f"{cpu_model()} ({usable} usable of {os.cpu_count()} logical CPUs)"),
         InfoLine("cpu kernels isa", isa),
     ]
     get_capability = getattr(torch.backends.cpu, "get_cpu_capability", None)

@@ -25,7 +25,6 @@ tensor memory, and on the CPU the process's resident peak with what the call add
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,38 +32,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsr_kernels.benchmark import plots
-from dsr_kernels.benchmark.common import (
-    overhead_fields,
-    peak_memory_mb,
-    peak_rss_mb,
-    speedup_fields,
-    time_interleaved,
-    timing_fields,
-)
+from dsr_kernels.benchmark import plots, report
+from dsr_kernels.benchmark.measure import measure
 from dsr_kernels.benchmark.section import (
+    KERNEL_MODES,
     REGISTERS,
     BenchConfig,
     Case,
     Section,
     Table,
     compute_seconds,
-    error_row,
     estimate_s,
-    faster_sentence,
-    ms_cell,
-    noise_cell,
-    num,
-    overhead_cell,
-    overhead_sentence,
-    probe,
-    speedup_cell,
-    where,
 )
 from dsr_kernels.ops.attention import attention
 
 BASELINE = "torch_sdpa_cat"
-MODES = ("fwd", "bwd", "full")
+MODES = KERNEL_MODES
+MS_KEYS = ("median_ms", "p20_ms", "p80_ms")
 
 
 @dataclass(frozen=True)
@@ -250,22 +234,14 @@ _PRESETS = {
 class AttentionSection(Section):
     """Register overhead across R, fused vs torch.cat + SDPA vs eager statistics, fwd and fwd+bwd."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            name="attention",
-            title="attention with R registers",
-            baseline=BASELINE,
-            mode_names=MODES,
-        )
-
     def providers(self, device: torch.device) -> list[str]:
         return available_providers(device)
 
     def all_providers(self) -> list[str]:
-        return available_providers(torch.device("cuda")) + ["flash_attn_cat"]
+        return list(dict.fromkeys(available_providers(torch.device("cuda")) + ["flash_attn_cat"]))
 
-    def shape_names(self) -> list[str]:
-        return list(SHAPE_NAMES)
+    def shapes(self, device: torch.device) -> list[AttentionShape]:
+        return all_shapes(device)
 
     def uses_registers(self) -> bool:
         return True
@@ -314,37 +290,32 @@ class AttentionSection(Section):
         return cases
 
     def tables(self, rows: list[dict], env: dict) -> list[Table]:
+        """One table per mode."""
         tables = []
         for mode in MODES:
-            sel = [r for r in rows if r.get("mode") == mode]
-            if not sel:
-                continue
-            display = [
-                {
-                    "shape": r["shape"],
-                    "R": str(r.get("R", "")),
-                    "provider": r["provider"],
-                    "ms [p20, p80]": ms_cell(r),
-                    f"x faster than {BASELINE}": speedup_cell(r),
-                    "latency vs R=0": overhead_cell(r, "register_overhead"),
-                    "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("flop_overhead_pct") else "",
-                    "TFLOP/s": num(r.get("tflops")),
-                    "peak MiB": num(r.get("peak_mem_mb")),
-                    "peak RSS MiB (+call)": rss_cell(r),
-                    "note": noise_cell(r),
-                }
-                for r in sel
-            ]
-            dims = "; ".join(f"{k} = {v}" for k, v in dict.fromkeys((r["shape"], r.get("dims")) for r in sel))
-            tables.append(
-                Table(
-                    f"attention, {mode} ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against "
-                    f"{BASELINE} at the same R (>1: faster); latency overhead against the same provider at R=0",
-                    list(display[0]),
-                    display,
-                )
-            )
+            tables += super().tables([r for r in rows if r.get("mode") == mode], env)
         return tables
+
+    def cells(self, r: dict) -> dict[str, str]:
+        return {
+            "shape": r["shape"],
+            "R": str(r.get("R", "")),
+            "provider": r["provider"],
+            "ms [p20, p80]": report.ms_cell(r),
+            f"x faster than {BASELINE}": report.speedup_cell(r),
+            "latency vs R=0": report.overhead_cell(r, "register_overhead"),
+            "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("flop_overhead_pct") else "",
+            "TFLOP/s": report.num(r.get("tflops")),
+            "peak MiB": report.num(r.get("peak_mem_mb")),
+            "peak RSS MiB (+call)": report.rss_cell(r),
+        }
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
+        dims = "; ".join(f"{k} = {v}" for k, v in dict.fromkeys((r["shape"], r.get("dims")) for r in rows))
+        return (
+            f"attention, {rows[0]['mode']} ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against "
+            f"{BASELINE} at the same R (>1: faster); latency overhead against the same provider at R=0"
+        )
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         lines = []
@@ -356,11 +327,11 @@ class AttentionSection(Section):
             head = f"attention {shape} {mode}"
             if dsr and dsr.get("register_overhead_pct") is not None and R:
                 lines.append(
-                    f"{head}: {R} registers add {dsr['flop_overhead_pct']:.1f}% FLOPs and "
-                    f"{overhead_sentence(dsr, 'register_overhead')} to dsr on {where(env)}."
+                    f"{head}: {R} registers add {dsr['flop_overhead_pct']:.1f}% FLOPs; the latency they add to dsr "
+                    f"on {report.where(env)}: {report.overhead_clause(dsr, 'register_overhead')}."
                 )
             if dsr and dsr.get("speedup") is not None:
-                lines.append(f"{head}, R={R}: {faster_sentence('dsr', dsr, BASELINE)}.")
+                lines.append(f"{head}, R={R}: {report.faster_sentence('dsr', dsr, BASELINE)}.")
             stats, eager = by.get((shape, mode, "dsr_stats", R)), by.get((shape, mode, "eager_stats", R))
             if stats and dsr and stats.get("peak_rss_mb") and dsr.get("peak_rss_mb"):
                 lines.append(
@@ -370,13 +341,11 @@ class AttentionSection(Section):
                     f"{stats['peak_rss_mb'] / dsr['peak_rss_mb']:.3f}x)."
                 )
             if stats and stats.get("vs_eager_stats_speedup") is not None:
-                paired = {k.replace("vs_eager_stats_", ""): v for k, v in stats.items() if k.startswith("vs_eager_")}
                 mem = ""
                 if eager and stats.get("peak_mem_mb") and eager.get("peak_mem_mb"):
                     mem = f", with {eager['peak_mem_mb'] / stats['peak_mem_mb']:.1f}x less peak memory"
-                lines.append(
-                    f"{head}, R={R}: with statistics, {faster_sentence('dsr_stats', paired, 'eager_stats')}{mem}."
-                )
+                sentence = report.faster_sentence("dsr_stats", stats, "eager_stats", "vs_eager_stats_speedup")
+                lines.append(f"{head}, R={R}: with statistics, {sentence}{mem}.")
         return lines
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
@@ -391,18 +360,12 @@ class AttentionSection(Section):
             panels = []
             for shape, mode in sweeps[:2]:
                 sel = [r for r in ok if (r["shape"], r["mode"]) == (shape, mode)]
-                providers = list(dict.fromkeys(r["provider"] for r in sel))
                 lat, ovh = {}, {}
-                for p in providers:
+                for p in dict.fromkeys(r["provider"] for r in sel):
                     pr = sorted((r for r in sel if r["provider"] == p), key=lambda r: r["R"])
-                    xs = [r["R"] for r in pr]
-                    lat[p] = (xs, [r["median_ms"] for r in pr], [r["p20_ms"] for r in pr], [r["p80_ms"] for r in pr])
-                    if pr and pr[0]["R"] == 0:  # overhead against R = 0: zero there by definition
-                        ovh[p] = tuple(
-                            [0.0 if r["R"] == 0 else r.get(f"register_overhead{q}_pct") for r in pr]
-                            for q in ("", "_p20", "_p80")
-                        )
-                        ovh[p] = (xs, *ovh[p])
+                    lat[p] = tuple([r[k] for r in pr] for k in ("R", *MS_KEYS))
+                    if (line := plots.sweep(pr, "register_overhead")) is not None:
+                        ovh[p] = line
                 ref = sorted(sel, key=lambda r: r["R"])
                 panels.append(
                     {"title": f"{shape} {mode}: latency", "xlabel": "registers R", "ylabel": "ms", "series": lat}
@@ -416,86 +379,47 @@ class AttentionSection(Section):
                         "reference": ("FLOPs", [r["R"] for r in ref], [r["flop_overhead_pct"] for r in ref]),
                     }
                 )
-            out.append(
-                plots.lines(
-                    folder / "attention-registers.png",
-                    panels,
-                    suptitle=plots.title("attention", "latency and overhead vs registers", env),
-                )
-            )
-        by_n = {}
-        for r in ok:
-            if r["mode"] == "fwd" and r["R"] == 36 and r["shape"] in ("dsr-dit-xl", "n1024", "n4096"):
-                by_n.setdefault(r["provider"], []).append(r)
-        if by_n and len({r["N"] for rs in by_n.values() for r in rs}) > 1:
-            series = {}
-            for p, rs in by_n.items():
-                rs = sorted(rs, key=lambda r: r["N"])
-                series[p] = (
-                    [r["N"] for r in rs],
-                    [r["median_ms"] / r["B"] for r in rs],
-                    [r["p20_ms"] / r["B"] for r in rs],
-                    [r["p80_ms"] / r["B"] for r in rs],
-                )
+            suptitle = plots.title("attention", "latency and overhead vs registers", env)
+            out.append(plots.lines(folder / "attention-registers.png", panels, suptitle=suptitle))
+        per_n = [
+            r for r in ok if r["mode"] == "fwd" and r["R"] == 36 and r["shape"] in ("dsr-dit-xl", "n1024", "n4096")
+        ]
+        if len({r["N"] for r in per_n}) > 1:
+            series = {}  # one line per provider and head dim: only points of the same D are joined
+            for p, D in dict.fromkeys((r["provider"], r["D"]) for r in per_n):
+                rs = sorted((r for r in per_n if (r["provider"], r["D"]) == (p, D)), key=lambda r: r["N"])
+                series[f"{p}, D {D}"] = ([r["N"] for r in rs], *([r[k] / r["B"] for r in rs] for k in MS_KEYS))
             panel = {
-                "title": "fwd, R=36, per sample",
+                "title": "fwd, R=36, per sample; one line per head dim D",
                 "xlabel": "tokens N",
                 "ylabel": "ms per sample",
                 "series": series,
                 "logx": True,
                 "logy": True,
             }
+            suptitle = plots.title("attention", "latency vs sequence length", env)
+            out.append(plots.lines(folder / "attention-seqlen.png", [panel], suptitle=suptitle))
+        compared = [r for r in ok if r["R"] in (0, 36) and r["provider"] != BASELINE]
+        if compared:
             out.append(
-                plots.lines(
-                    folder / "attention-seqlen.png",
-                    [panel],
-                    suptitle=plots.title("attention", "latency vs sequence length", env),
-                )
-            )
-        groups = list(dict.fromkeys(f"{r['shape']} {r['mode']} R={r['R']}" for r in ok if r["R"] in (0, 36)))
-        if groups:
-            series = {}
-            for p in dict.fromkeys(r["provider"] for r in ok if r["provider"] != BASELINE):
-                vals = []
-                for g in groups:
-                    r = next(
-                        (r for r in ok if f"{r['shape']} {r['mode']} R={r['R']}" == g and r["provider"] == p), None
-                    )
-                    vals.append(
-                        (r["speedup"], r["speedup_p20"], r["speedup_p80"])
-                        if r and r.get("speedup")
-                        else (None, None, None)
-                    )
-                series[p] = vals
-            out.append(
-                plots.bars(
+                plots.row_bars(
                     folder / "attention-speedup.png",
-                    groups,
-                    series,
+                    compared,
+                    group=lambda r: f"{r['shape']} {r['mode']} R={r['R']}",
                     ylabel=f"x faster than {BASELINE}",
-                    reference=1.0,
                     suptitle=plots.title("attention", f"fused vs baselines (>1: faster than {BASELINE})", env),
                 )
             )
         return out
 
 
-def rss_cell(row: dict) -> str:
-    """'388 (+13.2)': the process's resident peak and what the call added, in MiB."""
-    if row.get("peak_rss_mb") is None:
-        return ""
-    return f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_call_mb']:.1f})"
-
-
 def _measure(shape: AttentionShape, mode: str, registers, providers, cfg: BenchConfig) -> list[dict]:
     """Every provider at every R on one shape and mode, interleaved."""
-    device, dtype = cfg.device, cfg.dtype
-    fns, base_rows = {}, {}
+    rows, inputs = {}, {}
     for R in registers:
-        inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd", R=R)
+        inputs[R] = make_inputs(shape, cfg.device, cfg.dtype, requires_grad=mode != "fwd", R=R)
         for p in providers:
-            key = (p, R)
-            base_rows[key] = {
+            rows[(p, R)] = {
                 "section": "attention",
                 "shape": shape.name,
                 "dims": shape.describe(),
@@ -504,48 +428,31 @@ def _measure(shape: AttentionShape, mode: str, registers, providers, cfg: BenchC
                 "N": shape.N,
                 "D": shape.D,
                 "R": R,
-                "dtype": str(dtype).replace("torch.", ""),
+                "dtype": str(cfg.dtype).replace("torch.", ""),
                 "provider": p,
                 "mode": mode,
                 "flop_overhead_pct": 100.0 * R / shape.N,
             }
-            try:
-                fns[key] = mode_fn(p, mode, inputs)
-            except Exception as exc:
-                base_rows[key] = error_row("attention", exc, **base_rows[key])
-    ok, failed = probe({k: f for k, f in fns.items()}, device)
-    for key, exc in failed.items():
-        base_rows[key] = error_row("attention", exc, **base_rows[key])
-    timing = time_interleaved(ok, device, budget_s=cfg.budget_s, rng=random.Random(hash((shape.name, mode)) & 0xFFFF))
-    mem_R = 36 if 36 in registers else max(registers)
-    rows = []
-    for key, row in base_rows.items():
+
+    def ratios(key) -> dict:
         p, R = key
-        if key in timing.times:
-            row.update(timing_fields(timing, key))
-            row["tflops"] = shape.flops(mode, R) / (row["median_ms"] * 1e-3) / 1e12
-            if (BASELINE, R) in timing.times and p != BASELINE:
-                row.update(speedup_fields(timing.times[key], timing.times[(BASELINE, R)], BASELINE))
-            elif p == BASELINE:
-                row["baseline"] = BASELINE
-            if R and (p, 0) in timing.times:
-                row.update(overhead_fields(timing.times[key], timing.times[(p, 0)], "register_overhead"))
-            if p == "dsr_stats" and ("eager_stats", R) in timing.times:  # statistics both ways, paired
-                paired = speedup_fields(timing.times[key], timing.times[("eager_stats", R)], "eager_stats")
-                row.update({f"vs_eager_stats_{k}": v for k, v in paired.items() if k != "baseline"})
-            if cfg.memory and R == mem_R:
-                try:
-                    row["peak_mem_mb"] = peak_memory_mb(ok[key], device)
-                except Exception as exc:  # the profiler itself failing is reported, not fatal
-                    row["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                rss = peak_rss_mb(ok[key]) if device.type == "cpu" else None
-                if rss is not None:
-                    row["peak_rss_mb"], row["peak_rss_call_mb"] = rss
-        rows.append(row)
-    del fns, ok
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+        out = {"register_overhead": (key, (p, 0))} if R else {}
+        if p == "dsr_stats":  # statistics both ways, paired
+            out["vs_eager_stats_speedup"] = (key, ("eager_stats", R))
+        return out
+
+    mem_R = 36 if 36 in registers else max(registers)
+    return measure(
+        rows,
+        lambda key: mode_fn(key[0], mode, inputs[key[1]]),
+        cfg,
+        baseline=lambda key: (BASELINE, key[1]),
+        ratios=ratios,
+        fields=lambda key, row, times: {"tflops": shape.flops(mode, key[1]) / (row["median_ms"] * 1e-3) / 1e12},
+        memory=lambda key: key[1] == mem_R,
+        rss=True,
+        seed=hash((shape.name, mode)) & 0xFFFF,
+    )
 
 
-SECTION = AttentionSection()
+SECTION = AttentionSection(name="attention", title="attention with R registers", baseline=BASELINE, mode_names=MODES)

@@ -10,6 +10,8 @@ never settled. Peak memory is measured in a separate call:
 ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water mark of the
 allocations PyTorch's profiler records (tensor memory, as on the GPU), and the process's
 resident high-water mark (:func:`peak_rss_mb`: every allocation, the kernels' own too).
+While it runs, the timing reports where it stands (warm-up, rounds done, seconds left) to
+whoever listens (:func:`progress_to`: the runner's progress bar).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dsr_kernels.info import cpu_model
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,6 +106,34 @@ class _CacheFlush:
             self.buffer.zero_()
 
 
+@dataclass(frozen=True)
+class CaseProgress:
+    """Where a measurement stands inside one case: what it is doing ("round 3 of at least 5")
+    and, once it can tell, about how many seconds of it are left."""
+
+    text: str
+    left_s: float | None = None
+
+
+_listeners: list[Callable[[CaseProgress], None]] = []
+
+
+@contextlib.contextmanager
+def progress_to(listener: Callable[[CaseProgress], None]) -> Iterator[None]:
+    """Sends the progress of every measurement made inside the block to ``listener``
+    (the runner's progress bar), so that a long case shows that it moves."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def report_progress(text: str, left_s: float | None = None) -> None:
+    for listener in list(_listeners):
+        listener(CaseProgress(text, left_s))
+
+
 @dataclass
 class Timing:
     """What :func:`time_interleaved` measured: per-call milliseconds of each provider, in the
@@ -143,6 +175,8 @@ def time_interleaved(
     """
     rng = rng or random.Random(0)
     entries = {name: f if isinstance(f, tuple) else (contextlib.nullcontext, f) for name, f in fns.items()}
+    if not entries:  # every provider failed its first call: nothing to time
+        return Timing({}, {}, {}, None, 0.0)
     flush = _CacheFlush(device)
     load = CpuLoad()
     began = time.perf_counter()
@@ -154,11 +188,12 @@ def time_interleaved(
 
     warm: dict[str, int] = {}
     stable: dict[str, bool] = {}
-    for name, (setup, fn) in entries.items():
+    for i, (name, (setup, fn)) in enumerate(entries.items()):
         with setup():
             last, calls, ok, spent = None, 0, False, 0.0
             # at most max_warmup calls, and no more than the rounds' budget once 3 calls are done
             while calls < max_warmup and (calls < 3 or spent < max(budget_s, 1e-3) * 1e3):
+                report_progress(f"warm-up {i + 1} of {len(entries)}, call {calls + 1}")
                 t = once(fn)
                 calls, spent = calls + 1, spent + t
                 if last is not None and abs(t - last) <= tolerance * min(t, last):
@@ -177,7 +212,19 @@ def time_interleaved(
             with setup():
                 times[name].append(once(fn))
         rounds += 1
+        report_progress(
+            f"round {rounds} of at least {min_reps}", _rounds_left_s(rounds, start, budget_s, min_reps, max_reps)
+        )
     return Timing(times, warm, stable, load.stop(), time.perf_counter() - began)
+
+
+def _rounds_left_s(rounds: int, start: float, budget_s: float, min_reps: int, max_reps: int) -> float:
+    """Seconds the rounds loop of :func:`time_interleaved` has left: it stops once it has done
+    ``min_reps`` rounds and spent ``budget_s``, or after ``max_reps`` rounds."""
+    spent = time.perf_counter() - start
+    per_round = spent / rounds
+    left = max((min_reps - rounds) * per_round, budget_s - spent, 0.0)
+    return min(left, (max_reps - rounds) * per_round)
 
 
 NOISY_SPREAD_PCT = 10.0  # a row whose p20-p80 spread exceeds this share of its median is noisy
@@ -204,17 +251,24 @@ def timing_fields(timing: Timing, name: str) -> dict[str, object]:
     return row
 
 
-def speedup_fields(times: Sequence[float], baseline_times: Sequence[float], baseline: str) -> dict[str, object]:
+def speedup_fields(
+    times: Sequence[float], baseline_times: Sequence[float], baseline: str, prefix: str = "speedup"
+) -> dict[str, object]:
     """ "x faster than <baseline>" (>1: faster) as the median of the per-round ratios
-    baseline / time, with their p20 and p80, and whether 1 lies inside that spread."""
+    baseline / time, with their p20 and p80, and whether 1 lies inside that spread: fields
+    ``<prefix>``, ``<prefix>_p20``, ``<prefix>_p80``, ``<prefix>_within_noise`` (and
+    ``baseline`` for the row's main comparison, prefix ``speedup``)."""
     r = ratio_summary(baseline_times, times)
-    return {
-        "baseline": baseline,
-        "speedup": r["median"],
-        "speedup_p20": r["p20"],
-        "speedup_p80": r["p80"],
-        "speedup_within_noise": r["p20"] <= 1.0 <= r["p80"],
-    }
+    fields: dict[str, object] = {"baseline": baseline} if prefix == "speedup" else {}
+    fields.update(
+        {
+            prefix: r["median"],
+            f"{prefix}_p20": r["p20"],
+            f"{prefix}_p80": r["p80"],
+            f"{prefix}_within_noise": r["p20"] <= 1.0 <= r["p80"],
+        }
+    )
+    return fields
 
 
 def overhead_fields(times: Sequence[float], reference_times: Sequence[float], prefix: str) -> dict[str, object]:
@@ -227,6 +281,22 @@ def overhead_fields(times: Sequence[float], reference_times: Sequence[float], pr
         f"{prefix}_p80_pct": 100.0 * (r["p80"] - 1),
         f"{prefix}_within_noise": r["p20"] <= 1.0 <= r["p80"],
     }
+
+
+def ratio_fields(times: Sequence[float], against: Sequence[float], prefix: str, against_name: str) -> dict[str, object]:
+    """A ratio paired by round: speed-up fields when ``prefix`` ends in "speedup", overhead ones otherwise."""
+    if prefix.endswith("speedup"):
+        return speedup_fields(times, against, against_name, prefix)
+    return overhead_fields(times, against, prefix)
+
+
+def ratio_of(row: dict, prefix: str) -> tuple[float | None, float | None, float | None]:
+    """(median, p20, p80) of a ratio a row carries: a speed-up (x) or an overhead (%)."""
+    if prefix.endswith("speedup"):
+        keys = (prefix, f"{prefix}_p20", f"{prefix}_p80")
+    else:
+        keys = (f"{prefix}_pct", f"{prefix}_p20_pct", f"{prefix}_p80_pct")
+    return tuple(row.get(k) for k in keys)  # type: ignore[return-value]
 
 
 def ratio_summary(times: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
@@ -349,16 +419,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _command() -> str:
     """How this process was started, as the user typed it ('dsr-kernels bench --quick')."""
     prog = Path(sys.argv[0]).name
@@ -381,8 +441,8 @@ def environment(device: torch.device) -> dict[str, object]:
     env: dict[str, object] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "processor": _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_kernels_isa": _C.cpu_capability() if _C is not None else None,

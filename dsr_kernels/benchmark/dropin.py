@@ -17,30 +17,16 @@ Shapes:
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsr_kernels.benchmark import plots
-from dsr_kernels.benchmark.common import peak_memory_mb, speedup_fields, time_interleaved, timing_fields
-from dsr_kernels.benchmark.section import (
-    BenchConfig,
-    Case,
-    Section,
-    Table,
-    compute_seconds,
-    error_row,
-    estimate_s,
-    faster_sentence,
-    ms_cell,
-    noise_cell,
-    probe,
-    speedup_cell,
-    where,
-)
+from dsr_kernels.benchmark import plots, report
+from dsr_kernels.benchmark.measure import measure
+from dsr_kernels.benchmark.section import BenchConfig, Case, Section, compute_seconds, estimate_s
 
 OP_BASELINE = "attention"
 MODEL_BASELINE = "diffusers_native"
@@ -135,44 +121,23 @@ def _model_fns(shape: DropinShape, mode: str, device: torch.device, dtype: torch
 
 
 def _measure(shape: DropinShape, mode: str, providers: list[str], cfg: BenchConfig) -> list[dict]:
-    device, dtype = cfg.device, cfg.dtype
     baseline = MODEL_BASELINE if shape.is_model else OP_BASELINE
     base = dict(section="dropin", shape=shape.name, B=shape.B, H=shape.H, N=shape.N, D=shape.D, mode=mode,
-                layers=shape.layers, dtype=str(dtype).replace("torch.", ""))  # fmt: skip
+                layers=shape.layers, dtype=str(cfg.dtype).replace("torch.", ""))  # fmt: skip
+    # every provider's callable is built at once (one model, patched and not); a failure is each row's error
+    build_all = functools.cache(lambda: (_model_fns if shape.is_model else _op_fns)(shape, mode, cfg.device, cfg.dtype))
     rows = {p: dict(base, provider=p) for p in providers}
-    try:
-        fns = (_model_fns if shape.is_model else _op_fns)(shape, mode, device, dtype)
-        fns = {p: fns[p] for p in providers}
-    except Exception as exc:
-        return [error_row("dropin", exc, **row) for row in rows.values()]
-    ok, failed = probe(fns, device)
-    for p, exc in failed.items():
-        rows[p] = error_row("dropin", exc, **rows[p])
-    timing = time_interleaved(ok, device, budget_s=cfg.budget_s, rng=random.Random(0))
-    for p, row in rows.items():
-        if p not in timing.times:
-            continue
-        row.update(timing_fields(timing, p))
-        if p == baseline:
-            row["baseline"] = baseline
-        elif baseline in timing.times:
-            row.update(speedup_fields(timing.times[p], timing.times[baseline], baseline))
-        if cfg.memory:
-            row["peak_mem_mb"] = peak_memory_mb(ok[p], device)
-    return list(rows.values())
+    return measure(rows, lambda p: build_all()[p], cfg, baseline=lambda p: baseline, memory=lambda p: True)
 
 
 class DropinSection(Section):
     """The drop-ins' overhead over the op, and the fused attention in a diffusers DiT."""
 
-    def __init__(self) -> None:
-        super().__init__(name="dropin", title="drop-ins", baseline=OP_BASELINE, mode_names=MODES)
-
     def providers(self, device: torch.device) -> list[str]:
         return list(OP_PROVIDERS + MODEL_PROVIDERS)
 
-    def shape_names(self) -> list[str]:
-        return [s.name for s in all_shapes(torch.device("cpu"))]
+    def shapes(self, device: torch.device) -> list[DropinShape]:
+        return all_shapes(device)
 
     def my_providers(self, cfg: BenchConfig) -> list[str]:
         mine = self.providers(cfg.device)
@@ -214,28 +179,23 @@ class DropinSection(Section):
                 )  # fmt: skip
         return cases
 
-    def tables(self, rows: list[dict], env: dict) -> list[Table]:
-        if not rows:
-            return []
-        display = [
-            {
-                "shape": r["shape"],
-                "mode": r.get("mode", ""),
-                "provider": r["provider"],
-                "ms [p20, p80]": ms_cell(r),
-                "x faster than baseline": speedup_cell(r),
-                "baseline": r.get("baseline", ""),
-                "note": noise_cell(r),
-            }
-            for r in rows
-        ]
+    def cells(self, r: dict) -> dict[str, str]:
+        return {
+            "shape": r["shape"],
+            "mode": r.get("mode", ""),
+            "provider": r["provider"],
+            "ms [p20, p80]": report.ms_cell(r),
+            "x faster than baseline": report.speedup_cell(r),
+            "baseline": r.get("baseline", ""),
+        }
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
         shapes = all_shapes(torch.device(env.get("device", "cpu")))
         dims = "; ".join(f"{s.name} = {s.describe()}" for s in shapes if any(r["shape"] == s.name for r in rows))
-        title = (
+        return (
             f"drop-ins ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against {OP_BASELINE} "
             f"(the op) or {MODEL_BASELINE} (diffusers' own attention) (>1: faster; target >= 0.95x)"
         )
-        return [Table(title, list(display[0]), display)]
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         out = []
@@ -243,32 +203,23 @@ class DropinSection(Section):
             if r.get("speedup") is None:
                 continue
             baseline = MODEL_BASELINE if r["provider"] in MODEL_PROVIDERS else OP_BASELINE
-            sentence = faster_sentence(r["provider"], r, baseline)
-            out.append(f"dropin {r['shape']} {r['mode']}: {sentence} on {where(env)}.")
+            sentence = report.faster_sentence(r["provider"], r, baseline)
+            out.append(f"dropin {r['shape']} {r['mode']} on {report.where(env)}: {sentence}.")
         return out
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
         ok = [r for r in rows if r.get("speedup") is not None]
         if not ok:
             return []
-        groups = list(dict.fromkeys(f"{r['shape']} {r['mode']}" for r in ok))
-        series = {}
-        for p in dict.fromkeys(r["provider"] for r in ok):
-            vals = []
-            for g in groups:
-                r = next((r for r in ok if f"{r['shape']} {r['mode']}" == g and r["provider"] == p), None)
-                vals.append((r["speedup"], r["speedup_p20"], r["speedup_p80"]) if r else (None, None, None))
-            series[p] = vals
+        drawn = []  # the title says what the bars are: the diffusers rows need diffusers
+        if any(r["provider"] in OP_PROVIDERS for r in ok):
+            drawn.append("drop-ins vs the op")
+        if any(r["provider"] in MODEL_PROVIDERS for r in ok):
+            drawn.append("diffusers dsr vs native")
+        suptitle = plots.title("dropin", f"{'; '.join(drawn)} (>1: faster)", env)
         return [
-            plots.bars(
-                folder / "dropin-speedup.png",
-                groups,
-                series,
-                ylabel="x faster than the baseline",
-                reference=1.0,
-                suptitle=plots.title("dropin", "drop-ins vs the op; diffusers dsr vs native (>1: faster)", env),
-            )
+            plots.row_bars(folder / "dropin-speedup.png", ok, ylabel="x faster than the baseline", suptitle=suptitle)
         ]
 
 
-SECTION = DropinSection()
+SECTION = DropinSection(name="dropin", title="drop-ins", baseline=OP_BASELINE, mode_names=MODES)

@@ -41,30 +41,16 @@ contains 1 is "within noise".
 from __future__ import annotations
 
 import contextlib
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsr_kernels.benchmark import plots
-from dsr_kernels.benchmark.common import overhead_fields, time_interleaved, timing_fields
-from dsr_kernels.benchmark.section import (
-    BenchConfig,
-    Case,
-    Section,
-    Table,
-    compute_seconds,
-    error_row,
-    estimate_s,
-    ms_cell,
-    noise_cell,
-    overhead_cell,
-    overhead_sentence,
-    probe,
-    where,
-)
+from dsr_kernels.benchmark import plots, report
+from dsr_kernels.benchmark.common import ratio_of
+from dsr_kernels.benchmark.measure import measure
+from dsr_kernels.benchmark.section import BenchConfig, Case, Section, compute_seconds, estimate_s
 from dsr_kernels.models import create_model, flops
 from dsr_kernels.models.vit import TestTimeRegisterSettings
 from dsr_kernels.registers import (
@@ -139,14 +125,11 @@ def _count(neurons: dict[int, list[int]]) -> int:
 class EncoderSection(Section):
     """ViT encoders: no, trained, test-time and recursive test-time registers; the hook and masking baselines."""
 
-    def __init__(self) -> None:
-        super().__init__(name="encoder", title="ViT encoders with registers", baseline=BASELINE, mode_names=MODES)
-
     def providers(self, device: torch.device) -> list[str]:
         return list(PROVIDERS)
 
-    def shape_names(self) -> list[str]:
-        return [s.name for s in all_shapes(torch.device("cpu"))]
+    def shapes(self, device: torch.device) -> list[EncoderShape]:
+        return all_shapes(device)
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         shapes = all_shapes(cfg.device) if cfg.preset == "full" else default_shapes(cfg.device)
@@ -187,27 +170,24 @@ class EncoderSection(Section):
                 )
         return cases
 
-    def tables(self, rows: list[dict], env: dict) -> list[Table]:
-        display = [
-            {
-                "encoder": r["shape"],
-                "provider": r["provider"],
-                "tokens": str(r.get("tokens", "")),
-                "neurons": str(r.get("register_neurons", "")),
-                "ms [p20, p80]": ms_cell(r),
-                "tokens vs plain": f"+{r['token_overhead_pct']:.2f}%" if r.get("token_overhead_pct") else "",
-                "FLOPs vs plain": f"+{r['flop_overhead_pct']:.2f}%" if r.get("flop_overhead_pct") else "",
-                "latency vs plain": overhead_cell(r, "latency_overhead"),
-                "vs one extra token": overhead_cell(r, "vs_extra_token"),
-                "note": noise_cell(r),
-            }
-            for r in rows
-        ]
-        title = (
+    def cells(self, r: dict) -> dict[str, str]:
+        return {
+            "encoder": r["shape"],
+            "provider": r["provider"],
+            "tokens": str(r.get("tokens", "")),
+            "neurons": str(r.get("register_neurons", "")),
+            "ms [p20, p80]": report.ms_cell(r),
+            "tokens vs plain": f"+{r['token_overhead_pct']:.2f}%" if r.get("token_overhead_pct") else "",
+            "FLOPs vs plain": f"+{r['flop_overhead_pct']:.2f}%" if r.get("flop_overhead_pct") else "",
+            "latency vs plain": report.overhead_cell(r, "latency_overhead"),
+            "vs one extra token": report.overhead_cell(r, "vs_extra_token"),
+        }
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
+        return (
             f"encoder ({env.get('dtype')}, forward_features, inference mode): median ms [p20, p80]; overheads "
             f"against '{BASELINE}' (the act_* rows: against act_gelu) in the same run, p20-p80 of per-round ratios"
         )
-        return [Table(title, list(display[0]), display)] if display else []
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         names = {
@@ -224,49 +204,33 @@ class EncoderSection(Section):
             if r.get("latency_overhead_pct") is None or r["provider"] not in names:
                 continue
             lines.append(
-                f"{r['shape']}, {names[r['provider']]}: {r['token_overhead_pct']:.2f}% more tokens, "
-                f"{overhead_sentence(r, 'latency_overhead')} on {where(env)}."
+                f"{r['shape']}, {names[r['provider']]}: {r['token_overhead_pct']:.2f}% more tokens; the latency "
+                f"they add on {report.where(env)}: {report.overhead_clause(r, 'latency_overhead')}."
             )
         for r in rows:
             if r.get("hooks_vs_fused_pct") is not None:
-                pct = r["hooks_vs_fused_pct"]
-                verdict = (
-                    "within noise of"
-                    if r["hooks_vs_fused_within_noise"]
-                    else f"{abs(pct):.1f}% " + ("slower than" if pct > 0 else "faster than")
-                )
-                lines.append(f"{r['shape']}: the released hooks are {verdict} the fused {r['provider']}.")
+                clause = report.overhead_clause(r, "hooks_vs_fused")
+                lines.append(f"{r['shape']}: the released hooks' latency over the fused {r['provider']}: {clause}.")
         return lines
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
         ok = [r for r in rows if r.get("latency_overhead_pct") is not None and ":" not in r["shape"]]
         if not ok:
             return []
-        groups = list(dict.fromkeys(r["provider"] for r in ok))
-        series = {}
-        for shape in dict.fromkeys(r["shape"] for r in ok):
-            vals = []
-            for g in groups:
-                r = next((r for r in ok if r["shape"] == shape and r["provider"] == g), None)
-                vals.append(
-                    (r["latency_overhead_pct"], r["latency_overhead_p20_pct"], r["latency_overhead_p80_pct"])
-                    if r
-                    else (None, None, None)
-                )
-            series[f"{shape} latency"] = vals
-            series[f"{shape} tokens"] = [
-                (
-                    next((r["token_overhead_pct"] for r in ok if r["shape"] == shape and r["provider"] == g), None),
-                    None,
-                    None,
-                )
-                for g in groups
-            ]
+        # per encoder, a latency bar next to a tokens bar (no p20-p80: a count) for each provider
+        bars = [(r, kind) for shape in dict.fromkeys(r["shape"] for r in ok) for kind in ("latency", "tokens")
+                for r in ok if r["shape"] == shape]  # fmt: skip
         return [
-            plots.bars(
+            plots.row_bars(
                 folder / "encoder-overhead.png",
-                groups,
-                series,
+                bars,
+                group=lambda bar: bar[0]["provider"],
+                series=lambda bar: f"{bar[0]['shape']} {bar[1]}",
+                value=lambda bar: (
+                    ratio_of(bar[0], "latency_overhead")
+                    if bar[1] == "latency"
+                    else (bar[0]["token_overhead_pct"], None, None)
+                ),
                 ylabel=f"% over {BASELINE}",
                 reference=0.0,
                 suptitle=plots.title("encoder", "register overhead: latency vs tokens", env),
@@ -305,15 +269,11 @@ def _encoder_rows(shape: EncoderShape, providers, cfg: BenchConfig) -> list[dict
     extra_tokens = {"extra_token": 1, "trained_registers": 4}
     extra_tokens.update({name: 1 for name in ("ttr", "ttr_recursive", "ttr_hooks", "ttr_recursive_hooks")})
     neurons = {"ttr": round1, "ttr_hooks": round1, "ttr_recursive": merged, "ttr_recursive_hooks": merged}
-    fns = {name: (appliers[name][1], lambda m=appliers[name][0]: forward(m)) for name in providers}
-    ok, failed = probe(fns, device)
-    timing = time_interleaved(ok, device, budget_s=3 * cfg.budget_s, rng=random.Random(0))
-    times = timing.times
     base_flops = flops(model, batch_size=shape.B).flops
-    rows: list[dict] = []
+    rows = {}
     for name in providers:
         T = tokens + model.num_prefix_tokens + extra_tokens.get(name, 0)
-        row = {
+        rows[name] = {
             "section": "encoder",
             "shape": shape.name,
             "B": shape.B,
@@ -324,28 +284,34 @@ def _encoder_rows(shape: EncoderShape, providers, cfg: BenchConfig) -> list[dict
             "token_overhead_pct": 100.0 * (T / tokens - 1),
             "register_neurons": _count(neurons.get(name, {})),
         }
-        if name in failed:
-            rows.append(error_row("encoder", failed[name], **row))
-            continue
-        row.update(timing_fields(timing, name))
+
+    def ratios(name) -> dict:
+        out = {}
+        if name in neurons:  # what the redirection adds to the token itself
+            out["vs_extra_token"] = (name, "extra_token")
+        hooks = {"ttr": "ttr_hooks", "ttr_recursive": "ttr_recursive_hooks"}.get(name)
+        if hooks:  # the released way against the fused op, paired by round
+            out["hooks_vs_fused"] = (hooks, name)
+        return out
+
+    def fields(name, row, times) -> dict:
         if name in neurons or name == "extra_token":
             with appliers[name][1]():
-                row["flop_overhead_pct"] = 100.0 * (flops(model, batch_size=shape.B).flops / base_flops - 1)
-        elif name == "trained_registers":
-            row["flop_overhead_pct"] = 100.0 * (flops(with_regs, batch_size=shape.B).flops / base_flops - 1)
-        else:
-            row["flop_overhead_pct"] = 0.0
-        if name == BASELINE:
-            row["baseline"] = BASELINE
-        elif BASELINE in times:
-            row.update(overhead_fields(times[name], times[BASELINE], "latency_overhead"))
-        if name in neurons and "extra_token" in times:  # what the redirection adds to the token itself
-            row.update(overhead_fields(times[name], times["extra_token"], "vs_extra_token"))
-        hooks = {"ttr": "ttr_hooks", "ttr_recursive": "ttr_recursive_hooks"}.get(name)
-        if hooks in times:  # the released way against the fused op, paired by round
-            row.update(overhead_fields(times[hooks], times[name], "hooks_vs_fused"))
-        rows.append(row)
-    return rows
+                return {"flop_overhead_pct": 100.0 * (flops(model, batch_size=shape.B).flops / base_flops - 1)}
+        if name == "trained_registers":
+            return {"flop_overhead_pct": 100.0 * (flops(with_regs, batch_size=shape.B).flops / base_flops - 1)}
+        return {"flop_overhead_pct": 0.0}
+
+    return measure(
+        rows,
+        lambda name: (appliers[name][1], lambda m=appliers[name][0]: forward(m)),
+        cfg,
+        baseline=lambda name: BASELINE,
+        versus="latency_overhead",
+        ratios=ratios,
+        fields=fields,
+        budget_s=3 * cfg.budget_s,
+    )
 
 
 def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
@@ -380,12 +346,8 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
         "act_ttr_fused": lambda: _ttr_activation(h, idx_host, backend=backend, **kw),
         "act_ttr_hooks": lambda: hook(None, None, torch.nn.functional.gelu(h)),
     }
-    with torch.inference_mode():  # as the encoder runs it (no autograd dispatch in the way)
-        timing = time_interleaved(fns, device, budget_s=cfg.budget_s, min_reps=20, rng=random.Random(1))
-    times = timing.times
-    rows = []
-    for name in fns:
-        row = {
+    rows = {
+        name: {
             "section": "encoder",
             "shape": f"{shape.name}:mlp_act",
             "B": shape.B,
@@ -396,16 +358,21 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
             "token_overhead_pct": 100.0 * (1 / N if name != "act_gelu" else 0.0),
             "register_neurons": int(idx.numel()) if name.startswith("act_ttr") else 0,
             "backend": backend if name == "act_ttr_fused" else "aten",
-            **timing_fields(timing, name),
         }
-        if name == "act_gelu":
-            row["baseline"] = "act_gelu"
-        else:
-            row.update(overhead_fields(times[name], times["act_gelu"], "latency_overhead"))
-        if name in ("act_ttr_fused", "act_ttr_hooks"):
-            row.update(overhead_fields(times[name], times["act_gelu_extra_token"], "vs_extra_token"))
-        rows.append(row)
-    return rows
+        for name in fns
+    }
+    fused = ("act_ttr_fused", "act_ttr_hooks")
+    return measure(
+        rows,
+        fns.__getitem__,
+        cfg,
+        baseline=lambda name: "act_gelu",
+        versus="latency_overhead",
+        ratios=lambda name: {"vs_extra_token": (name, "act_gelu_extra_token")} if name in fused else {},
+        min_reps=20,
+        seed=1,
+        context=torch.inference_mode,  # as the encoder runs it (no autograd dispatch in the way)
+    )
 
 
 @contextlib.contextmanager
@@ -418,4 +385,4 @@ def _extra_token(model):
         model.set_test_time_registers(None)
 
 
-SECTION = EncoderSection()
+SECTION = EncoderSection(name="encoder", title="ViT encoders with registers", baseline=BASELINE, mode_names=MODES)

@@ -12,33 +12,15 @@ speed-up of fused over eager at the same R.
 
 from __future__ import annotations
 
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsr_kernels.benchmark import plots
-from dsr_kernels.benchmark.common import overhead_fields, speedup_fields, time_interleaved, timing_fields
-from dsr_kernels.benchmark.section import (
-    REGISTERS,
-    BenchConfig,
-    Case,
-    Section,
-    Table,
-    compute_seconds,
-    error_row,
-    estimate_s,
-    faster_sentence,
-    ms_cell,
-    noise_cell,
-    overhead_cell,
-    overhead_sentence,
-    probe,
-    speedup_cell,
-    where,
-)
+from dsr_kernels.benchmark import plots, report
+from dsr_kernels.benchmark.measure import measure
+from dsr_kernels.benchmark.section import REGISTERS, BenchConfig, Case, Section, compute_seconds, estimate_s
 from dsr_kernels.diffusion import FlowMatching, GaussianDiffusion
 from dsr_kernels.models import create_model, flops
 from dsr_kernels.models.dit import DiT, SiT
@@ -72,8 +54,6 @@ def all_shapes(device: torch.device) -> list[ModelShape]:
     ]
 
 
-SHAPE_NAMES = tuple(dict.fromkeys(s.name for d in ("cpu", "cuda") for s in all_shapes(torch.device(d))))
-
 # Per preset and device: {model: (register counts, modes)}.
 _PRESETS = {
     ("quick", "cpu"): {"LightningDiT-S/1": ((0, 36), ("fwd",))},
@@ -95,19 +75,18 @@ def _step(model, objective, x, y, train: bool):
 class ModelsSection(Section):
     """Whole denoisers with and without diffusion registers: measured latency overhead next to FLOPs."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            name="models", title="diffusion transformers with registers", baseline=BASELINE, mode_names=MODES
-        )
-
     def providers(self, device: torch.device) -> list[str]:
         return list(PROVIDERS)
+
+    def shapes(self, device: torch.device) -> list[ModelShape]:
+        return all_shapes(device)
 
     def shape_names(self) -> list[str]:
         """Any denoiser create_model knows (the defaults first)."""
         from dsr_kernels.models import list_models
 
-        return list(SHAPE_NAMES) + [m for m in list_models() if "/" in m and m not in SHAPE_NAMES]
+        defaults = super().shape_names()
+        return defaults + [m for m in list_models() if "/" in m and m not in defaults]
 
     def uses_registers(self) -> bool:
         return True
@@ -146,27 +125,24 @@ class ModelsSection(Section):
                 )
         return cases
 
-    def tables(self, rows: list[dict], env: dict) -> list[Table]:
-        display = [
-            {
-                "model": f"{r['shape']} (B {r.get('B')})",
-                "mode": r.get("mode", ""),
-                "R": str(r.get("R", "")),
-                "provider": r["provider"],
-                "ms [p20, p80]": ms_cell(r),
-                "GFLOPs": f"{r['gflops']:.1f}" if r.get("gflops") else "",
-                "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("R") and "flop_overhead_pct" in r else "",
-                "latency vs R=0": overhead_cell(r, "latency_overhead"),
-                f"x faster than {BASELINE}": speedup_cell(r),
-                "note": noise_cell(r),
-            }
-            for r in rows
-        ]
-        title = (
+    def cells(self, r: dict) -> dict[str, str]:
+        return {
+            "model": f"{r['shape']} (B {r.get('B')})",
+            "mode": r.get("mode", ""),
+            "R": str(r.get("R", "")),
+            "provider": r["provider"],
+            "ms [p20, p80]": report.ms_cell(r),
+            "GFLOPs": f"{r['gflops']:.1f}" if r.get("gflops") else "",
+            "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("R") and "flop_overhead_pct" in r else "",
+            "latency vs R=0": report.overhead_cell(r, "latency_overhead"),
+            f"x faster than {BASELINE}": report.speedup_cell(r),
+        }
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
+        return (
             f"models ({env.get('dtype')}): median ms [p20, p80]; overheads against the same provider at R=0, "
             f"speed-up against the {BASELINE} model at the same R (>1: faster)"
         )
-        return [Table(title, list(display[0]), display)] if display else []
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         lines = []
@@ -180,11 +156,12 @@ class ModelsSection(Section):
             fused = next((r for r in sel if r["provider"] == "fused" and r["R"] == R), None)
             if fused and fused.get("latency_overhead_pct") is not None:
                 lines.append(
-                    f"{R} registers add {fused['flop_overhead_pct']:.1f}% FLOPs and "
-                    f"{overhead_sentence(fused, 'latency_overhead')} to {name} ({mode}, fused) on {where(env)}."
+                    f"{name} {mode}, fused: {R} registers add {fused['flop_overhead_pct']:.1f}% FLOPs; the latency "
+                    f"they add on {report.where(env)}: {report.overhead_clause(fused, 'latency_overhead')}."
                 )
             if fused and fused.get("speedup") is not None:
-                lines.append(f"{name} {mode}, R={R}: {faster_sentence('the fused model', fused, 'the eager model')}.")
+                sentence = report.faster_sentence("the fused model", fused, "the eager model")
+                lines.append(f"{name} {mode}, R={R}: {sentence}.")
         return lines
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
@@ -196,16 +173,9 @@ class ModelsSection(Section):
                 continue
             series = {}
             for p in dict.fromkeys(r["provider"] for r in sel):
-                pr = sorted((r for r in sel if r["provider"] == p), key=lambda r: r["R"])
-                if not pr or pr[0]["R"] != 0:
-                    continue
-                series[f"{p} latency"] = (
-                    [r["R"] for r in pr],
-                    *(
-                        [0.0 if r["R"] == 0 else r.get(f"latency_overhead{q}_pct") for r in pr]
-                        for q in ("", "_p20", "_p80")
-                    ),
-                )
+                line = plots.sweep([r for r in sel if r["provider"] == p], "latency_overhead")
+                if line is not None:
+                    series[f"{p} latency"] = line
             ref = sorted({r["R"]: r for r in sel}.values(), key=lambda r: r["R"])
             panels.append(
                 {
@@ -240,70 +210,53 @@ def _round_seconds(cfg, shape: ModelShape, registers, providers, mode: str) -> f
 
 
 def _measure(shape: ModelShape, mode: str, registers, providers, cfg: BenchConfig) -> list[dict]:
+    """Every provider at every R on one model and mode, interleaved; the same weights at each R."""
     device, dtype = cfg.device, cfg.dtype
     train = mode == "train"
-    fns, rows, gflops = {}, {}, {}
-    weights = None
+    rows = {
+        (p, R): {"section": "models", "shape": shape.name, "B": shape.B, "R": R, "provider": p, "mode": mode,
+                 "dtype": str(dtype).replace("torch.", "")}
+        for R in registers
+        for p in providers
+    }  # fmt: skip
+    weights, gflops = {}, {}
     g = torch.Generator(device="cpu").manual_seed(0)
-    for R in registers:
-        for p in providers:
-            key = (p, R)
-            rows[key] = {
-                "section": "models",
-                "shape": shape.name,
-                "B": shape.B,
-                "R": R,
-                "provider": p,
-                "mode": mode,
-                "dtype": str(dtype).replace("torch.", ""),
-            }
-            try:
-                with torch.device(device):  # initialise on the device: XL models take seconds on a CPU
-                    model = create_model(shape.name, num_registers=R, backend="eager" if p == "eager" else "auto")
-                if weights is not None and R in weights:  # the same weights for both providers at this R
-                    model.load_state_dict(weights[R])
-                else:
-                    weights = weights or {}
-                    weights[R] = model.state_dict()
-            except Exception as exc:
-                rows[key] = error_row("models", exc, **rows[key])
-                continue
-            model.train(train)
-            count = flops(model, batch_size=shape.B)
-            gflops[R] = count.flops / 1e9
-            rows[key]["gflops"] = gflops[R]
-            is_eps_model = isinstance(model, DiT) and not isinstance(model, SiT)
-            objective = GaussianDiffusion() if is_eps_model else FlowMatching()
-            x = torch.randn(shape.B, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
-            y = torch.randint(0, 1000, (shape.B,), generator=g).to(device)
 
-            def fn(model=model, objective=objective, x=x, y=y):
-                ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-                with ctx:
-                    return _step(model, objective, x, y, train)
+    def build(key):
+        p, R = key
+        with torch.device(device):  # initialise on the device: XL models take seconds on a CPU
+            model = create_model(shape.name, num_registers=R, backend="eager" if p == "eager" else "auto")
+        if R in weights:  # the same weights for both providers at this R
+            model.load_state_dict(weights[R])
+        else:
+            weights[R] = model.state_dict()
+        model.train(train)
+        gflops[R] = rows[key]["gflops"] = flops(model, batch_size=shape.B).flops / 1e9
+        is_eps_model = isinstance(model, DiT) and not isinstance(model, SiT)
+        objective = GaussianDiffusion() if is_eps_model else FlowMatching()
+        x = torch.randn(shape.B, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
+        y = torch.randint(0, 1000, (shape.B,), generator=g).to(device)
 
-            fns[key] = fn
-    ok, failed = probe(fns, device)
-    for key, exc in failed.items():
-        rows[key] = error_row("models", exc, **rows[key])
-    timing = time_interleaved(ok, device, budget_s=2 * cfg.budget_s, rng=random.Random(0))
-    base_flops = gflops.get(0)
-    for (p, R), row in rows.items():
-        if (p, R) not in timing.times:
-            continue
-        row.update(timing_fields(timing, (p, R)))
-        if base_flops:
-            row["flop_overhead_pct"] = 100.0 * (gflops[R] / base_flops - 1)
-        if R and (p, 0) in timing.times:
-            row.update(overhead_fields(timing.times[(p, R)], timing.times[(p, 0)], "latency_overhead"))
-        if p == BASELINE:
-            row["baseline"] = BASELINE
-        elif (BASELINE, R) in timing.times:
-            row.update(speedup_fields(timing.times[(p, R)], timing.times[(BASELINE, R)], BASELINE))
-    del fns, ok
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return list(rows.values())
+        def fn():
+            with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext():
+                return _step(model, objective, x, y, train)
+
+        return fn
+
+    def fields(key, row, times) -> dict:
+        return {"flop_overhead_pct": 100.0 * (gflops[key[1]] / gflops[0] - 1)} if gflops.get(0) else {}
+
+    return measure(
+        rows,
+        build,
+        cfg,
+        baseline=lambda key: (BASELINE, key[1]),
+        ratios=lambda key: {"latency_overhead": (key, (key[0], 0))} if key[1] else {},
+        fields=fields,
+        budget_s=2 * cfg.budget_s,
+    )
 
 
-SECTION = ModelsSection()
+SECTION = ModelsSection(
+    name="models", title="diffusion transformers with registers", baseline=BASELINE, mode_names=MODES
+)

@@ -16,7 +16,6 @@ Rows report GB/s of those bytes (inputs read once, outputs written once) next to
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,32 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsr_kernels.benchmark import plots
-from dsr_kernels.benchmark.common import peak_memory_mb, speedup_fields, time_interleaved, timing_fields
-from dsr_kernels.benchmark.section import (
-    BenchConfig,
-    Case,
-    Section,
-    Table,
-    compute_seconds,
-    error_row,
-    estimate_s,
-    faster_sentence,
-    ms_cell,
-    noise_cell,
-    num,
-    probe,
-    speedup_cell,
-    where,
-)
+from dsr_kernels.benchmark import plots, report
+from dsr_kernels.benchmark.measure import measure
+from dsr_kernels.benchmark.section import KERNEL_MODES, BenchConfig, Case, Section, compute_seconds, estimate_s
 from dsr_kernels.ops.norm_modulate import norm_modulate
 
 BASELINE = "eager"
-MODES = ("fwd", "bwd", "full")
+MODES = KERNEL_MODES
 
 
 @dataclass(frozen=True)
 class NormShape:
+    """x [B, N, D], shift and scale [B, D], R registers [R, D]; LayerNorm or RMSNorm."""
+
     name: str
     B: int
     N: int
@@ -167,17 +153,14 @@ def mode_fn(name: str, mode: str, inputs) -> Callable[[], object]:
 class NormModulateSection(Section):
     """norm_modulate (norm + adaLN modulate + register insertion + token norms) vs the eager sequence."""
 
-    def __init__(self) -> None:
-        super().__init__(name="norm_modulate", title="norm_modulate", baseline=BASELINE, mode_names=MODES)
-
     def providers(self, device: torch.device) -> list[str]:
         return available_providers(device)
 
     def all_providers(self) -> list[str]:
         return available_providers(torch.device("cuda"))
 
-    def shape_names(self) -> list[str]:
-        return [s.name for s in all_shapes(torch.device("cpu"))]
+    def shapes(self, device: torch.device) -> list[NormShape]:
+        return all_shapes(device)
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         if self.selects_nothing(cfg):
@@ -204,34 +187,32 @@ class NormModulateSection(Section):
             for mode in modes
         ]
 
-    def tables(self, rows: list[dict], env: dict) -> list[Table]:
-        display = [
-            {
-                "shape": f"{r['shape']}",
-                "mode": r.get("mode", ""),
-                "provider": r["provider"],
-                "ms [p20, p80]": ms_cell(r),
-                f"x faster than {BASELINE}": speedup_cell(r),
-                "GB/s": num(r.get("gb_per_s")),
-                "peak MiB": num(r.get("peak_mem_mb")),
-                "note": noise_cell(r),
-            }
-            for r in rows
-        ]
+    def cells(self, r: dict) -> dict[str, str]:
+        return {
+            "shape": f"{r['shape']}",
+            "mode": r.get("mode", ""),
+            "provider": r["provider"],
+            "ms [p20, p80]": report.ms_cell(r),
+            f"x faster than {BASELINE}": report.speedup_cell(r),
+            "GB/s": report.num(r.get("gb_per_s")),
+            "peak MiB": report.num(r.get("peak_mem_mb")),
+        }
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
         dims = "; ".join(
             dict.fromkeys(
                 f"{r['shape']} = B {r.get('B')}, N {r.get('N')}, D {r.get('D')}, R {r.get('R')}" for r in rows
             )
         )
-        title = (
+        return (
             f"norm_modulate ({env.get('dtype')}; {dims}): median ms [p20, p80]; speed-up against {BASELINE} "
             "(LayerNorm / RMSNorm, modulate, torch.cat, vector_norm; >1: faster)"
         )
-        return [Table(title, list(display[0]), display)] if display else []
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         return [
-            f"norm_modulate {r['shape']} {r['mode']}: {faster_sentence(r['provider'], r, BASELINE)} on {where(env)}."
+            f"norm_modulate {r['shape']} {r['mode']} on {report.where(env)}: "
+            f"{report.faster_sentence(r['provider'], r, BASELINE)}."
             for r in rows
             if r.get("speedup") is not None
         ]
@@ -240,62 +221,29 @@ class NormModulateSection(Section):
         ok = [r for r in rows if r.get("speedup") is not None]
         if not ok:
             return []
-        groups = list(dict.fromkeys(f"{r['shape']} {r['mode']}" for r in ok))
-        series = {}
-        for p in dict.fromkeys(r["provider"] for r in ok):
-            vals = []
-            for g in groups:
-                r = next((r for r in ok if f"{r['shape']} {r['mode']}" == g and r["provider"] == p), None)
-                vals.append((r["speedup"], r["speedup_p20"], r["speedup_p80"]) if r else (None, None, None))
-            series[p] = vals
+        suptitle = plots.title("norm_modulate", f"fused vs {BASELINE} (>1: faster)", env)
         return [
-            plots.bars(
-                folder / "norm_modulate-speedup.png",
-                groups,
-                series,
-                ylabel=f"x faster than {BASELINE}",
-                reference=1.0,
-                suptitle=plots.title("norm_modulate", f"fused vs {BASELINE} (>1: faster)", env),
+            plots.row_bars(
+                folder / "norm_modulate-speedup.png", ok, ylabel=f"x faster than {BASELINE}", suptitle=suptitle
             )
         ]
 
 
 def _measure(shape: NormShape, mode: str, providers, cfg: BenchConfig) -> list[dict]:
-    device, dtype = cfg.device, cfg.dtype
-    inputs = make_inputs(shape, device, dtype, requires_grad=mode != "fwd")
-    rows, fns = {}, {}
-    for p in providers:
-        rows[p] = {
-            "section": "norm_modulate",
-            "shape": shape.name,
-            "B": shape.B,
-            "N": shape.N,
-            "D": shape.D,
-            "R": shape.R,
-            "dtype": str(dtype).replace("torch.", ""),
-            "provider": p,
-            "mode": mode,
-        }
-        try:
-            fns[p] = mode_fn(p, mode, inputs)
-        except Exception as exc:
-            rows[p] = error_row("norm_modulate", exc, **rows[p])
-    ok, failed = probe(fns, device)
-    for p, exc in failed.items():
-        rows[p] = error_row("norm_modulate", exc, **rows[p])
-    timing = time_interleaved(ok, device, budget_s=cfg.budget_s, rng=random.Random(0))
-    for p, row in rows.items():
-        if p not in timing.times:
-            continue
-        row.update(timing_fields(timing, p))
-        row["gb_per_s"] = shape.bytes_moved(mode, inputs[1].element_size()) / (row["median_ms"] * 1e-3) / 1e9
-        if p == BASELINE:
-            row["baseline"] = BASELINE
-        elif BASELINE in timing.times:
-            row.update(speedup_fields(timing.times[p], timing.times[BASELINE], BASELINE))
-        if cfg.memory:
-            row["peak_mem_mb"] = peak_memory_mb(ok[p], device)
-    return list(rows.values())
+    inputs = make_inputs(shape, cfg.device, cfg.dtype, requires_grad=mode != "fwd")
+    dims = {"B": shape.B, "N": shape.N, "D": shape.D, "R": shape.R, "dtype": str(cfg.dtype).replace("torch.", "")}
+    rows = {
+        p: {"section": "norm_modulate", "shape": shape.name, **dims, "provider": p, "mode": mode} for p in providers
+    }
+    moved = shape.bytes_moved(mode, inputs[1].element_size())
+    return measure(
+        rows,
+        lambda p: mode_fn(p, mode, inputs),
+        cfg,
+        baseline=lambda p: BASELINE,
+        fields=lambda p, row, times: {"gb_per_s": moved / (row["median_ms"] * 1e-3) / 1e9},
+        memory=lambda p: True,
+    )
 
 
-SECTION = NormModulateSection()
+SECTION = NormModulateSection(name="norm_modulate", title="norm_modulate", baseline=BASELINE, mode_names=MODES)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from dsr_kernels.benchmark.common import ratio_of
+
+Bar = tuple[float | None, float | None, float | None]  # (value, p20, p80); None: no bar / no whisker
 
 
 def _pyplot():
@@ -48,11 +52,7 @@ def lines(
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, suptitle)
 
 
 def bars(
@@ -86,6 +86,45 @@ def bars(
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(plt, fig, path, suptitle)
+
+
+def row_bars(
+    path: Path,
+    items: Sequence,
+    *,
+    group: Callable[[object], str] = lambda row: f"{row['shape']} {row['mode']}",
+    series: Callable[[object], str] = lambda row: row["provider"],
+    value: Callable[[object], Bar] = lambda row: ratio_of(row, "speedup"),
+    ylabel: str,
+    suptitle: str,
+    reference: float | None = 1.0,
+) -> Path:
+    """:func:`bars` of rows (or other items): one group per ``group(item)`` (default: shape
+    and mode), one series per ``series(item)`` (default: the provider), each bar
+    ``value(item)`` (default: the row's speed-up with its p20-p80); the first item of a
+    group and series is drawn."""
+    groups = list(dict.fromkeys(group(item) for item in items))
+    data: dict[str, list[Bar]] = {}
+    for item in items:
+        bars_ = data.setdefault(series(item), [(None, None, None)] * len(groups))
+        i = groups.index(group(item))
+        if bars_[i][0] is None:
+            bars_[i] = value(item)
+    return bars(path, groups, data, ylabel=ylabel, suptitle=suptitle, reference=reference)
+
+
+def sweep(rows: Sequence[dict], prefix: str) -> tuple[list, list, list, list] | None:
+    """(R, overhead, p20, p80) of one provider's rows over R against its own R = 0 (zero
+    there by definition), for :func:`lines`; None without an R = 0 row."""
+    rows = sorted(rows, key=lambda r: r["R"])
+    if not rows or rows[0]["R"] != 0:
+        return None
+    values = [(0.0, 0.0, 0.0) if r["R"] == 0 else ratio_of(r, prefix) for r in rows]
+    return ([r["R"] for r in rows], *(list(v) for v in zip(*values, strict=True)))
+
+
+def _save(plt, fig, path: Path, suptitle: str) -> Path:
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

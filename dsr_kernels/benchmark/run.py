@@ -3,7 +3,8 @@
 Every run writes ``<out>/<date>-<time>-<device>/`` (never an existing folder) with
 ``results.json`` (the environment and one row per measurement), ``results.csv`` (the
 same rows, tagged with the environment) and the sections' PNG plots, and points
-``<out>/latest`` at it. Ctrl-C stops after writing the rows gathered so far.
+``<out>/latest`` at it. The progress bar moves within a case too (warm-up, rounds done,
+seconds left). Ctrl-C stops after writing the rows gathered so far.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsr_kernels.benchmark.common import environment
+from dsr_kernels.benchmark import report
+from dsr_kernels.benchmark.common import CaseProgress, CpuLoad, environment, progress_to
 from dsr_kernels.benchmark.section import BenchConfig, Case, Section, error_row
+
+# Without a terminal, a case's line gets its progress appended at most this often.
+PLAIN_PROGRESS_EVERY_S = 10.0
 
 
 def sections() -> dict[str, Section]:
@@ -98,12 +103,16 @@ def write_files(folder: Path, env: dict, rows: list[dict], *, complete: bool) ->
 
 
 class _Progress:
-    """A rich progress bar on a terminal ("n of N", elapsed, ETA); one plain line per case elsewhere."""
+    """A rich progress bar on a terminal ("n of N", elapsed, ETA, what the case is doing and
+    its seconds left); elsewhere one plain line per case, to which a long case appends its
+    progress every :data:`PLAIN_PROGRESS_EVERY_S` seconds."""
 
-    def __init__(self, console, cases: Sequence[Case]) -> None:
-        self.console, self.cases = console, cases
+    def __init__(self, console, cases: Sequence[Case], clock=time.perf_counter) -> None:
+        self.console, self.cases, self.clock = console, cases, clock
         self.total = sum(c.est_s for c in cases)
-        self.done_weight, self.done, self.start = 0.0, 0, time.perf_counter()
+        self.done_weight, self.done, self.start = 0.0, 0, clock()
+        self.case: Case | None = None
+        self.case_start = self.last_print = self.start
         self.bar = None
         if console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -124,21 +133,41 @@ class _Progress:
     def eta(self) -> str:
         if not self.done_weight:
             return "?"
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.clock() - self.start
         left = elapsed * (self.total - self.done_weight) / self.done_weight
-        return f"{int(left) // 60}:{int(left) % 60:02d}"
+        return _minutes(left)
 
     def begin(self, case: Case) -> None:
+        self.case, self.case_start = case, self.clock()
+        self.last_print = self.case_start
         if self.bar is not None:
-            self.bar.update(self.task, description=case.label, n=self.done + 1)
+            self.bar.update(self.task, description=case.label, n=self.done + 1, completed=self.done_weight)
         else:
             print(f"[{self.done + 1} of {len(self.cases)}, ETA {self.eta()}] {case.label} ...", end="", flush=True)
+
+    def within(self, event: CaseProgress) -> None:
+        """What the current case is doing: on the bar at once, on a plain line now and then."""
+        if self.case is None:
+            return
+        now = self.clock()
+        spent = now - self.case_start
+        left = f", ~{_minutes(event.left_s)} left" if event.left_s is not None else ""
+        if self.bar is not None:
+            fraction = spent / (spent + event.left_s) if event.left_s is not None and spent + event.left_s > 0 else None
+            update = {"description": f"{self.case.label}: {event.text}{left}"}
+            if fraction is not None:
+                update["completed"] = self.done_weight + min(fraction, 0.99) * self.case.est_s
+            self.bar.update(self.task, **update)
+        elif now - self.last_print >= PLAIN_PROGRESS_EVERY_S:
+            self.last_print = now
+            print(f" [{spent:.0f} s: {event.text}{left}]", end="", flush=True)
 
     def end(self, case: Case, seconds: float) -> None:
         self.done += 1
         self.done_weight += case.est_s
+        self.case = None
         if self.bar is not None:
-            self.bar.update(self.task, advance=case.est_s, n=self.done)
+            self.bar.update(self.task, completed=self.done_weight, n=self.done)
         else:
             print(f" {seconds:.1f} s", flush=True)
 
@@ -147,6 +176,10 @@ class _Progress:
             self.bar.stop()
         elif self.done < len(self.cases):  # interrupted inside a case: end its line
             print(" interrupted", flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def run(
@@ -170,20 +203,24 @@ def run(
     for section in chosen:
         cases += section.cases(cfg)
     folder = run_folder(out, cfg.device.type)
-    _header(console, env, cfg, chosen, cases, folder)
+    report.print_header(console, env, cfg, chosen, cases, folder)
 
     rows: list[dict] = []
     progress = _Progress(console, cases)
     interrupted = False
     began = time.perf_counter()
+    load = CpuLoad()  # other processes' share of the CPUs over the whole run, for the summary
     try:
         for case in cases:
             progress.begin(case)
             t0 = time.perf_counter()
             try:
-                case_rows = case.run()
+                with progress_to(progress.within):
+                    case_rows = case.run()
             except Exception as exc:  # one case failing (out of memory, say) does not lose the others
-                case_rows = [error_row(case.section, exc, shape=case.label, provider="(whole case)", case_error=True)]
+                case_rows = [
+                    error_row(exc, section=case.section, shape=case.label, provider="(whole case)", case_error=True)
+                ]
             for r in case_rows:
                 r.setdefault("case", case.label)
             rows += case_rows
@@ -194,83 +231,21 @@ def run(
     finally:
         progress.stop()
     env["seconds"] = round(time.perf_counter() - began, 1)
+    env["foreign_cpu_pct"] = load.stop()
+    env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     json_path, csv_path = write_files(folder, env, rows, complete=not interrupted)
     _link_latest(out, folder)
     if interrupted:
         console.print(f"\ninterrupted after {len(rows)} rows; wrote {json_path} and {csv_path}")
         return 130
 
-    _report(console, env, chosen, rows, folder)
+    report.print_report(console, env, chosen, rows, folder)
     if compare is not None:
-        _compare(console, compare, rows)
+        report.print_compare(console, compare, rows)
     console.print(f"\nwrote {folder}/ (results.json, results.csv and the plots); {out / 'latest'} points at it")
     console.print(f"{len(rows)} rows in {env['seconds']:.0f} s")
     failed = [r for r in rows if r.get("status") == "FAIL" or r.get("case_error")]
     return 1 if failed else 0
-
-
-def _header(console, env, cfg, chosen, cases, folder) -> None:
-    where = env["device_name"]
-    if cfg.device.type == "cpu":
-        where += f", {env['cpu_threads']} threads, C++ kernels for {env['cpu_kernels_isa'] or 'no extension'}"
-    else:
-        where += f", compute capability {env['compute_capability']}"
-    console.print(f"dsr-kernels bench on {cfg.device.type} ({where})")
-    console.print(
-        f"torch {env['torch']}, triton {env['triton']}, dsr-kernels {env['dsr_kernels']} "
-        f"(commit {env['git_commit'] or 'unknown'}), {cfg.dtype}, preset {cfg.preset}"
-    )
-    console.print(
-        f"{len(cases)} measurements in sections {', '.join(s.name for s in chosen)}; "
-        f"each provider warmed up until stable, repeats interleaved across providers; "
-        f"rows whose p20-p80 spread exceeds 10% or during which other processes took over 10% of "
-        f"the CPUs are marked noisy"
-    )
-    console.print(f"results go to {folder}/\n")
-
-
-def _report(console, env, chosen, rows, folder) -> None:
-    from rich import box
-    from rich.table import Table as RichTable
-
-    conclusions: list[str] = []
-    for section in chosen:
-        srows = [r for r in rows if r.get("section") == section.name and not r.get("case_error")]
-        for r in rows:
-            if r.get("section") == section.name and r.get("case_error"):
-                console.print(f"{r['shape']}: FAILED: {r['error']}")
-        if not srows:
-            continue
-        for table in section.tables(srows, env):
-            t = RichTable(title=table.title, box=box.SIMPLE_HEAD, title_justify="left", show_lines=False)
-            for col in table.columns:
-                t.add_column(col, overflow="fold")
-            for r in table.rows:
-                t.add_row(*(str(r.get(c, "")) for c in table.columns))
-            console.print(t)
-        for note in section.notes:
-            console.print(f"  ({section.name}: {note})")
-        conclusions += section.summary(srows, env)
-        try:
-            for path in section.plots(srows, env, folder):
-                console.print(f"  plot: {path}")
-        except Exception as exc:  # a plot that fails does not lose the measurements
-            console.print(f"  ({section.name}: plotting failed: {type(exc).__name__}: {exc})")
-    noisy = sum(1 for r in rows if r.get("noisy"))
-    errors = sum(1 for r in rows if r.get("error") and r.get("section") != "selfcheck" and not r.get("case_error"))
-    crashed = sum(1 for r in rows if r.get("case_error"))
-    console.print("\nSummary")
-    for line in conclusions:
-        console.print(f"- {line}")
-    if noisy:
-        console.print(
-            f"- {noisy} of {len(rows)} rows were noisy (see their note); ratios whose p20-p80 spread "
-            "includes 1 are reported as within noise"
-        )
-    if errors:
-        console.print(f"- {errors} provider(s) could not run a shape; their rows carry the error")
-    if crashed:
-        console.print(f"- {crashed} measurement(s) failed as a whole (above, and in results.json)")
 
 
 def load_previous(path: Path) -> dict:
@@ -279,51 +254,3 @@ def load_previous(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError("it has no 'rows' list (expected a results.json written by dsr-kernels bench)")
     return data
-
-
-def _key(r: dict) -> tuple:
-    return (r.get("section"), r.get("shape"), r.get("provider"), r.get("mode"), r.get("R"), r.get("dtype"))
-
-
-def _compare(console, previous: dict, rows: list[dict]) -> None:
-    """Each row's median against the same row of an earlier run; slower or faster only
-    when the two p20-p80 intervals do not overlap."""
-    from rich import box
-    from rich.table import Table as RichTable
-
-    old = {_key(r): r for r in previous["rows"] if "median_ms" in r}
-    t = RichTable(
-        title=f"against {previous.get('environment', {}).get('date', 'the previous run')} "
-        f"({previous.get('environment', {}).get('device_name', '?')}): time now / time then",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-    )
-    for col in ("section", "shape", "R", "mode", "provider", "then ms", "now ms", "now / then", "verdict"):
-        t.add_column(col)
-    regressions = matched = 0
-    for r in rows:
-        o = old.get(_key(r))
-        if o is None or "median_ms" not in r:
-            continue
-        matched += 1
-        ratio = r["median_ms"] / o["median_ms"]
-        if r["p20_ms"] > o["p80_ms"]:
-            verdict = "slower (regression)"
-            regressions += 1
-        elif r["p80_ms"] < o["p20_ms"]:
-            verdict = "faster"
-        else:
-            verdict = "within noise"
-        t.add_row(
-            r["section"],
-            str(r.get("shape")),
-            str(r.get("R", "")),
-            str(r.get("mode", "")),
-            r["provider"],
-            f"{o['median_ms']:.3g}",
-            f"{r['median_ms']:.3g}",
-            f"{ratio:.2f}x",
-            verdict,
-        )
-    console.print(t)
-    console.print(f"compared {matched} rows; {regressions} slower beyond the noise")

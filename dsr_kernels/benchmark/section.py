@@ -3,9 +3,11 @@
 A section (self-check, attention, norm_modulate, models, encoder) says which providers,
 shapes and modes it knows, turns the run's options into :class:`Case` s (one unit of
 progress each: typically one shape and mode, its providers' repeats interleaved), and
-reads its own rows back into tables, plain-sentence conclusions and plots. The runner
-(:mod:`dsr_kernels.benchmark.run`) validates the options against what the selected
-sections know, runs the cases with a progress bar, and writes the files.
+reads its own rows back into tables, plain-sentence conclusions and plots. A case
+measures through :func:`dsr_kernels.benchmark.measure.measure`; tables and sentences
+are formatted by :mod:`dsr_kernels.benchmark.report`. The runner
+(:mod:`dsr_kernels.benchmark.run`) runs the cases with a progress bar and writes the
+files; ``dsr-kernels bench`` checks the options against what the sections know first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 PRESETS = ("quick", "default", "full")
 REGISTERS = (0, 4, 16, 36, 64)
+KERNEL_MODES = ("fwd", "bwd", "full")  # a kernel's forward, its backward alone (retained graph), both
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class Table(NamedTuple):
 class Section:
     """What a section of the bench knows and how it reads its results.
 
-    Subclasses fill in the class attributes and override the methods.
+    A subclass overrides the methods; its instance names the section
+    (``SECTION = NormModulateSection(name="norm_modulate", ...)``).
     """
 
     name: str = ""
@@ -79,14 +83,31 @@ class Section:
         """Every provider name on any device (to tell "unknown" from "not on this device")."""
         return self.providers(torch.device("cpu"))
 
+    def shapes(self, device: torch.device) -> Sequence:
+        """Every shape this section can run on ``device`` (objects with a ``name``)."""
+        raise NotImplementedError
+
     def shape_names(self) -> list[str]:
         """Every shape (or model) name this section knows, on any device and preset."""
-        raise NotImplementedError
+        return list(dict.fromkeys(s.name for d in ("cpu", "cuda") for s in self.shapes(torch.device(d))))
 
     def cases(self, cfg: BenchConfig) -> list[Case]:
         raise NotImplementedError
 
     def tables(self, rows: list[dict], env: dict) -> list[Table]:
+        """One table titled :meth:`table_title`: a line of :meth:`cells` per row, its noise note last."""
+        from dsr_kernels.benchmark.report import noise_cell, table
+
+        if not rows:
+            return []
+        return table(self.table_title(rows, env), [{**self.cells(r), "note": noise_cell(r)} for r in rows])
+
+    def cells(self, row: dict) -> dict[str, str]:
+        """One row's cells in :meth:`tables`, by column."""
+        raise NotImplementedError
+
+    def table_title(self, rows: list[dict], env: dict) -> str:
+        """What :meth:`tables` shows: the dtype, the shapes, what each ratio is against."""
         raise NotImplementedError
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
@@ -122,107 +143,9 @@ class Section:
         return not self.my_providers(cfg) or self.my_shapes(cfg) == [] or self.my_modes(cfg) == ()
 
 
-def error_row(section: str, error: BaseException, **fields) -> dict:
+def error_row(error: BaseException, **fields) -> dict:
     """A row for a provider that could not run: the error, not a hidden gap."""
-    message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    return {"section": section, **fields, "error": message}
-
-
-def where(env: dict) -> str:
-    """'this CPU (AMD EPYC, 2 threads)' or 'this GPU (NVIDIA H200)'."""
-    if env.get("device") == "cuda":
-        return f"this GPU ({env.get('device_name')})"
-    return f"this CPU ({env.get('processor')}, {env.get('cpu_threads')} threads)"
-
-
-def pm(p20: float, p80: float) -> str:
-    """The p20-p80 half-width as '±x%'."""
-    return f"±{abs(p80 - p20) / 2:.1f}%"
-
-
-def probe(fns: dict, device: torch.device) -> tuple[dict, dict]:
-    """Calls each provider once (its setup entered); returns (those that ran, {key: error} of
-    those that raised), so that one provider that cannot run a shape is reported, not fatal."""
-    import contextlib
-
-    from dsr_kernels.benchmark.common import synchronize
-
-    ok, failed = {}, {}
-    for key, entry in fns.items():
-        setup, fn = entry if isinstance(entry, tuple) else (contextlib.nullcontext, entry)
-        try:
-            with setup():
-                fn()
-            synchronize(device)
-            ok[key] = entry
-        except Exception as exc:  # reported in the provider's row
-            failed[key] = exc
-    return ok, failed
-
-
-def num(v: float | None, digits: int = 3) -> str:
-    if v is None:
-        return ""
-    return f"{v:.{digits}g}" if abs(v) < 10**digits else f"{v:.0f}"
-
-
-def ms_cell(row: dict) -> str:
-    """'12.3 [11.9, 13.0]': the median and the p20-p80 spread in ms, or the error."""
-    if "median_ms" not in row:
-        return "error"
-    return f"{num(row['median_ms'])} [{num(row['p20_ms'])}, {num(row['p80_ms'])}]"
-
-
-def speedup_cell(row: dict) -> str:
-    """'1.32x', or '0.98x (noise)' when 1 lies inside the per-round p20-p80."""
-    if row.get("speedup") is None:
-        return "baseline" if row.get("provider") == row.get("baseline") else ""
-    text = f"{row['speedup']:.2f}x"
-    return text + " (noise)" if row.get("speedup_within_noise") else text
-
-
-def overhead_cell(row: dict, prefix: str) -> str:
-    """'+11.8% ±2.0%', or '+0.4% (noise)'."""
-    if row.get(f"{prefix}_pct") is None:
-        return ""
-    text = f"{row[f'{prefix}_pct']:+.1f}%"
-    if row.get(f"{prefix}_within_noise"):
-        return text + " (noise)"
-    return f"{text} {pm(row[f'{prefix}_p20_pct'], row[f'{prefix}_p80_pct'])}"
-
-
-def noise_cell(row: dict) -> str:
-    """'noisy: spread 23%, others 40% CPU', the error, or nothing (the JSON row has the full reasons)."""
-    if row.get("error"):
-        return row["error"][:80]
-    if not row.get("noisy"):
-        return ""
-    parts = []
-    if row.get("spread_pct", 0) > 10:
-        parts.append(f"spread {row['spread_pct']:.0f}%")
-    if (row.get("foreign_cpu_pct") or 0) > 10:
-        parts.append(f"others {row['foreign_cpu_pct']:.0f}% CPU")
-    if row.get("warmup_stable") is False:
-        parts.append("warm-up unstable")
-    return "noisy: " + ", ".join(parts)
-
-
-def faster_sentence(name: str, row: dict, baseline: str) -> str:
-    """'dsr is 1.32x faster than torch_sdpa_cat (p20-p80 1.28x-1.35x)', or 'within noise'."""
-    lo, hi = row["speedup_p20"], row["speedup_p80"]
-    if row.get("speedup_within_noise"):
-        return f"{name} and {baseline} are within noise of each other ({lo:.2f}x-{hi:.2f}x)"
-    if row["speedup"] >= 1:
-        return f"{name} is {row['speedup']:.2f}x faster than {baseline} (p20-p80 {lo:.2f}x-{hi:.2f}x)"
-    return f"{name} is {1 / row['speedup']:.2f}x slower than {baseline} (p20-p80 {1 / hi:.2f}x-{1 / lo:.2f}x)"
-
-
-def overhead_sentence(row: dict, prefix: str) -> str:
-    """'11.8% latency (±2.0%)', or 'no latency beyond the noise (+0.4%, ±3%)'."""
-    pct, lo, hi = row[f"{prefix}_pct"], row[f"{prefix}_p20_pct"], row[f"{prefix}_p80_pct"]
-    if row.get(f"{prefix}_within_noise"):
-        return f"no latency beyond the noise ({pct:+.1f}%, p20-p80 {lo:+.1f}% to {hi:+.1f}%)"
-    return f"{pct:+.1f}% latency ({pm(lo, hi)})"
+    return {**fields, "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
 
 
 def compute_seconds(cfg: BenchConfig, flops: float = 0.0, nbytes: float = 0.0) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from dsr_kernels.backends import OPS, explain
+from dsr_kernels.benchmark import report
 from dsr_kernels.benchmark.section import BenchConfig, Case, Section, Table
 
 _ATOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -26,30 +27,20 @@ def _attention(dtype, device, g) -> tuple[Callable[[str], object], Callable[[tor
     def rand(*s):
         return torch.randn(*s, generator=g, dtype=torch.float64)
 
-    q, k, v, rk, rv = rand(2, 3, 37, 72), rand(2, 3, 37, 72), rand(2, 3, 37, 72), rand(3, 5, 72), rand(3, 5, 72)
+    tensors = rand(2, 3, 37, 72), rand(2, 3, 37, 72), rand(2, 3, 37, 72), rand(3, 5, 72), rand(3, 5, 72)
 
-    def cast(t, dt):
-        return t.to(device=device, dtype=dt)
+    def inputs():
+        q, k, v, rk, rv = (t.to(device=device, dtype=dtype) for t in tensors)
+        return (q, k, v), {"kv_registers": (rk, rv)}
 
     def run(backend):
-        out, stats = attention(
-            cast(q, dtype),
-            cast(k, dtype),
-            cast(v, dtype),
-            kv_registers=(cast(rk, dtype), cast(rv, dtype)),
-            return_stats=True,
-            backend=backend,
-        )
+        args, kwargs = inputs()
+        out, stats = attention(*args, **kwargs, return_stats=True, backend=backend)
         return out, stats.lse, stats.register_share
 
     def ref(compute):
-        out, stats = attention_ref(
-            cast(q, dtype),
-            cast(k, dtype),
-            cast(v, dtype),
-            kv_registers=(cast(rk, dtype), cast(rv, dtype)),
-            compute_dtype=compute,
-        )
+        args, kwargs = inputs()
+        out, stats = attention_ref(*args, **kwargs, compute_dtype=compute)
         return out, stats.lse, stats.register_share
 
     return run, ref
@@ -138,9 +129,6 @@ def check_op(op: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
 class SelfCheckSection(Section):
     """Each available backend of each op against the float64 reference, before anything is timed."""
 
-    def __init__(self) -> None:
-        super().__init__(name="selfcheck", title="self-check against the reference", baseline="reference")
-
     def providers(self, device: torch.device) -> list[str]:
         return []  # not chosen by --providers: the self-check runs every backend of every op
 
@@ -173,7 +161,7 @@ class SelfCheckSection(Section):
             f"self-check ({env.get('dtype')}): each backend against the float64 reference; tolerance = 2x the error "
             "of the eager computation at this dtype + atol"
         )
-        return [Table(title, list(display[0]), display)] if display else []
+        return report.table(title, display)
 
     def summary(self, rows: list[dict], env: dict) -> list[str]:
         passed = [f"{r['op']}[{r['provider']}]" for r in rows if r.get("status") == "pass"]
@@ -185,4 +173,4 @@ class SelfCheckSection(Section):
         return [line]
 
 
-SECTION = SelfCheckSection()
+SECTION = SelfCheckSection(name="selfcheck", title="self-check against the reference", baseline="reference")
