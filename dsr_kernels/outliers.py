@@ -87,24 +87,28 @@ class LayerRecord:
     """What one layer's modules reported during one tag (e.g. one noise level).
 
     Token norms are those of the norm input (the residual stream, registers included);
-    attention statistics average over samples, heads and queries of every call.
+    attention statistics average over samples, heads and queries of every call. A
+    statistic that nothing measured is None ("not measured" in :meth:`OutlierReport.table`):
+    the token-norm columns of a layer whose norm is not the package's (a patched timm ViT
+    reports attention only), the attention columns of a layer without attention, the
+    SQNR with ``sqnr=False``. NaN is a measured value that is undefined (rms 0).
     """
 
     layer: str
     tag: str = ""
-    tokens: int = 0  # token norms seen (summed over calls)
-    norm_max: float = math.nan
-    norm_median: float = math.nan
-    norm_p99: float = math.nan
-    outlier_count: int = 0
-    outlier_fraction: float = math.nan
-    outlier_attention: float = math.nan  # share of attention the outlier tokens receive (keys)
-    top1pct_key_share: float = math.nan  # share of attention taken by the top 1% of keys
-    register_share: float = math.nan
-    entropy: float = math.nan
-    absmax_over_rms: float = math.nan  # max |x| / rms(x) over the layer's activations
-    kurtosis: float = math.nan  # E[x^4] / E[x^2]^2 about zero (3 for a Gaussian)
-    int8_sqnr_db: float = math.nan
+    tokens: int | None = None  # token norms seen (summed over calls)
+    norm_max: float | None = None
+    norm_median: float | None = None
+    norm_p99: float | None = None
+    outlier_count: int | None = None
+    outlier_fraction: float | None = None
+    outlier_attention: float | None = None  # share of attention the outlier tokens receive (keys)
+    top1pct_key_share: float | None = None  # share of attention taken by the top 1% of keys
+    register_share: float | None = None
+    entropy: float | None = None
+    absmax_over_rms: float | None = None  # max |x| / rms(x) over the layer's activations
+    kurtosis: float | None = None  # E[x^4] / E[x^2]^2 about zero (3 for a Gaussian)
+    int8_sqnr_db: float | None = None
 
 
 @dataclass
@@ -193,14 +197,15 @@ class OutlierReport:
                 rms = math.sqrt(acc.sum2 / acc.count)
                 rec.absmax_over_rms = acc.absmax / rms if rms > 0 else math.nan
                 rec.kurtosis = (acc.sum4 / acc.count) / (acc.sum2 / acc.count) ** 2 if acc.sum2 > 0 else math.nan
-            if acc.noise > 0:
-                rec.int8_sqnr_db = 10 * math.log10(acc.signal / acc.noise)
+            if self.sqnr and acc.norms:  # exact (no rounding noise): inf, as int8_sqnr_db
+                rec.int8_sqnr_db = 10 * math.log10(acc.signal / acc.noise) if acc.noise > 0 else math.inf
             for name, values in acc.attn.items():
                 setattr(rec, name, sum(values) / len(values))
             out.append(rec)
         return out
 
     def table(self) -> str:
+        """One row per record, one column per :class:`LayerRecord` field ("not measured" for None)."""
         cols = [f.name for f in fields(LayerRecord)]
         rows = [[_fmt(getattr(r, c)) for c in cols] for r in self.records()]
         widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
@@ -209,7 +214,8 @@ class OutlierReport:
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
-        """Token norm (max, median) and top-1% key share by layer, one line per tag."""
+        """Token norm (max, median) and top-1% key share by layer, one line per tag; a panel only
+        for what was measured (a patched timm ViT has no token norms)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -218,19 +224,31 @@ class OutlierReport:
         records = self.records()
         layers = list(dict.fromkeys(r.layer for r in records))
         tags = list(dict.fromkeys(r.tag for r in records))
-        fig, (ax_norm, ax_attn) = plt.subplots(1, 2, figsize=(11, 4))
-        for i, tag in enumerate(tags):
-            by_layer = {r.layer: r for r in records if r.tag == tag}
-
-            def series(name, by_layer=by_layer):
-                return [getattr(by_layer[ly], name) if ly in by_layer else math.nan for ly in layers]
-
-            xs, label, color = range(len(layers)), tag or "all", f"C{i % 10}"
-            ax_norm.plot(xs, series("norm_max"), marker="o", color=color, label=f"{label} max")
-            ax_norm.plot(xs, series("norm_median"), linestyle="--", color=color, label=f"{label} median")
-            ax_attn.plot(xs, series("top1pct_key_share"), marker="o", color=color, label=label)
-        for ax, title in ((ax_norm, "token norm"), (ax_attn, "attention share of the top 1% of keys")):
+        # (title, y label, [(statistic, line style, label suffix)]), a panel only where something was measured
+        panels = [
+            (
+                "token norm",
+                "norm of the norm's input tokens",
+                [("norm_max", "-", " max"), ("norm_median", "--", " median")],
+            ),
+            ("attention share of the top 1% of keys", "share of the attention mass", [("top1pct_key_share", "-", "")]),
+        ]
+        panels = [(t, y, lines) for t, y, lines in panels if any(getattr(r, lines[0][0]) is not None for r in records)]
+        if not panels:
+            raise ValueError("OutlierReport.plot(): nothing to plot: no token norm and no attention was recorded")
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (title, ylabel, lines) in zip(axes[0], panels, strict=True):
+            for i, tag in enumerate(tags):
+                by_layer = {r.layer: r for r in records if r.tag == tag}
+                for name, style, suffix in lines:
+                    ys = [getattr(by_layer[ly], name) if ly in by_layer else None for ly in layers]
+                    ys = [math.nan if y is None else y for y in ys]  # a gap where not measured
+                    marker = "o" if style == "-" else None
+                    label = f"{tag or 'all'}{suffix}"
+                    ax.plot(range(len(layers)), ys, linestyle=style, marker=marker, color=f"C{i % 10}", label=label)
             ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel)
             ax.set_title(title)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -240,8 +258,10 @@ class OutlierReport:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "not measured"
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
+        return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
 
 

@@ -2,7 +2,7 @@
 DiT, PixArt, SD3 and Flux transformers, against diffusers' default attention."""
 
 import importlib.util
-import math
+import warnings
 
 import pytest
 import torch
@@ -133,7 +133,7 @@ def test_statistics_are_recorded_for_every_attention_layer(name):
     names = dsr_kernels.patch(model, num_kv_registers=2, sinks=True)
     with dsr_kernels.outliers.collect(model) as report, torch.no_grad():
         run(model, x)
-    recorded = {r.layer for r in report.records() if not math.isnan(r.entropy)}
+    recorded = {r.layer for r in report.records() if r.entropy is not None}
     assert recorded == set(names)
     assert all(0 < r.register_share < 1 for r in report.records() if r.layer in names)
 
@@ -176,6 +176,29 @@ def test_set_attention_backend_dsr_and_the_context_manager(monkeypatch):
         got2 = run(model2, x)
     assert len(calls) == 4 and _AttentionBackendRegistry._active_backend == active
     torch.testing.assert_close(got2, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, bypassing", [("DiT", "AttnProcessor2_0"), ("PixArt", "AttnProcessor2_0"), ("SD3", "JointAttnProcessor2_0")]
+)
+def test_set_attention_backend_dsr_warns_about_processors_without_the_dispatcher(name, bypassing):
+    """These processors call torch's SDPA themselves: "dsr" cannot reach them, and says so (not silently)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    model, _, _ = _build(name)
+    n = ATTENTION_LAYERS[name]
+    try:
+        with pytest.warns(UserWarning, match=rf"{n} attention module\(s\).*\({bypassing} x {n}\).*dsr_kernels.patch"):
+            model.set_attention_backend("dsr")
+        dsr_kernels.patch(model)  # now every attention module runs the fused op: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model.set_attention_backend("dsr")
+            if name == "DiT":  # Flux's processors use the dispatcher: "dsr" reaches them
+                _build("Flux")[0].set_attention_backend("dsr")
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 def test_patch_bad_input():

@@ -284,21 +284,26 @@ def _synthetic_latents(model, n=8):
     return base[labels] + 0.05 * torch.randn(n, *base.shape[1:], generator=g), labels
 
 
-@pytest.mark.parametrize("registers", [0, 4])
-def test_flow_training_loss_falls_and_registers_learn(registers):
-    torch.manual_seed(0)
-    model = small("LightningDiT", num_registers=registers, register_start=1, class_dropout_prob=0.0)
-    objective = FlowMatching()
+def _train(model, objective, steps=40):
+    """AdamW on the synthetic latents; the losses of every step (all finite)."""
     x, y = _synthetic_latents(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(steps):
         loss = objective.loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
+    return losses
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_flow_training_loss_falls_and_registers_learn(registers):
+    torch.manual_seed(0)
+    model = small("LightningDiT", num_registers=registers, register_start=1, class_dropout_prob=0.0)
+    losses = _train(model, FlowMatching())
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, losses
     if registers:
         assert model.register_tokens.grad is not None and model.register_tokens.grad.abs().sum() > 0
@@ -308,17 +313,7 @@ def test_dit_epsilon_objective_with_learned_variance():
     torch.manual_seed(0)
     model = small("DiT", class_dropout_prob=0.0)
     assert model.out_channels == 8
-    diffusion = GaussianDiffusion()
-    x, y = _synthetic_latents(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = diffusion.loss(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses)
+    losses = _train(model, GaussianDiffusion())
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import dsr_kernels
 from dsr_kernels.outliers import collect, find_outliers, int8_sqnr_db
+from timm_import import import_timm
 
 
 def test_find_outliers_rules():
@@ -121,11 +122,91 @@ def test_collect_tags_table_and_plot(tmp_path):
         ("t=0.75", "blocks.0"),
         ("t=0.75", "blocks.1"),
     ]
-    assert all(r.outlier_count == 1 and math.isnan(r.int8_sqnr_db) for r in records)
+    assert all(r.outlier_count == 1 and r.int8_sqnr_db is None for r in records)
     table = report.table()
     assert "blocks.1" in table and "t=0.75" in table and "norm_max" in table
     path = report.plot(str(tmp_path / "norms.png"))
     assert (tmp_path / "norms.png").stat().st_size > 1000 and path.endswith("norms.png")
+
+
+class AttentionOnly(nn.Module):
+    """What a patched timm ViT gives collect(): RegisterAttention modules, norms that are not the package's."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.ModuleDict(dict(norm=nn.LayerNorm(64), attn=dsr_kernels.RegisterAttention(64, 4))) for _ in range(2)]
+        )
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.attn(b.norm(x))
+        return x
+
+
+def _patched_timm_vit():
+    timm, missing = import_timm()
+    if timm is None:
+        pytest.skip(str(missing))
+    model = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4
+    ).eval()
+    dsr_kernels.patch(model)
+    return model, torch.randn(1, 3, 32, 32)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures OutlierReport.plot saves, to look at their panels."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k)
+    )
+    return figures
+
+
+NORM_COLUMNS = ("tokens", "norm_max", "norm_median", "norm_p99", "outlier_count", "outlier_fraction")
+
+
+@pytest.mark.parametrize("build", ["attention_only", "patched_timm_vit"])
+def test_what_was_not_measured_says_so(build, tmp_path, saved_figures):
+    """No package norm: the token norms were never measured, so they are None / "not measured"
+    (not an outlier count of 0), and the plot has no token-norm panel."""
+    torch.manual_seed(0)
+    model, x = (AttentionOnly(), torch.randn(1, 20, 64)) if build == "attention_only" else _patched_timm_vit()
+    with collect(model) as report, torch.no_grad():
+        model(x)
+    records = report.records()
+    assert {r.layer for r in records} == {"blocks.0", "blocks.1"}
+    for r in records:
+        assert all(getattr(r, c) is None for c in NORM_COLUMNS), r
+        assert r.outlier_attention is None and r.int8_sqnr_db is None and r.kurtosis is None
+        assert 0 < r.top1pct_key_share <= 1 and not math.isnan(r.entropy)  # attention was measured
+    header, *rows = report.table().splitlines()
+    for c in NORM_COLUMNS:
+        at = header.index(c)
+        assert all(row[at:].startswith("not measured") for row in rows), (c, rows)
+
+    report.plot(str(tmp_path / "attention.png"))
+    (ax,) = saved_figures[0].axes  # the attention panel only
+    assert "top 1% of keys" in ax.get_title() and ax.get_xlabel() == "layer" and ax.get_ylabel()
+
+
+def test_plot_panels_have_axis_labels_and_need_something_measured(tmp_path, saved_figures):
+    with collect(Tiny()) as report:
+        Tiny()(torch.randn(1, 8, 64))  # another model: nothing recorded
+    with pytest.raises(ValueError, match="nothing to plot"):
+        report.plot(str(tmp_path / "empty.png"))
+    model = Tiny()
+    with collect(model) as report:
+        model(torch.randn(1, 8, 64))
+    report.plot(str(tmp_path / "both.png"))
+    norm_ax, attn_ax = saved_figures[0].axes
+    assert norm_ax.get_title() == "token norm" and "top 1% of keys" in attn_ax.get_title()
+    assert all(ax.get_xlabel() == "layer" and ax.get_ylabel() for ax in (norm_ax, attn_ax))
 
 
 def test_no_recording_outside_collect():

@@ -319,7 +319,7 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     the patches, the fused op over patches + 1 register, and GELU + the released hook."""
     from dsr_kernels.backends import resolve
     from dsr_kernels.ops.ttr_activation import _ttr_activation
-    from dsr_kernels.registers.apply import _released_hook
+    from dsr_kernels.registers.apply import released_hook
 
     device, dtype = cfg.device, cfg.dtype
     with torch.device("meta"):
@@ -332,7 +332,7 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     h_plain = torch.randn(shape.B, N, F, device=device, dtype=dtype)
     h = torch.randn(shape.B, N + 1, F, device=device, dtype=dtype)
     backend = resolve("ttr_activation", "auto", h)
-    hook = _released_hook(idx, 1, model.num_prefix_tokens, "zero", "signed_max")
+    hook = released_hook(idx, 1, model.num_prefix_tokens, "zero", "signed_max")
     kw = dict(
         num_registers=1,
         num_prefix_tokens=model.num_prefix_tokens,

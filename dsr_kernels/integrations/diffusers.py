@@ -7,6 +7,10 @@ Two ways in, for what the installed diffusers offers:
   diffusers' attention backends, so ``model.set_attention_backend("dsr")`` and
   ``with attention_backend("dsr"):`` run :func:`dsr_kernels.scaled_dot_product_attention`.
   The dispatcher passes no layer identity, so this path has no registers or statistics.
+  Processors that call torch's SDPA themselves (DiT, PixArt, SD3: ``AttnProcessor2_0``,
+  ``JointAttnProcessor2_0``) never see a backend: ``model.set_attention_backend("dsr")``
+  warns, naming them (this module wraps diffusers' ``ModelMixin.set_attention_backend``
+  for that); :func:`patch` is the way in for them.
 - **The processor** :class:`DSRAttnProcessor`, for every diffusers attention module
   (``Attention`` of DiT, PixArt, SD3, ... and the ``AttentionModuleMixin`` modules of
   Flux): it wraps the module's own processor, so the projections, norms and RoPE stay
@@ -29,6 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +73,28 @@ def _fused_sdpa(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    return_lse: bool = False,
+    _parallel_config: Any = None,
+    *,
+    sequence_first: bool = False,
 ) -> Tensor:
-    """SDPA's signature ([B, H, S, D] layout): the fused attention with the current processor's extras."""
+    """SDPA's arguments: the fused attention with the current processor's registers, sinks and statistics.
+
+    It stands in for ``torch.nn.functional.scaled_dot_product_attention`` while a
+    :class:`DSRAttnProcessor` runs (q, k, v [B, H, S, D]), and with ``sequence_first=True``
+    it is the ``"dsr"`` backend of diffusers' dispatcher: q, k, v [B, S, H, D], out
+    [B, S, H, Dv], a 2-D ``attn_mask`` [B, S_k] masks keys (as diffusers' native backend
+    reads it). The dispatcher passes only the arguments a backend's signature names.
+    """
+    if return_lse:
+        raise ValueError(f"the {BACKEND_NAME!r} attention backend does not support return_lse=True")
+    if _parallel_config is not None:
+        raise NotImplementedError(f"the {BACKEND_NAME!r} attention backend does not support context parallelism")
+    if sequence_first:
+        if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
+        return _fused_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).permute(0, 2, 1, 3)
     call = _CURRENT.get()
     if call is None:
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -111,33 +138,14 @@ def _fused_sdpa(
     )
 
 
-def _dispatch_backend(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
-) -> Tensor:
-    """diffusers' dispatcher contract: q, k, v [B, S, H, D], out [B, S, H, Dv]."""
-    if return_lse:
-        raise ValueError(f"the {BACKEND_NAME!r} attention backend does not support return_lse=True")
-    if _parallel_config is not None:
-        raise NotImplementedError(f"the {BACKEND_NAME!r} attention backend does not support context parallelism")
-    if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
-        attn_mask = attn_mask[:, None, None, :]  # [B, S_k] key mask, as diffusers' native backend reads it
-    q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
-    out = _fused_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return out.permute(0, 2, 1, 3)
+_dispatch_backend = functools.partial(_fused_sdpa, sequence_first=True)
 
 
 def register_backend() -> bool:
-    """Registers ``"dsr"`` among diffusers' attention backends; True when the installed diffusers
-    has the dispatcher (>= 0.35), False otherwise. Idempotent; run on import of this module."""
+    """Registers ``"dsr"`` among diffusers' attention backends (and makes
+    ``ModelMixin.set_attention_backend("dsr")`` warn about the processors it cannot reach); True
+    when the installed diffusers has the dispatcher (>= 0.35), False otherwise. Idempotent; run
+    on import of this module."""
     try:
         from diffusers.models import attention_dispatch as dispatch
     except Exception:
@@ -156,7 +164,46 @@ def register_backend() -> bool:
         type.__setattr__(names, member._name_, member)
     if member not in registry._backends:
         registry.register(member, constraints=[])(_dispatch_backend)
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not hasattr(ModelMixin.set_attention_backend, "_dsr_checks"):
+        ModelMixin.set_attention_backend = _checking_set_attention_backend(ModelMixin.set_attention_backend)
     return True
+
+
+def _checking_set_attention_backend(set_attention_backend):
+    """diffusers' ``ModelMixin.set_attention_backend``, which warns when ``"dsr"`` cannot reach a processor."""
+
+    @functools.wraps(set_attention_backend)
+    def checked(self: nn.Module, backend: str) -> None:
+        set_attention_backend(self, backend)
+        if isinstance(backend, str) and backend.lower() == BACKEND_NAME:
+            _warn_bypassing_processors(self)
+
+    checked._dsr_checks = True
+    return checked
+
+
+def _warn_bypassing_processors(model: nn.Module) -> None:
+    """The backend reaches only the processors that call diffusers' dispatcher (those with an
+    ``_attention_backend``); the others (DiT's, PixArt's, SD3's ``AttnProcessor2_0``, ...) call
+    torch's SDPA themselves, and set_attention_backend leaves them as they are, silently."""
+    bypassing = Counter(
+        type(module.processor).__name__
+        for _, module in _attention_modules(model)
+        if module.processor is not None
+        and not hasattr(module.processor, "_attention_backend")
+        and not isinstance(module.processor, DSRAttnProcessor)
+    )
+    if bypassing:
+        found = ", ".join(f"{name} x {count}" for name, count in bypassing.items())
+        warnings.warn(
+            f"set_attention_backend({BACKEND_NAME!r}): {bypassing.total()} attention module(s) of "
+            f"{type(model).__name__} keep running torch's attention: their processors ({found}) call it "
+            f"themselves, not diffusers' attention dispatcher. Use dsr_kernels.patch(model) instead",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
@@ -212,11 +259,9 @@ class DSRAttnProcessor(nn.Module):
     ) -> DSRAttnProcessor:
         """Adds kv registers and / or sinks where there are none (as RegisterAttention.add_registers)."""
         if num_kv_registers and self.register_k is None:
-            shape = (self.heads, num_kv_registers, self.head_dim)
-            self.register_k = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-            self.register_v = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-            nn.init.trunc_normal_(self.register_k, std=0.02)
-            nn.init.trunc_normal_(self.register_v, std=0.02)
+            for name in ("register_k", "register_v"):  # N(0, 0.02) truncated, as RegisterAttention's
+                empty = torch.empty(self.heads, num_kv_registers, self.head_dim, device=device, dtype=dtype)
+                setattr(self, name, nn.Parameter(nn.init.trunc_normal_(empty, std=0.02)))
         elif num_kv_registers and num_kv_registers != self.num_kv_registers:
             raise ValueError(
                 f"DSRAttnProcessor: has {self.num_kv_registers} kv registers already, asked for {num_kv_registers}"
@@ -263,6 +308,11 @@ def _model_of(obj: Any) -> nn.Module:
     raise TypeError(f"patch(): {type(obj).__name__} is neither a diffusers model nor a pipeline with a transformer")
 
 
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """diffusers' attention modules of ``model`` (those with a processor), with their names."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+
 def _heads_and_dim(module: nn.Module) -> tuple[int, int]:
     heads = getattr(module, "heads", None)
     inner_dim = getattr(module, "inner_dim", None)
@@ -291,9 +341,7 @@ def patch(obj: Any, *, num_kv_registers: int = 0, sinks: bool = False, backend: 
     model = _model_of(obj)
     register_backend()
     names = []
-    for name, module in list(model.named_modules()):
-        if not (hasattr(module, "set_processor") and hasattr(module, "processor")):
-            continue
+    for name, module in _attention_modules(model):
         processor = module.processor
         ref = next(module.parameters(), None)
         where = dict(device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)

@@ -12,11 +12,13 @@ the baseline model (no extra parameters).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from dsr_kernels.models.common import check_input, check_registers, make_register_params
-from dsr_kernels.models.flops import block_macs, mlp_macs
+from dsr_kernels.models.common import Denoiser, DenoiserConfig
+from dsr_kernels.models.flops import mlp_macs
 from dsr_kernels.models.layers import (
     Block,
     FinalLayer,
@@ -29,48 +31,28 @@ from dsr_kernels.models.layers import (
 )
 
 
-class DiT(nn.Module):
-    """Class-conditional DiT with adaLN-Zero blocks. forward(x [B, C, H, W], t [B], y [B]) -> [B, C_out, H, W]."""
+class DiT(Denoiser):
+    """Class-conditional DiT with adaLN-Zero blocks. forward(x [B, C, H, W], t [B], y [B]) -> [B, C_out, H, W].
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        *,
-        num_registers: int = 0,
-        register_start: int = 0,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        if mlp_ratio != 4.0:
-            raise ValueError(f"DiT: mlp_ratio must be 4.0 (the released models), got {mlp_ratio}")
-        if input_size % patch_size:
-            raise ValueError(f"DiT: input_size={input_size} must be a multiple of patch_size={patch_size}")
-        check_registers(num_registers, register_start, depth)
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.num_heads, self.hidden_size, self.depth = learn_sigma, num_heads, hidden_size, depth
-        self.num_registers, self.register_start, self.backend = num_registers, register_start, backend
+    Keyword arguments: :class:`~dsr_kernels.models.common.DenoiserConfig`'s over ``defaults``
+    (DiT-XL/2 on 32 x 32 x 4 SD-VAE latents), and ``learn_sigma`` (output the variance too).
+    """
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = self.x_embedder.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+    defaults = DenoiserConfig(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16)
+
+    def __init__(self, *, learn_sigma: bool = True, **config: Any) -> None:
+        super().__init__(learn_sigma=learn_sigma, **config)
+        cfg, D = self.config, self.hidden_size
+        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, D, bias=True)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(hidden_size, num_heads, mlp="gelu", norm="layernorm", backend=backend) for _ in range(depth)]
+            [Block(D, cfg.num_heads, mlp="gelu", norm="layernorm", backend=cfg.backend) for _ in range(cfg.depth)]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm="layernorm", backend=backend)
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, norm="layernorm", backend=cfg.backend)
         self.initialize_weights()
-        make_register_params(self, num_registers, hidden_size)
+        self.make_register_params(D)
 
     def initialize_weights(self) -> None:
         init_adaln_zero(self)
@@ -85,19 +67,11 @@ class DiT(nn.Module):
     def macs_by_part(self) -> dict[str, int]:
         """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
         D, N, p, C = self.hidden_size, self.x_embedder.num_patches, self.patch_size, self.in_channels
-        parts = {"embed": N * C * p * p * D + 256 * D + D * D}  # patches, timestep MLP (256 frequencies)
-        for i in range(self.depth):
-            T = N + (self.num_registers if self.num_registers and i >= self.register_start else 0)
-            parts[f"blocks.{i}"] = block_macs(T, D, mlp_macs(D, 4 * D), adaln=6 * D * D)
-        parts["final"] = N * D * p * p * self.out_channels + 2 * D * D
-        return parts
-
-    def registers(self) -> Tensor | None:
-        """The R register tokens as inserted, [R, D] (learned tokens + their position embedding)."""
-        return (self.register_tokens + self.register_pos_embed)[0] if self.num_registers else None
+        embed = N * C * p * p * D + 256 * D + D * D  # patches, timestep MLP (256 frequencies)
+        return {"embed": embed, **self.blocks_and_final_macs(mlp_macs(D, 4 * D))}
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        check_input(self, x, t, y, self.in_channels, self.input_size)
+        self.check_input(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # [B, N, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
         for i, block in enumerate(self.blocks):

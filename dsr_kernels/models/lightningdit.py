@@ -15,11 +15,13 @@ blocks and final layer per token; the head embeds x again without position embed
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr_kernels.models.common import RopeTables, check_input, check_registers, make_register_params
+from dsr_kernels.models.common import Denoiser, DenoiserConfig, RopeTables, frozen_pos_embed
 from dsr_kernels.models.flops import block_macs, mlp_macs
 from dsr_kernels.models.layers import (
     Block,
@@ -27,85 +29,55 @@ from dsr_kernels.models.layers import (
     GaussianFourierEmbedder,
     LabelEmbedder,
     PatchEmbed,
-    get_2d_sincos_pos_embed,
     init_adaln_zero,
     swiglu_hidden,
     unpatchify,
 )
 
 
-def _pos_embed(num_patches: int, dim: int) -> nn.Parameter:
-    pos = get_2d_sincos_pos_embed(dim, int(num_patches**0.5))
-    return nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
+class LightningDiT(Denoiser):
+    """forward(x [B, C, H, W], t [B] in [0, 1], y [B]) -> [B, C, H, W] (data prediction in DSR).
 
+    Keyword arguments: :class:`~dsr_kernels.models.common.DenoiserConfig`'s over ``defaults``
+    (XL on 16 x 16 x 768 RAE latents), ``learn_sigma``, and ``use_qknorm`` (RMSNorm on q and k).
+    """
 
-class LightningDiT(nn.Module):
-    """forward(x [B, C, H, W], t [B] in [0, 1], y [B]) -> [B, C, H, W] (data prediction in DSR)."""
+    defaults = DenoiserConfig(input_size=16, patch_size=1, in_channels=768, hidden_size=1152, depth=28, num_heads=16)
 
-    def __init__(
-        self,
-        input_size: int = 16,
-        patch_size: int = 1,
-        in_channels: int = 768,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = False,
-        use_qknorm: bool = False,
-        *,
-        num_registers: int = 0,
-        register_start: int = 0,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        if mlp_ratio != 4.0:
-            raise ValueError(f"LightningDiT: mlp_ratio must be 4.0, got {mlp_ratio}")
-        check_registers(num_registers, register_start, depth)
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.num_heads, self.hidden_size, self.depth = learn_sigma, num_heads, hidden_size, depth
-        self.num_registers, self.register_start, self.backend = num_registers, register_start, backend
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = GaussianFourierEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = self.x_embedder.num_patches
-        self.pos_embed = _pos_embed(num_patches, hidden_size)
-        make_register_params(self, num_registers, hidden_size)
-        grid, head_dim = input_size // patch_size, hidden_size // num_heads
+    def __init__(self, *, learn_sigma: bool = False, use_qknorm: bool = False, **config: Any) -> None:
+        super().__init__(learn_sigma=learn_sigma, **config)
+        cfg, D = self.config, self.hidden_size
+        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, D, bias=True)
+        self.t_embedder = GaussianFourierEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        self.pos_embed = frozen_pos_embed(self.x_embedder.num_patches, D)
+        self.make_register_params(D)
+        grid, head_dim = cfg.input_size // cfg.patch_size, D // cfg.num_heads
         self.feat_rope = RopeTables(head_dim, grid)
-        if num_registers:
-            self.feat_rope_incontext = RopeTables(head_dim, grid, num_registers)
+        if cfg.num_registers:
+            self.feat_rope_incontext = RopeTables(head_dim, grid, cfg.num_registers)
         self.blocks = nn.ModuleList(
             [
-                Block(hidden_size, num_heads, mlp="swiglu", norm="rmsnorm", qk_norm=use_qknorm, backend=backend)
-                for _ in range(depth)
+                Block(D, cfg.num_heads, mlp="swiglu", norm="rmsnorm", qk_norm=use_qknorm, backend=cfg.backend)
+                for _ in range(cfg.depth)
             ]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm="rmsnorm", backend=backend)
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, norm="rmsnorm", backend=cfg.backend)
         init_adaln_zero(self)
 
     def macs_by_part(self) -> dict[str, int]:
         """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
         D, N, p, C = self.hidden_size, self.x_embedder.num_patches, self.patch_size, self.in_channels
-        parts = {"embed": N * C * p * p * D + 2 * self.t_embedder.W.numel() * D + D * D}
-        mlp = mlp_macs(D, swiglu_hidden(D), gated=True)
-        for i in range(self.depth):
-            T = N + (self.num_registers if self.num_registers and i >= self.register_start else 0)
-            parts[f"blocks.{i}"] = block_macs(T, D, mlp, adaln=6 * D * D)
-        parts["final"] = N * D * p * p * self.out_channels + 2 * D * D
-        return parts
+        embed = N * C * p * p * D + 2 * self.t_embedder.W.numel() * D + D * D
+        return {"embed": embed, **self.blocks_and_final_macs(mlp_macs(D, swiglu_hidden(D), gated=True))}
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        check_input(self, x, t, y, self.in_channels, self.input_size)
+        self.check_input(x, t, y)
         R = self.num_registers
         x = self.x_embedder(x) + self.pos_embed  # [B, N, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
         for i, block in enumerate(self.blocks):
-            prefix = (self.register_tokens + self.register_pos_embed)[0] if R and i == self.register_start else None
+            prefix = self.registers() if i == self.register_start else None
             rope = self.feat_rope_incontext if R and i >= self.register_start else self.feat_rope
             x = block(x, c, rope=rope.tables(), prefix=prefix, num_prefix_tokens=R if rope is not self.feat_rope else 0)
         x = self.final_layer(x[:, R:], c)  # registers dropped before the final layer
@@ -113,63 +85,48 @@ class LightningDiT(nn.Module):
         return x.chunk(2, dim=1)[0] if self.learn_sigma else x
 
 
-class DiTDH(nn.Module):
-    """DiT^DH: LightningDiT encoder (width D) + a wide DDT head (width D_head) conditioned per token."""
+class DiTDH(Denoiser):
+    """DiT^DH: LightningDiT encoder (width D) + a wide DDT head (width D_head) conditioned per token.
 
-    def __init__(
-        self,
-        input_size: int = 16,
-        patch_size: int = 1,
-        in_channels: int = 768,
-        hidden_size: tuple[int, int] = (1152, 2048),
-        depth: tuple[int, int] = (28, 2),
-        num_heads: tuple[int, int] = (16, 16),
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = False,
-        use_qknorm: bool = False,
-        *,
-        num_registers: int = 0,
-        register_start: int = 0,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        if mlp_ratio != 4.0:
-            raise ValueError(f"DiTDH: mlp_ratio must be 4.0, got {mlp_ratio}")
-        (enc_dim, dec_dim), (enc_depth, dec_depth), (enc_heads, dec_heads) = hidden_size, depth, num_heads
-        check_registers(num_registers, register_start, enc_depth)
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.hidden_size, self.depth, self.num_heads = learn_sigma, hidden_size, depth, num_heads
-        self.num_registers, self.register_start, self.backend = num_registers, register_start, backend
+    Keyword arguments: LightningDiT's, with (encoder, head) pairs for hidden_size, depth
+    and num_heads; the registers (``enc_`` and ``dec_`` sets) run through both.
+    """
 
-        self.s_embedder = PatchEmbed(input_size, patch_size, in_channels, enc_dim, bias=True)
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, dec_dim, bias=True)
+    defaults = DenoiserConfig(
+        input_size=16, patch_size=1, in_channels=768, hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)
+    )
+
+    def __init__(self, *, learn_sigma: bool = False, use_qknorm: bool = False, **config: Any) -> None:
+        super().__init__(learn_sigma=learn_sigma, **config)
+        cfg = self.config
+        (enc_dim, dec_dim), (enc_depth, dec_depth), (enc_heads, dec_heads) = cfg.hidden_size, cfg.depth, cfg.num_heads
+        self.s_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, enc_dim, bias=True)
+        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, dec_dim, bias=True)
         self.s_projector = nn.Linear(enc_dim, dec_dim)
         self.t_embedder = GaussianFourierEmbedder(enc_dim)
-        self.y_embedder = LabelEmbedder(num_classes, enc_dim, class_dropout_prob)
-        self.pos_embed = _pos_embed(self.s_embedder.num_patches, enc_dim)
-        make_register_params(self, num_registers, enc_dim, prefix="enc_")
-        make_register_params(self, num_registers, dec_dim, prefix="dec_")
-        grid = input_size // patch_size
+        self.y_embedder = LabelEmbedder(cfg.num_classes, enc_dim, cfg.class_dropout_prob)
+        self.pos_embed = frozen_pos_embed(self.s_embedder.num_patches, enc_dim)
+        self.make_register_params(enc_dim, prefix="enc_")
+        self.make_register_params(dec_dim, prefix="dec_")
+        grid = cfg.input_size // cfg.patch_size
         self.enc_feat_rope = RopeTables(enc_dim // enc_heads, grid)
         self.dec_feat_rope = RopeTables(dec_dim // dec_heads, grid)
-        if num_registers:
-            self.enc_feat_rope_incontext = RopeTables(enc_dim // enc_heads, grid, num_registers)
-            self.dec_feat_rope_incontext = RopeTables(dec_dim // dec_heads, grid, num_registers)
+        if cfg.num_registers:
+            self.enc_feat_rope_incontext = RopeTables(enc_dim // enc_heads, grid, cfg.num_registers)
+            self.dec_feat_rope_incontext = RopeTables(dec_dim // dec_heads, grid, cfg.num_registers)
         self.blocks = nn.ModuleList(
             [
-                Block(enc_dim, enc_heads, mlp="swiglu", norm="rmsnorm", qk_norm=use_qknorm, backend=backend)
-                for _ in range(enc_depth)
-            ]
-            + [
-                Block(dec_dim, dec_heads, mlp="swiglu", norm="rmsnorm", qk_norm=use_qknorm, backend=backend)
-                for _ in range(dec_depth)
+                Block(dim, heads, mlp="swiglu", norm="rmsnorm", qk_norm=use_qknorm, backend=cfg.backend)
+                for dim, heads, depth in ((enc_dim, enc_heads, enc_depth), (dec_dim, dec_heads, dec_depth))
+                for _ in range(depth)
             ]
         )
-        self.final_layer = FinalLayer(dec_dim, patch_size, self.out_channels, norm="rmsnorm", backend=backend)
+        self.final_layer = FinalLayer(dec_dim, cfg.patch_size, self.out_channels, norm="rmsnorm", backend=cfg.backend)
         init_adaln_zero(self)
+
+    @property
+    def register_depth(self) -> int:
+        return self.depth[0]  # the encoder's blocks
 
     def macs_by_part(self) -> dict[str, int]:
         """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
@@ -177,9 +134,10 @@ class DiTDH(nn.Module):
         N, C, p, R = self.s_embedder.num_patches, self.in_channels, self.patch_size, self.num_registers
         t_in = 2 * self.t_embedder.W.numel()
         parts = {"embed": N * C * p * p * De + N * C * p * p * Dd + t_in * De + De * De}
-        for i in range(Le):
-            T = N + (R if R and i >= self.register_start else 0)
-            parts[f"blocks.{i}"] = block_macs(T, De, mlp_macs(De, swiglu_hidden(De), gated=True), adaln=6 * De * De)
+        for i, extra in enumerate(self.prefix_counts()):
+            parts[f"blocks.{i}"] = block_macs(
+                N + extra, De, mlp_macs(De, swiglu_hidden(De), gated=True), adaln=6 * De * De
+            )
         T = N + R
         parts["s_projector"] = T * De * Dd
         for j in range(Ld):  # the head's adaLN is per token
@@ -189,22 +147,20 @@ class DiTDH(nn.Module):
         return parts
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        check_input(self, x, t, y, self.in_channels, self.input_size)
+        self.check_input(x, t, y)
         R, enc_depth = self.num_registers, self.depth[0]
         t_emb = self.t_embedder(t)
         c = F.silu(t_emb + self.y_embedder(y, self.training))  # [B, D_enc]
         s = self.s_embedder(x) + self.pos_embed
         for i, block in enumerate(self.blocks[:enc_depth]):
-            prefix = None
-            if R and i == self.register_start:
-                prefix = (self.enc_register_tokens + self.enc_register_pos_embed)[0]
+            prefix = self.registers("enc_") if i == self.register_start else None
             in_context = R and i >= self.register_start
             rope = self.enc_feat_rope_incontext if in_context else self.enc_feat_rope
             s = block(s, c, rope=rope.tables(), prefix=prefix, num_prefix_tokens=R if in_context else 0)
         s = self.s_projector(F.silu(t_emb[:, None] + s))  # [B, R + N, D_head]: per-token condition
         xh = self.x_embedder(x)
         if R:
-            regs = (self.dec_register_tokens + self.dec_register_pos_embed).expand(xh.shape[0], -1, -1)
+            regs = self.registers("dec_").expand(xh.shape[0], -1, -1)
             xh = torch.cat([regs.to(xh.dtype), xh], dim=1)
         rope = self.dec_feat_rope_incontext if R else self.dec_feat_rope
         for block in self.blocks[enc_depth:]:

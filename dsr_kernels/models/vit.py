@@ -267,35 +267,19 @@ class VisionTransformer(nn.Module):
         num_patches = self.patch_embed.num_patches
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        # what the blocks and the MAP head (attention + MLP both) are built with
+        layer = dict(
+            mlp_hidden=self.mlp_hidden, qkv_bias=qkv_bias, approximate=approximate, norm_eps=norm_eps, backend=backend
+        )
         self.blocks = nn.ModuleList(
-            [
-                Block(
-                    embed_dim,
-                    num_heads,
-                    mlp_hidden=self.mlp_hidden,
-                    qkv_bias=qkv_bias,
-                    init_values=init_values,
-                    approximate=approximate,
-                    norm_eps=norm_eps,
-                    backend=backend,
-                )
-                for _ in range(depth)
-            ]
+            [Block(embed_dim, num_heads, init_values=init_values, **layer) for _ in range(depth)]
         )
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         final = dict(kind="layernorm", affine=True, bias=True, eps=norm_eps, backend=backend, record=False)
         self.norm = nn.Identity() if use_fc_norm else make_norm(embed_dim, **final)
         self.attn_pool = None
         if global_pool == "map":
-            self.attn_pool = AttentionPoolLatent(
-                embed_dim,
-                num_heads,
-                mlp_hidden=self.mlp_hidden,
-                qkv_bias=qkv_bias,
-                approximate=approximate,
-                norm_eps=norm_eps,
-                backend=backend,
-            )
+            self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, **layer)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()

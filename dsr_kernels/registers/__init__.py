@@ -21,6 +21,10 @@ first is removed.
   forward hooks editing the activation in several passes), the latency baseline.
 - :func:`apply_outlier_key_mask`: the masking baseline (no key attends a token whose
   norm exceeds a threshold).
+- In :mod:`dsr_kernels.registers.apply`, the pieces these are built of:
+  :func:`~dsr_kernels.registers.apply.check_model` and
+  :func:`~dsr_kernels.registers.apply.check_settings` (argument checks naming the caller),
+  :func:`~dsr_kernels.registers.apply.released_hook` (the released forward hook).
 """
 
 from dsr_kernels.registers.apply import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,9 @@ class Handle:
         self.remove()
 
 
-def _check_model(fn: str, model) -> VisionTransformer:
+def check_model(fn: str, model) -> VisionTransformer:
+    """``model`` if it is a :class:`~dsr_kernels.models.VisionTransformer` (what test-time registers
+    apply to), else TypeError naming ``fn``, the calling function."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
             f"{fn}: argument 'model' must be a dsr_kernels VisionTransformer (create_model('vit_...')), "
@@ -49,23 +52,27 @@ def _check_model(fn: str, model) -> VisionTransformer:
     return model
 
 
-def _check_settings(fn: str, num_registers, patch_values, register_value, released_indexing) -> None:
-    if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 1:
-        raise ValueError(f"{fn}: argument 'num_registers' must be an int >= 1, got {num_registers!r}")
+def check_settings(fn: str, settings: TestTimeRegisterSettings) -> TestTimeRegisterSettings:
+    """``settings`` if every field is valid (``num_registers`` an int >= 1, ``patch_values`` and
+    ``register_value`` among :func:`dsr_kernels.ttr_activation`'s variants,
+    ``released_indexing`` a bool), else ValueError / TypeError naming ``fn`` and the argument."""
+    n, patch_values, register_value = settings.num_registers, settings.patch_values, settings.register_value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{fn}: argument 'num_registers' must be an int >= 1, got {n!r}")
     if patch_values not in PATCH_VALUES:
         raise ValueError(f"{fn}: argument 'patch_values' must be one of {PATCH_VALUES}, got {patch_values!r}")
     if register_value not in REGISTER_VALUES:
         raise ValueError(f"{fn}: argument 'register_value' must be one of {REGISTER_VALUES}, got {register_value!r}")
-    if not isinstance(released_indexing, bool):
-        raise TypeError(f"{fn}: argument 'released_indexing' must be a bool, got {released_indexing!r}")
+    if not isinstance(settings.released_indexing, bool):
+        raise TypeError(f"{fn}: argument 'released_indexing' must be a bool, got {settings.released_indexing!r}")
+    return settings
 
 
-def _prepare(fn: str, model, neurons, num_registers, patch_values, register_value, released_indexing):
-    """The checked (model, {layer: neurons}, settings) of an apply_* call."""
-    model = _check_model(fn, model)
-    _check_settings(fn, num_registers, patch_values, register_value, released_indexing)
-    by_layer = neurons_by_layer(fn, neurons, model.depth, model.mlp_hidden)
-    return model, by_layer, TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing)
+def _prepare(fn: str, model, neurons, settings: TestTimeRegisterSettings) -> tuple[VisionTransformer, dict]:
+    """The checked model and {layer: neurons} of an apply_* call (the settings checked too)."""
+    model = check_model(fn, model)
+    check_settings(fn, settings)
+    return model, neurons_by_layer(fn, neurons, model.depth, model.mlp_hidden)
 
 
 def _snapshot(model: VisionTransformer) -> Callable[[], None]:
@@ -107,9 +114,8 @@ def apply_test_time_registers(
     patch 0 keeps its value), for exact reproduction. Applying again replaces the set;
     ``handle.remove()`` restores what was there before.
     """
-    model, by_layer, settings = _prepare(
-        "apply_test_time_registers()", model, neurons, num_registers, patch_values, register_value, released_indexing
-    )
+    settings = TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing)
+    model, by_layer = _prepare("apply_test_time_registers()", model, neurons, settings)
     if not by_layer:
         return Handle(None)
     restore = _snapshot(model)
@@ -117,11 +123,15 @@ def apply_test_time_registers(
     return Handle(restore)
 
 
-def _released_hook(idx: Tensor, num_registers: int, p0: int, patch_values: str, register_value: str):
-    """The released implementation's intervention, batched: index ops editing the activation in place."""
+def released_hook(idx: Tensor, num_registers: int, first_row: int, patch_values: str, register_value: str):
+    """The released implementation's intervention as a forward hook on an MLP activation (output
+    [B, T, F], the last ``num_registers`` tokens the test-time registers): gathers the neurons
+    ``idx``, writes their ``register_value`` into the registers and their ``patch_values`` into
+    the rows ``first_row`` to T - num_registers, with index operations in place, batched.
+    What :func:`apply_test_time_registers_with_hooks` installs; the benchmark's baseline."""
 
     def hook(module: nn.Module, inputs, output: Tensor) -> Tensor:
-        p1 = output.shape[1] - num_registers
+        p0, p1 = first_row, output.shape[1] - num_registers
         sel = output[:, :, idx]  # [B, T, K] (a copy)
         if register_value == "signed_max":
             reg = signed_max(sel, 1)
@@ -146,43 +156,34 @@ def _released_hook(idx: Tensor, num_registers: int, p0: int, patch_values: str, 
 
 
 def apply_test_time_registers_with_hooks(
-    model: VisionTransformer,
-    neurons,
-    num_registers: int = 1,
-    *,
-    patch_values: str = "zero",
-    register_value: str = "signed_max",
-    released_indexing: bool = False,
+    model: VisionTransformer, neurons, num_registers: int = 1, **settings: Any
 ) -> Handle:
     """The same intervention as :func:`apply_test_time_registers`, done as the released code does it.
 
+    Takes the same arguments (``patch_values``, ``register_value`` and ``released_indexing``
+    by keyword, the fields of :class:`~dsr_kernels.models.vit.TestTimeRegisterSettings`).
     A Python forward hook on each selected layer's MLP activation gathers the selected
     columns, reduces them and writes the register and patch rows back with index
     operations: several passes over the activation after the GELU's own. The latency
     baseline of the fused op (``dsr-kernels bench --section encoder``); it gives the same
     outputs.
     """
-    model, by_layer, settings = _prepare(
-        "apply_test_time_registers_with_hooks()",
-        model,
-        neurons,
-        num_registers,
-        patch_values,
-        register_value,
-        released_indexing,
-    )
+    fn = "apply_test_time_registers_with_hooks()"
+    try:
+        settings = TestTimeRegisterSettings(num_registers, **settings)
+    except TypeError as exc:  # an argument apply_test_time_registers does not take
+        raise TypeError(f"{fn}: {exc}") from None
+    model, by_layer = _prepare(fn, model, neurons, settings)
     if not by_layer:
         return Handle(None)
     restore = _snapshot(model)
     model.set_test_time_registers(settings, {})  # the tokens only; the activations stay plain GELU
     p0 = settings.first_edited_row(model.num_prefix_tokens)
-    acts = model.mlp_activations()
-    hooks = [
-        acts[layer].register_forward_hook(
-            _released_hook(idx.to(model.pos_embed.device), num_registers, p0, patch_values, register_value)
-        )
-        for layer, idx in by_layer.items()
-    ]
+    acts, device = model.mlp_activations(), model.pos_embed.device
+    hooks = []
+    for layer, idx in by_layer.items():
+        hook = released_hook(idx.to(device), num_registers, p0, settings.patch_values, settings.register_value)
+        hooks.append(acts[layer].register_forward_hook(hook))
 
     def undo() -> None:
         for h in hooks:
@@ -200,7 +201,7 @@ def apply_outlier_key_mask(model: VisionTransformer, threshold: float) -> Handle
     and reach the attention kernel as its ``key_mask``: no extra pass.
     """
     fn = "apply_outlier_key_mask()"
-    model = _check_model(fn, model)
+    model = check_model(fn, model)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"{fn}: argument 'threshold' must be a number > 0, got {threshold!r}")
     before = model.outlier_mask_threshold

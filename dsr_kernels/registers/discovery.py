@@ -9,8 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dsr_kernels.models.vit import VisionTransformer
-from dsr_kernels.registers.apply import _check_model, _check_settings, apply_test_time_registers
+from dsr_kernels.models.vit import TestTimeRegisterSettings, VisionTransformer
+from dsr_kernels.registers.apply import apply_test_time_registers, check_model, check_settings
 from dsr_kernels.registers.neurons import RegisterNeurons, empty_neurons, neurons_by_layer
 
 
@@ -88,7 +88,7 @@ def find_register_neurons(
     Returns :class:`RegisterNeurons` (empty when no image has an outlier).
     """
     fn = "find_register_neurons()"
-    model = _check_model(fn, model)
+    model = check_model(fn, model)
     depth = model.depth
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"{fn}: argument 'threshold' must be a number > 0, got {threshold!r}")
@@ -194,10 +194,10 @@ def find_register_neurons_recursive(
     model is left as it was; apply the result with :func:`apply_test_time_registers`.
     """
     fn = "find_register_neurons_recursive()"
-    model = _check_model(fn, model)
+    model = check_model(fn, model)
     if not _is_int(depth) or depth < 1:
         raise ValueError(f"{fn}: argument 'depth' must be an int >= 1, got {depth!r}")
-    _check_settings(fn, num_registers, patch_values, register_value, released_indexing)
+    check_settings(fn, TestTimeRegisterSettings(num_registers, patch_values, register_value, released_indexing))
     top_ks = _per_round(fn, "top_k", top_k, depth)
     highest = _per_round(fn, "highest_layer", highest_layer, depth)
     batches = _batches(fn, images, batch_size, reusable=True)
