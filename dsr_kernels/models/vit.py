@@ -228,6 +228,7 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        *,  # timm's order up to here; its next ones (qk_norm, ...) are not these
         init_values: float | None = None,
         class_token: bool = True,
         reg_tokens: int = 0,
@@ -235,7 +236,6 @@ class VisionTransformer(nn.Module):
         fc_norm: bool | None = None,
         act_layer: str = "gelu",
         norm_eps: float = 1e-6,
-        *,
         backend: str = "auto",
     ) -> None:
         super().__init__()
