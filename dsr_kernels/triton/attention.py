@@ -883,10 +883,7 @@ class _Launch:
     sin: Tensor
     causal_offset: int
     qk_scale: float
-
-    @property
-    def varlen(self) -> bool:
-        return self.tq > 0
+    varlen: bool
 
     def heavy(self) -> bool:
         """Rotary tables or a float mask: more registers live in the backward's inner loop."""
@@ -939,6 +936,7 @@ def _prepare(call: AttentionCall) -> _Launch:
         # (packed sequences: each is bottom-right aligned in the kernels, which set the offset)
         causal_offset=0 if call.varlen or call.causal == Causal.NONE else call.causal_offset,
         qk_scale=call.scale * LOG2E,
+        varlen=call.varlen,
     )
 
 
