@@ -3,14 +3,15 @@
 Two ways in, for what the installed diffusers offers:
 
 - **The attention dispatcher** (models whose processors call ``dispatch_attention_fn``,
-  e.g. Flux, Wan, QwenImage): importing this module registers ``"dsr"`` as one of
-  diffusers' attention backends, so ``model.set_attention_backend("dsr")`` and
+  e.g. Flux, Wan, HunyuanVideo, QwenImage): importing this module registers ``"dsr"`` as
+  one of diffusers' attention backends, so ``model.set_attention_backend("dsr")`` and
   ``with attention_backend("dsr"):`` run :func:`dsr_kernels.scaled_dot_product_attention`.
   The dispatcher passes no layer identity, so this path has no registers or statistics.
-  Processors that call torch's SDPA themselves (DiT, PixArt, SD3: ``AttnProcessor2_0``,
-  ``JointAttnProcessor2_0``) never see a backend: ``model.set_attention_backend("dsr")``
-  warns, naming them (this module wraps diffusers' ``ModelMixin.set_attention_backend``
-  for that); :func:`patch` is the way in for them.
+  Processors that call torch's SDPA themselves (DiT, PixArt, SD3, Latte, CogVideoX:
+  ``AttnProcessor2_0``, ``JointAttnProcessor2_0``, ``CogVideoXAttnProcessor2_0``) never
+  see a backend: ``model.set_attention_backend("dsr")`` warns, naming them (this module
+  wraps diffusers' ``ModelMixin.set_attention_backend`` for that); :func:`patch` is the
+  way in for them.
 - **The processor** :class:`DSRAttnProcessor`, for every diffusers attention module
   (``Attention`` of DiT, PixArt, SD3, ... and the ``AttentionModuleMixin`` modules of
   Flux): it wraps the module's own processor, so the projections, norms and RoPE stay
@@ -27,6 +28,15 @@ one for the duration of the processor's call (the redirection is process-wide wh
 lasts: do not run a model in another thread meanwhile). Calls the fused kernels cannot
 serve (dropout, a float mask that needs a gradient) run PyTorch's SDPA with a warning,
 as :func:`dsr_kernels.scaled_dot_product_attention` does.
+
+Rotary embeddings: the processors of the video transformers rotate q and k themselves
+(CogVideoX, HunyuanVideo, Wan). Where their tables have the form the kernels take, the
+processor is called without them and the kernel rotates q and the token keys
+(``dsr_kernels.attention(..., rope=(cos, sin))``; the text tokens, which these models
+leave unrotated, get identity rows; registers are never rotated): see ``_ROPE_PLANS``.
+Otherwise (and for every other processor) the wrapped processor applies them as diffusers
+does. ``DSRAttnProcessor.rope_path`` says which ("kernel" / "diffusers") and
+``rope_reason`` why.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -44,8 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr_kernels import outliers
-from dsr_kernels.ops.attention import attention
+from dsr_kernels.ops.attention import MAX_HEAD_DIM, attention
 from dsr_kernels.ops.attention_dropin import scaled_dot_product_attention
+from dsr_kernels.rope import apply_rope
 
 __all__ = ["BACKEND_NAME", "DSRAttnProcessor", "patch", "register_backend"]
 
@@ -58,6 +70,8 @@ class _Call:
 
     processor: DSRAttnProcessor
     backend: str
+    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) [N, D] for the kernel: the processor did not rotate
+    rope_style: str = "interleaved"
 
 
 _CURRENT: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("dsr_diffusers_call", default=None)
@@ -103,12 +117,25 @@ def _fused_sdpa(
     if proc.register_k is not None:
         kv_registers = (proc.register_k.to(query.dtype), proc.register_v.to(query.dtype))
     sinks = proc.sinks
+    rope = call.rope
+    if rope is not None:
+        n = rope[0].shape[0]
+        if query.shape[-2] != n or key.shape[-2] != n:
+            raise RuntimeError(
+                f"DSRAttnProcessor({type(proc.inner).__name__}): rotary tables for {n} tokens, but the attention "
+                f"has {query.shape[-2]} queries and {key.shape[-2]} keys (the processor's layout changed?)"
+            )
+        rope = tuple(t.to(query.device) for t in rope)  # as diffusers' apply_rotary_emb moves them
+        if not _attention_serves(query, key, value, attn_mask, dropout_p):
+            # the drop-in's broadcasting or PyTorch's SDPA: rotate here, as the processor would have
+            query, key = (apply_rope(t, *rope, call.rope_style).to(t.dtype) for t in (query, key))
+            rope = None
     recording = outliers.active_layer(proc)
-    if recording is not None and query.dim() == 4 and dropout_p == 0.0:
+    if (recording is not None or rope is not None) and query.dim() == 4 and dropout_p == 0.0:
         mask = attn_mask
         if mask is not None and mask.dim() < 4:
             mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
-        out, stats = attention(
+        out = attention(
             query,
             key,
             value,
@@ -117,9 +144,14 @@ def _fused_sdpa(
             attn_mask=mask,
             causal=is_causal,
             scale=scale,
-            return_stats=True,
+            return_stats=recording is not None,
+            rope=rope,
+            rope_style=call.rope_style,
             backend=call.backend,
         )
+        if recording is None:
+            return out
+        out, stats = out
         report, layer = recording
         report.record_attention(layer, stats, proc.num_kv_registers)
         return out
@@ -135,6 +167,19 @@ def _fused_sdpa(
         kv_registers=kv_registers,
         sinks=sinks,
         backend=call.backend,
+    )
+
+
+def _attention_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float) -> bool:
+    """Whether :func:`dsr_kernels.attention` takes this SDPA call as it is (no broadcasting to resolve,
+    nothing that :func:`dsr_kernels.scaled_dot_product_attention` hands to PyTorch)."""
+    return (
+        all(t.dim() == 4 and t.shape[0] == query.shape[0] for t in (query, key, value))
+        and key.shape[1] == value.shape[1]
+        and query.shape[1] % key.shape[1] == 0
+        and max(query.shape[-1], value.shape[-1]) <= MAX_HEAD_DIM
+        and dropout_p == 0.0
+        and not (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled())
     )
 
 
@@ -215,6 +260,106 @@ def _redirected_sdpa():
         F.scaled_dot_product_attention = _TORCH_SDPA
 
 
+Tables = tuple[Tensor, Tensor]
+
+
+def _pair(value: Any, shape: tuple[int, ...]) -> Tables | str:
+    """``value`` as a pair of tensors of the given shape, or why it is not one."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(t, Tensor) for t in value)):
+        return f"the tables are a {type(value).__name__}, not a pair of tensors"
+    if any(tuple(t.shape) != shape for t in value):
+        return f"tables of shapes {[tuple(t.shape) for t in value]}, not {list(shape)}"
+    return value[0], value[1]
+
+
+def _with_unrotated_rows(tables: Tables, before: int, after: int) -> Tables:
+    """Identity rows (cos 1, sin 0) for ``before`` tokens ahead of the rotated ones and ``after`` behind them."""
+    cos, sin = tables
+    D = cos.shape[1]
+    cos = torch.cat([cos.new_ones(before, D), cos, cos.new_ones(after, D)])
+    return cos, torch.cat([sin.new_zeros(before, D), sin, sin.new_zeros(after, D)])
+
+
+def _cogvideox_tables(attn: nn.Module, arguments: dict[str, Any], head_dim: int) -> Tables | str:
+    """CogVideoX: [text ; video] tokens; diffusers' ``apply_rotary_emb`` (interleaved pairs, tables
+    (cos, sin) [N_video, head_dim]) rotates the video tokens of q and k."""
+    if getattr(attn, "is_cross_attention", False):
+        return "cross-attention: the processor rotates q but not k"
+    tables = _pair(arguments["image_rotary_emb"], (arguments["hidden_states"].shape[1], head_dim))
+    if isinstance(tables, str):
+        return tables
+    return _with_unrotated_rows(tables, before=arguments["encoder_hidden_states"].shape[1], after=0)
+
+
+def _hunyuan_video_tables(attn: nn.Module, arguments: dict[str, Any], head_dim: int) -> Tables | str:
+    """HunyuanVideo: [video ; text] tokens (double- and single-stream blocks alike); ``apply_rotary_emb``
+    rotates the video tokens."""
+    tables = _pair(arguments["image_rotary_emb"], (arguments["hidden_states"].shape[1], head_dim))
+    if isinstance(tables, str):
+        return tables
+    encoder = arguments.get("encoder_hidden_states")
+    return _with_unrotated_rows(tables, before=0, after=0 if encoder is None else encoder.shape[1])
+
+
+def _wan_tables(attn: nn.Module, arguments: dict[str, Any], head_dim: int) -> Tables | str:
+    """Wan: self-attention of the video tokens; its own rotation takes, for pair (2i, 2i + 1), the cosine at
+    channel 2i and the sine at channel 2i + 1 of (freqs_cos, freqs_sin) [1, N, 1, head_dim]."""
+    if arguments.get("encoder_hidden_states") is not None:
+        return "cross-attention"
+    tables = _pair(arguments["rotary_emb"], (1, arguments["hidden_states"].shape[1], 1, head_dim))
+    if isinstance(tables, str):
+        return tables
+    cos, sin = tables
+    return cos[0, :, 0, 0::2].repeat_interleave(2, -1), sin[0, :, 0, 1::2].repeat_interleave(2, -1)
+
+
+@dataclass(frozen=True)
+class _RopePlan:
+    """How one diffusers processor rotates q and k, so that the kernel can do it instead: the argument that
+    carries its tables, and what turns them into the kernel's (cos, sin) [N, D] for the whole attended
+    sequence (or says why they do not have that form)."""
+
+    keyword: str
+    tables: Any  # (attn, the call's arguments by name, head_dim) -> Tables | str
+    style: str = "interleaved"
+
+
+# By the processor's class (diffusers' own only: a subclass may rotate differently). Latte's processor
+# (AttnProcessor2_0) has no rotary embeddings; Flux's and the image models' keep their own (diffusers path).
+_ROPE_PLANS = {
+    "CogVideoXAttnProcessor2_0": _RopePlan("image_rotary_emb", _cogvideox_tables),
+    "FusedCogVideoXAttnProcessor2_0": _RopePlan("image_rotary_emb", _cogvideox_tables),
+    "HunyuanVideoAttnProcessor2_0": _RopePlan("image_rotary_emb", _hunyuan_video_tables),
+    "WanAttnProcessor": _RopePlan("rotary_emb", _wan_tables),
+}
+
+
+def _rope_plan(inner: Any) -> _RopePlan | None:
+    cls = type(inner)
+    return _ROPE_PLANS.get(cls.__name__) if cls.__module__.startswith("diffusers.") else None
+
+
+class _ProcessorCall:
+    """A :class:`DSRAttnProcessor`'s ``__call__`` as diffusers reads it: with the wrapped processor's signature.
+
+    diffusers' attention modules (``Attention.forward`` and others) pass a keyword on to their processor only
+    if ``inspect.signature(processor.__call__)`` names it, and drop the others with a log line. The processor's
+    own ``forward(attn, hidden_states, *args, **kwargs)`` names none, so CogVideoX's ``image_rotary_emb`` was
+    dropped. Held in the instance's ``__dict__``: calling the processor itself still goes through
+    ``nn.Module.__call__``.
+    """
+
+    def __init__(self, processor: DSRAttnProcessor) -> None:
+        self.processor = processor
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.processor.inner.__call__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return nn.Module.__call__(self.processor, *args, **kwargs)
+
+
 class DSRAttnProcessor(nn.Module):
     """A diffusers attention processor: the module's own processor, with the attention product fused.
 
@@ -225,6 +370,15 @@ class DSRAttnProcessor(nn.Module):
             [heads, R, head_dim]), trainable, every query may attend them.
         sinks: learn a sink logit per head (``sinks`` [heads], initialised to 0).
         backend: the backend of :func:`dsr_kernels.attention`.
+
+    Every argument the wrapped processor takes reaches it (its signature is this one's, as
+    diffusers' attention modules read it), except rotary tables that the kernel applies
+    instead. ``rope_path`` says who rotates q and k: ``"kernel"`` when the wrapped
+    processor is one whose rotation the kernel reproduces (CogVideoX's, HunyuanVideo's,
+    Wan's) and the last tables it was given had the form the kernel takes;
+    ``"diffusers"`` when they did not, or the wrapped processor is another one (it applies
+    whatever rotary embeddings it takes, as without the patch); None when a processor of
+    the first kind has been given no tables (Wan's cross-attention). ``rope_reason`` says why.
 
     Being an ``nn.Module``, it is a submodule of the attention module: its parameters are
     the model's (optimiser, ``state_dict``, ``.to()``), and
@@ -253,6 +407,14 @@ class DSRAttnProcessor(nn.Module):
         self.register_parameter("register_v", None)
         self.register_parameter("sinks", None)
         self.add_registers(num_kv_registers, sinks=sinks, device=device, dtype=dtype)
+        self.__call__ = _ProcessorCall(self)  # for diffusers' inspect.signature(processor.__call__)
+        plan = _rope_plan(inner)
+        self.rope_path: str | None = "diffusers" if plan is None else None
+        self.rope_reason = (
+            f"{type(inner).__name__} applies the rotary embeddings it takes (if any) itself"
+            if plan is None
+            else f"no {plan.keyword!r} tables have reached {type(inner).__name__} yet"
+        )
 
     def add_registers(
         self, num_kv_registers: int = 0, *, sinks: bool = False, device=None, dtype=None
@@ -275,7 +437,8 @@ class DSRAttnProcessor(nn.Module):
         return 0 if self.register_k is None else self.register_k.shape[1]
 
     def forward(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        token = _CURRENT.set(_Call(self, self.backend))
+        args, kwargs, call = self._take_rope(attn, hidden_states, args, kwargs)
+        token = _CURRENT.set(call)
         try:
             if hasattr(self.inner, "_attention_backend") and register_backend():
                 from diffusers.models.attention_dispatch import AttentionBackendName
@@ -291,10 +454,39 @@ class DSRAttnProcessor(nn.Module):
         finally:
             _CURRENT.reset(token)
 
+    def _take_rope(
+        self, attn: nn.Module, hidden_states: Tensor, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict, _Call]:
+        """The call's arguments for the wrapped processor, less the rotary tables the kernel will apply."""
+        call = _Call(self, self.backend)
+        plan = _rope_plan(self.inner)
+        if plan is None:
+            return args, kwargs, call
+        try:
+            bound = inspect.signature(self.inner.__call__).bind(attn, hidden_states, *args, **kwargs)
+        except TypeError:  # let the processor say what is wrong with the call
+            return args, kwargs, call
+        if bound.arguments.get(plan.keyword) is None:
+            return args, kwargs, call
+        tables = plan.tables(attn, bound.arguments, self.head_dim)
+        if not isinstance(tables, str) and any(t.requires_grad and torch.is_grad_enabled() for t in tables):
+            tables = "the tables require a gradient (the kernel takes constant ones)"
+        if isinstance(tables, str):
+            self.rope_path, self.rope_reason = "diffusers", f"{type(self.inner).__name__}: {tables}"
+            return args, kwargs, call
+        self.rope_path = "kernel"
+        self.rope_reason = (
+            f"{type(self.inner).__name__}'s {plan.keyword!r} tables go to the kernel ({plan.style} pairs)"
+        )
+        bound.arguments[plan.keyword] = None
+        call.rope, call.rope_style = tables, plan.style
+        return bound.args[2:], bound.kwargs, call
+
     def extra_repr(self) -> str:
         return (
             f"inner={type(self.inner).__name__}, heads={self.heads}, head_dim={self.head_dim}, "
-            f"num_kv_registers={self.num_kv_registers}, sinks={self.sinks is not None}, backend={self.backend!r}"
+            f"num_kv_registers={self.num_kv_registers}, sinks={self.sinks is not None}, backend={self.backend!r}, "
+            f"rope_path={self.rope_path!r}"
         )
 
 
