@@ -15,6 +15,11 @@ read-only pass over the activation (``sqnr=False`` skips it).
 
 A layer's record merges what its modules report: a module named ``blocks.3.attn``
 reports to layer ``blocks.3``.
+
+Video models (:mod:`dsr_kernels.models.video`) also declare where their tokens sit
+(:class:`VideoLayout`: frames, positions, registers), and the same statistics are then
+aggregated per frame and per spatial position (:class:`FrameRecord`,
+:meth:`OutlierReport.frame_table`, :meth:`OutlierReport.plot_frames`).
 """
 
 from __future__ import annotations
@@ -111,6 +116,176 @@ class LayerRecord:
     int8_sqnr_db: float | None = None
 
 
+ARRANGEMENTS = ("full", "spatial", "temporal")
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """Where the tokens of a video model's residual stream [B, P + T * S, D] sit.
+
+    P = ``len(prefix_frames)`` prefix tokens come first (registers; ``prefix_frames[i]``
+    is the frame of prefix token i, -1 for a global register), then ``frames`` frames of
+    S slots each: the frame's ``frame_registers`` registers, then its ``height`` x ``width``
+    patches, row-major. An attention call covers the stream in one of three arrangements
+    (:meth:`sequences`): "full" (one sequence), "spatial" (one per frame) or "temporal"
+    (one per slot, across the frames); in the last two the P prefix tokens are every
+    sequence's kv registers.
+    """
+
+    frames: int
+    height: int
+    width: int
+    frame_registers: int = 0
+    prefix_frames: tuple[int, ...] = ()
+
+    @property
+    def slots(self) -> int:
+        """S: the slots of one frame (its registers and patches)."""
+        return self.frame_registers + self.height * self.width
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix_frames) + self.frames * self.slots
+
+    def token_frame(self) -> Tensor:
+        """[N] long: the frame of each token of the stream (-1: a global register)."""
+        prefix = torch.tensor(self.prefix_frames, dtype=torch.long)
+        return torch.cat([prefix, torch.arange(self.frames).repeat_interleave(self.slots)])
+
+    def token_position(self) -> Tensor:
+        """[N] long: row * width + col of each patch token, -1 for the registers."""
+        slot = torch.arange(self.slots) - self.frame_registers
+        slots = torch.where(slot >= 0, slot, -1).repeat(self.frames)
+        return torch.cat([torch.full((len(self.prefix_frames),), -1, dtype=torch.long), slots])
+
+    def sequences(self, arrangement: str) -> tuple[Tensor, Tensor]:
+        """(queries [G, L], keys [G, R_kv + L]): the stream index of each query and key of an
+        attention call with batch B * G (sample b, sequence g at b * G + g)."""
+        P, T, S = len(self.prefix_frames), self.frames, self.slots
+        grid = P + torch.arange(T * S).view(T, S)  # [T, S]
+        if arrangement == "full":
+            queries = torch.arange(self.num_tokens)[None]
+            return queries, queries
+        if arrangement not in ARRANGEMENTS:
+            raise ValueError(f"VideoLayout.sequences(): arrangement must be one of {ARRANGEMENTS}, got {arrangement!r}")
+        queries = grid if arrangement == "spatial" else grid.T.contiguous()
+        kv = torch.arange(P)[None].expand(queries.shape[0], P)
+        return queries, torch.cat([kv, queries], dim=1)
+
+
+@dataclass
+class FrameRecord:
+    """Per-frame statistics of one video layer during one tag (:meth:`OutlierReport.frame_records`).
+
+    Outliers are the layer's (the rule of :func:`collect` over each sample's whole stream,
+    registers included), placed at their frame and position. The key mass is AttentionStats
+    key_mass summed over samples, heads, queries and calls, as a share of the total: the
+    attention each patch key (frame, position) and the registers receive. ``register_share``
+    averages the register share of each frame's patch-token queries. None: not measured.
+    """
+
+    layer: str
+    tag: str
+    frames: int
+    height: int
+    width: int
+    outlier_count: Tensor | None = None  # [T, h, w] int64: norm outliers at each frame and position
+    register_outliers: int | None = None  # norm outliers among the registers
+    norm_max: Tensor | None = None  # [T]: the largest patch-token norm of each frame
+    key_mass: Tensor | None = None  # [T, h, w]: share of the attention mass each patch key receives
+    register_key_mass: float | None = None  # share of the attention mass the registers receive
+    register_share: Tensor | None = None  # [T]: mean register share of each frame's patch queries
+
+    @property
+    def outliers_per_frame(self) -> Tensor | None:
+        """[T] outlier tokens in each frame."""
+        return None if self.outlier_count is None else self.outlier_count.sum((1, 2))
+
+    @property
+    def key_mass_per_frame(self) -> Tensor | None:
+        """[T] share of the attention mass each frame's patch keys receive."""
+        return None if self.key_mass is None else self.key_mass.sum((1, 2))
+
+    @property
+    def key_mass_per_position(self) -> Tensor | None:
+        """[h, w] share of the attention mass the keys at each spatial position receive (all frames)."""
+        return None if self.key_mass is None else self.key_mass.sum(0)
+
+    def outlier_locations(self) -> list[tuple[int, int, int, int]]:
+        """(frame, row, col, count) of every place that held an outlier, the most frequent first."""
+        if self.outlier_count is None:
+            return []
+        where = self.outlier_count.nonzero().tolist()
+        found = [(f, r, c, int(self.outlier_count[f, r, c])) for f, r, c in where]
+        return sorted(found, key=lambda x: (-x[3], x[:3]))
+
+
+@dataclass
+class _FrameAccumulator:
+    layout: VideoLayout
+    outliers: Tensor | None = None  # [T, h * w]
+    register_outliers: int = 0
+    norm_max: Tensor | None = None  # [T]
+    key_mass: Tensor | None = None  # [T, h * w] float64
+    register_key_mass: float = 0.0
+    total_mass: float = 0.0
+    share_sum: Tensor | None = None  # [T]
+    share_count: int = 0
+
+    def add_norms(self, norms: Tensor, mask: Tensor) -> None:
+        """norms, mask [B, N] over the stream."""
+        lay = self.layout
+        patch = lay.token_position() >= 0
+        T, hw = lay.frames, lay.height * lay.width
+        outliers = mask.cpu()[:, patch].view(-1, T, hw).sum(0)
+        norm_max = norms.cpu()[:, patch].view(-1, T, hw).amax((0, 2))
+        self.outliers = outliers if self.outliers is None else self.outliers + outliers
+        self.norm_max = norm_max if self.norm_max is None else torch.maximum(self.norm_max, norm_max)
+        self.register_outliers += int(mask.cpu()[:, ~patch].sum())
+
+    def add_attention(self, stats: AttentionStats, arrangement: str, mask: Tensor | None) -> float | None:
+        """Adds one call's key mass and register share; returns the share of the attention
+        the outlier tokens of ``mask`` ([B, N]) receive, or None."""
+        lay = self.layout
+        queries, keys = lay.sequences(arrangement)
+        G, N = queries.shape[0], lay.num_tokens
+        key_mass = stats.key_mass.detach().double().sum(1).cpu()  # [B * G, R_kv + L]
+        if key_mass.shape[-1] != keys.shape[-1] or key_mass.shape[0] % G:
+            return None  # not this layout's call
+        B = key_mass.shape[0] // G
+        mass = torch.zeros(B, N, dtype=torch.float64).index_add_(1, keys.flatten(), key_mass.view(B, -1))
+        share = stats.register_share.detach().double().mean(1).cpu().reshape(B, -1)  # [B, G * L]
+        shares = torch.zeros(B, N, dtype=torch.float64).index_add_(1, queries.flatten(), share)
+        patch = lay.token_position() >= 0
+        T, hw = lay.frames, lay.height * lay.width
+        total = key_mass.view(B, -1).sum(-1)  # [B]
+        patch_mass = mass[:, patch].view(B, T, hw).sum(0)
+        self.key_mass = patch_mass if self.key_mass is None else self.key_mass + patch_mass
+        self.register_key_mass += float(mass[:, ~patch].sum())
+        self.total_mass += float(total.sum())
+        share_sum = shares[:, patch].view(B, T, hw).sum((0, 2))
+        self.share_sum = share_sum if self.share_sum is None else self.share_sum + share_sum
+        self.share_count += B * hw
+        if mask is None or mask.shape != (B, N):
+            return None
+        return float(((mass * mask.cpu()).sum(-1) / total).mean())
+
+    def record(self, layer: str, tag: str) -> FrameRecord:
+        lay = self.layout
+        shape = (lay.frames, lay.height, lay.width)
+        rec = FrameRecord(layer, tag, *shape)
+        if self.outliers is not None:
+            rec.outlier_count = self.outliers.view(shape).long()
+            rec.register_outliers = self.register_outliers
+            rec.norm_max = self.norm_max.float()
+        if self.key_mass is not None:
+            total = self.total_mass if self.total_mass > 0 else math.nan
+            rec.key_mass = (self.key_mass / total).view(shape).float()
+            rec.register_key_mass = self.register_key_mass / total
+            rec.register_share = (self.share_sum / self.share_count).float()
+        return rec
+
+
 @dataclass
 class _Accumulator:
     norms: list[Tensor] = field(default_factory=list)
@@ -122,6 +297,7 @@ class _Accumulator:
     signal: float = 0.0
     noise: float = 0.0
     attn: dict[str, list[float]] = field(default_factory=dict)
+    frames: _FrameAccumulator | None = None  # video layers: per frame and position
 
     def add_attn(self, name: str, value: float) -> None:
         self.attn.setdefault(name, []).append(value)
@@ -135,6 +311,7 @@ class OutlierReport:
         self.sqnr = sqnr
         self.tag = ""
         self._acc: dict[tuple[str, str], _Accumulator] = {}
+        self._video: dict[str, tuple[VideoLayout, str]] = {}  # layer: (layout, arrangement), set_video_layout
 
     def set_tag(self, tag: str) -> None:
         """Start a new group of records (e.g. the next noise level); plots draw one line per tag."""
@@ -145,12 +322,24 @@ class OutlierReport:
     def _get(self, layer: str) -> _Accumulator:
         return self._acc.setdefault((self.tag, layer), _Accumulator())
 
+    def _frames(self, acc: _Accumulator, layer: str) -> tuple[_FrameAccumulator, str] | None:
+        """The layer's per-frame accumulator and attention arrangement; None for a layer that is not a video's."""
+        if layer not in self._video:
+            return None
+        layout, arrangement = self._video[layer]
+        if acc.frames is None or acc.frames.layout != layout:
+            acc.frames = _FrameAccumulator(layout)
+        return acc.frames, arrangement
+
     def record_norms(self, layer: str, norms: Tensor, moments: Tensor | None, h: Tensor) -> None:
         """norms [B, T]; moments [B, T, 2] (max |h|, sum h^4) of h, the normed activation [B, T, D]."""
         acc = self._get(layer)
         norms = norms.detach().float()
         acc.norms.append(norms.flatten().cpu())
         acc.pending_outliers = find_outliers(norms, **self.rule).mask
+        video = self._frames(acc, layer)
+        if video is not None and norms.dim() == 2 and norms.shape[-1] == video[0].layout.num_tokens:
+            video[0].add_norms(norms, acc.pending_outliers)
         if moments is not None:
             acc.sum2 += float(norms.square().sum())
             acc.sum4 += float(moments[..., 1].double().sum())
@@ -177,6 +366,12 @@ class OutlierReport:
         if mask is not None and mask.shape == (token_mass.shape[0], token_mass.shape[-1]):
             share = (token_mass * mask[:, None, :].to(token_mass.device)).sum(-1) / total
             acc.add_attn("outlier_attention", float(share.mean()))
+            mask = None  # measured: the video path below only adds the per-frame statistics
+        video = self._frames(acc, layer)
+        if video is not None:
+            share = video[0].add_attention(stats, video[1], mask)
+            if share is not None:  # a spatial or temporal call: the stream's outliers mapped to its keys
+                acc.add_attn("outlier_attention", share)
 
     # -- rendering -----------------------------------------------------------------
 
@@ -256,6 +451,77 @@ class OutlierReport:
         plt.close(fig)
         return path
 
+    # -- per frame (video models) --------------------------------------------------
+
+    def frame_records(self) -> list[FrameRecord]:
+        """One :class:`FrameRecord` per (tag, video layer), in the order they were recorded."""
+        return [acc.frames.record(layer, tag) for (tag, layer), acc in self._acc.items() if acc.frames is not None]
+
+    def frame_table(self, *, top: int = 3) -> str:
+        """One row per video layer and tag: where the outliers are (frame:count, and the ``top``
+        (frame, row, col) places), the key mass and register share per frame."""
+        cols = ["layer", "tag", "outliers", "by frame", "top places", "key mass per frame", "reg mass", "reg share"]
+        rows = []
+        for r in self.frame_records():
+            if r.outlier_count is None:
+                outliers = by_frame = places = "not measured"
+            else:
+                per_frame = r.outliers_per_frame.tolist()
+                outliers = f"{sum(per_frame)} (+{r.register_outliers} reg)"
+                by_frame = " ".join(f"{f}:{n}" for f, n in enumerate(per_frame) if n) or "-"
+                places = " ".join(f"({f},{y},{x})x{n}" for f, y, x, n in r.outlier_locations()[:top]) or "-"
+            if r.key_mass is None:
+                mass = reg_mass = reg_share = "not measured"
+            else:
+                mass = " ".join(f"{m:.3f}" for m in r.key_mass_per_frame.tolist())
+                reg_mass, reg_share = _fmt(r.register_key_mass), _fmt(float(r.register_share.mean()))
+            rows.append([r.layer, r.tag or "-", outliers, by_frame, places, mass, reg_mass, reg_share])
+        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(lines)
+
+    def plot_frames(self, path: str) -> str:
+        """Frames x layers heatmaps, one row of panels per tag: the norm outliers in each frame,
+        and the share of the attention mass each frame's keys receive."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.frame_records()
+        if not records:
+            raise ValueError("OutlierReport.plot_frames(): no video layer was recorded (see VideoLayout)")
+        tags = list(dict.fromkeys(r.tag for r in records))
+        layers = list(dict.fromkeys(r.layer for r in records))
+        frames = max(r.frames for r in records)
+        panels = [
+            ("norm outliers per frame", "outliers_per_frame", "outlier tokens"),
+            ("attention mass per frame (keys)", "key_mass_per_frame", "share of the attention mass"),
+        ]
+        fig, axes = plt.subplots(
+            len(tags), 2, figsize=(12, 0.4 * len(layers) * len(tags) + 2.5 * len(tags)), squeeze=False
+        )
+        for row, tag in zip(axes, tags, strict=True):
+            by_layer = {r.layer: r for r in records if r.tag == tag}
+            for ax, (title, stat, label) in zip(row, panels, strict=True):
+                grid = torch.full((len(layers), frames), math.nan)
+                for i, layer in enumerate(layers):
+                    values = getattr(by_layer[layer], stat) if layer in by_layer else None
+                    if values is not None:
+                        grid[i, : values.numel()] = values.float()
+                image = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+                fig.colorbar(image, ax=ax, label=label)
+                ax.set_yticks(range(len(layers)), layers, fontsize=7)
+                ax.set_xticks(range(frames))
+                ax.set_xlabel("frame")
+                ax.set_ylabel("layer")
+                ax.set_title(f"{title}{f' ({tag})' if tag else ''}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -275,6 +541,20 @@ def active_layer(module: nn.Module) -> tuple[OutlierReport, str] | None:
     global or context variable), which torch.compile traces as a plain attribute read.
     """
     return getattr(module, _ATTR, None)
+
+
+def set_video_layout(module: nn.Module, layout: VideoLayout, arrangement: str = "full") -> None:
+    """Declares where the tokens of ``module``'s layer sit in a video, and how its attention
+    covers them (``arrangement``: "full", "spatial" or "temporal", see :class:`VideoLayout`);
+    the layer's norms and attention statistics are then also recorded per frame and position.
+    The video models call it before each block; a no-op outside :func:`collect`.
+    """
+    recording = active_layer(module)
+    if recording is not None:
+        if arrangement not in ARRANGEMENTS:
+            raise ValueError(f"set_video_layout(): arrangement must be one of {ARRANGEMENTS}, got {arrangement!r}")
+        report, layer = recording
+        report._video[layer] = (layout, arrangement)
 
 
 @contextlib.contextmanager

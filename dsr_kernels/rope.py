@@ -108,6 +108,62 @@ def rope_2d_tables(
     return cos, sin
 
 
+def rope_3d_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of the head dim between (t, h, w): h and w get 2 (head_dim // 6) channels
+    each, t the rest (128 -> 44, 42, 42; 72 -> 24, 24, 24; 64 -> 24, 20, 20)."""
+    return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
+
+
+def rope_3d_tables(
+    frames: int,
+    grid_h: int,
+    grid_w: int,
+    head_dim: int,
+    *,
+    split: tuple[int, int, int] | None = None,
+    theta: float = 10000.0,
+    style: str = "interleaved",
+    num_identity_rows: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """3-D rotary tables for a frames x grid_h x grid_w token grid (video DiTs: Wan, CogVideoX,
+    HunyuanVideo), token = (t * grid_h + row) * grid_w + col.
+
+    The head dim is split between the three axes: ``split`` = (channels for t, for h, for w),
+    each even, summing to head_dim; default :func:`rope_3d_split` (Wan 2.1's; HunyuanVideo
+    uses (16, 56, 56) with theta 256, CogVideoX (D/4, 3D/8, 3D/8)). Each axis rotates its
+    pairs by its own coordinate with frequencies theta^(-2i / channels of the axis), as
+    Wan's ``rope_params`` and diffusers' ``get_1d_rotary_pos_embed`` per axis. With
+    ``style="interleaved"`` (Wan's complex pairs, diffusers' ``use_real_unbind_dim=-1``)
+    the axes take consecutive channel ranges, pairs (2i, 2i + 1); with ``"half"`` the pair
+    angles (t's, then h's, then w's) fill pairs (i, i + D/2). ``num_identity_rows`` rows of
+    (cos 1, sin 0) come first: tokens prepended to the sequence (registers) stay unrotated.
+
+    Returns (cos, sin), each [num_identity_rows + frames * grid_h * grid_w, head_dim] float32.
+    """
+    if style not in ROPE_STYLES:
+        raise ValueError(f"rope_3d_tables(): style must be one of {ROPE_STYLES}, got {style!r}")
+    split = rope_3d_split(head_dim) if split is None else tuple(split)
+    if len(split) != 3 or any(c < 0 or c % 2 for c in split) or sum(split) != head_dim:
+        raise ValueError(
+            f"rope_3d_tables(): split must be 3 even channel counts summing to head_dim={head_dim}, got {split}"
+        )
+    angles = []  # per axis: [frames, grid_h, grid_w, channels / 2] pair angles
+    for axis, (n, channels) in enumerate(zip((frames, grid_h, grid_w), split, strict=True)):
+        freqs = theta ** (-torch.arange(0, channels, 2, dtype=torch.float64, device=device) / max(channels, 1))
+        ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None, :]
+        shape = [1, 1, 1, channels // 2]
+        shape[axis] = n
+        angles.append(ang.view(shape).expand(frames, grid_h, grid_w, channels // 2))
+    ang = torch.cat(angles, dim=-1).reshape(frames * grid_h * grid_w, head_dim // 2)
+    ang = ang.repeat_interleave(2, dim=-1) if style == "interleaved" else torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    if num_identity_rows:
+        cos = torch.cat([torch.ones(num_identity_rows, head_dim, device=device), cos])
+        sin = torch.cat([torch.zeros(num_identity_rows, head_dim, device=device), sin])
+    return cos, sin
+
+
 def rope_1d_tables(
     length: int, head_dim: int, *, theta: float = 10000.0, style: str = "half", device=None
 ) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,10 @@ built from :func:`block_macs`); :func:`flops` scales them to a batch.
 Reproduces the published numbers: DiT-S/2, B/2, L/2, XL/2 at 256 px: 6.06, 23.0, 80.7,
 118.6 GMACs; LightningDiT-S/B/XL on 256 RAE tokens of 768 channels: 12.4 / 46.6 / 238.1
 GFLOPs, and with 36 registers (from block 4 for S and B, 8 for XL) 13.7 / 51.2 / 262.9.
+The video models (:mod:`dsr_kernels.models.video`) count the same parts over their
+sequences (per frame, per position, or all T x h x w tokens, registers included) and the
+text cross-attention; ``tests/test_video.py`` checks them against
+``torch.utils.flop_counter.FlopCounterMode``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,18 @@ def mlp_macs(dim: int, hidden: int, *, gated: bool = False) -> int:
     return (3 if gated else 2) * dim * hidden
 
 
-def block_macs(tokens: int, dim: int, mlp: int, *, adaln: int = 0) -> int:
+def attention_macs(queries: int, keys: int, dim: int) -> int:
+    """Q K^T and P V of one sequence: 2 * queries * keys * dim (dim = heads x head dim)."""
+    return 2 * queries * keys * dim
+
+
+def block_macs(tokens: int, dim: int, mlp: int, *, adaln: int = 0, attention: int | None = None) -> int:
     """One transformer block over ``tokens`` tokens: qkv + proj (4 D^2 per token), the MLP
-    (``mlp`` multiply-adds per token), Q K^T and P V (2 T^2 D) and ``adaln`` more."""
-    return tokens * (4 * dim * dim + mlp) + 2 * tokens * tokens * dim + adaln
+    (``mlp`` multiply-adds per token), Q K^T and P V (2 T^2 D: every token attends every
+    token; ``attention`` gives them otherwise, e.g. the video models' per-frame
+    sequences) and ``adaln`` more."""
+    attn = attention_macs(tokens, tokens, dim) if attention is None else attention
+    return tokens * (4 * dim * dim + mlp) + attn + adaln
 
 
 def flops(model: nn.Module, batch_size: int = 1) -> FlopCount:

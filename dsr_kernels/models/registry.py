@@ -7,6 +7,7 @@ from torch import nn
 from dsr_kernels.models.dit import DiT, SiT
 from dsr_kernels.models.jit import JiT
 from dsr_kernels.models.lightningdit import DiTDH, LightningDiT
+from dsr_kernels.models.video import Latte, VideoDenoiser, VideoDiT
 from dsr_kernels.models.vit import VisionTransformer
 
 # (depth, hidden_size, num_heads)
@@ -48,6 +49,10 @@ def _registry() -> dict[str, tuple[type, dict]]:
             reg[f"DiT-{size}/{patch}"] = (DiT, cfg)
             reg[f"SiT-{size}/{patch}"] = (SiT, cfg)
         reg[f"LightningDiT-{size}/1"] = (LightningDiT, dict(depth=depth, hidden_size=hidden, num_heads=heads))
+        for patch in (1, 2):  # video: T latent frames of h x w patches
+            cfg = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+            reg[f"Latte-{size}/{patch}"] = (Latte, cfg)
+            reg[f"VideoDiT-{size}/{patch}"] = (VideoDiT, cfg)
     for size, (hidden, depth, heads) in _DITDH_SIZES.items():
         reg[f"DiTDH-{size}/1"] = (DiTDH, dict(hidden_size=hidden, depth=depth, num_heads=heads))
     for size, (depth, hidden, heads, bottleneck, start) in _JIT_SIZES.items():
@@ -83,7 +88,8 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Builds a model by name: a denoiser ("DiT-XL/2", "SiT-B/2", "LightningDiT-XL/1",
-    "DiTDH-XL/1", "JiT-H/16", ...) or a ViT encoder by timm's name
+    "DiTDH-XL/1", "JiT-H/16", ...), a video denoiser ("Latte-XL/2", "VideoDiT-XL/2";
+    num_frames, register_placement, context_dim, ...) or a ViT encoder by timm's name
     ("vit_base_patch14_reg4_dinov2", "vit_base_patch16_siglip_256",
     "vit_so400m_patch14_siglip_224", ...).
 
@@ -92,16 +98,17 @@ def create_model(name: str, **overrides) -> nn.Module:
     register_start, backend, ...; encoders: img_size, patch_size, embed_dim, depth,
     num_heads, mlp_ratio, reg_tokens, class_token, global_pool, num_classes, act_layer,
     backend, ...).
-    With registers and no register_start, DSR's choice is used: block 8 for models of 24
-    blocks or more (L, XL), block 4 otherwise (S, B).
+    With registers and no register_start (video models: register_block), DSR's choice is
+    used: block 8 for models of 24 blocks or more (L, XL), block 4 otherwise (S, B).
     """
     if name not in MODELS:
         raise ValueError(f"create_model(): unknown model name {name!r}; known: {', '.join(list_models())}")
     cls, cfg = MODELS[name]
     cfg = {**cfg, **overrides}
-    if cfg.get("num_registers") and "register_start" not in overrides:
+    start = "register_block" if issubclass(cls, VideoDenoiser) else "register_start"
+    if cfg.get("num_registers") and start not in overrides:
         depth = cfg["depth"][0] if isinstance(cfg["depth"], (tuple, list)) else cfg["depth"]
-        cfg["register_start"] = 8 if depth >= 24 else 4
+        cfg[start] = 8 if depth >= 24 else 4
     try:
         return cls(**cfg)
     except TypeError as exc:  # an override the model does not take
