@@ -134,7 +134,7 @@ def _extensions():
     if skip_reason:
         print(f"WARNING: dsr_kernels: building the CPU kernels only: {skip_reason}", file=sys.stderr)
     write_build_info(skip_reason)
-    sources = ["csrc/ops.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob("csrc/*.cpp")), *sorted(glob("csrc/cpu/*.cpp"))]  # ops.cpp, each op's registration, kernels
     kwargs = dict(include_dirs=[str(ROOT / "csrc" / "include"), str(GENERATED)], extra_link_args=["-fopenmp"])
     if not with_cuda:
         return [CppExtension("dsr_kernels._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **kwargs)], {

@@ -1,11 +1,10 @@
 """The compiled extension ``dsr_kernels._C`` (csrc/), loaded once, with the reason when it is missing.
 
-Importing it registers the ops ``torch.ops.dsr_kernels.norm_modulate_{fwd,bwd}`` with
-their CPU, CUDA (when built) and Meta implementations. The package imports fine without
-it; the compiled backends then report ``extension_unavailable_reason``.
-
-The compiled backends ``"cpu"`` and ``"cuda"`` of norm_modulate and ttr_activation
-declare themselves here (:data:`CPU`, :data:`CUDA`).
+Importing it registers the compiled ops ``torch.ops.dsr_kernels.*`` (each op's C++ file
+registers its own: csrc/norm_modulate.cpp, csrc/ttr_activation.cpp, csrc/cpu/attention.cpp)
+with their CPU, CUDA (when built) and Meta implementations. The package imports fine
+without it; the compiled backends (``dsr_kernels/cpu/<op>.py``) then report
+:func:`extension_unavailable_reason`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import os
 from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 
 import torch
-
-from dsr_kernels.types import FLOATS, Backend
 
 _BUILD = "`pip install --no-build-isolation -e .` from the source checkout (it builds against the installed torch)"
 
@@ -62,8 +59,9 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
-def extension_unavailable_reason(device: torch.device) -> str | None:
-    """None if the compiled kernels run on ``device``, else why not."""
+def extension_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if the compiled kernels run on ``device``, else why not (a Backend's reason function:
+    the dtypes a backend takes are in its declaration)."""
     if _C is None:
         return _IMPORT_ERROR
     if device.type == "cpu":
@@ -75,11 +73,3 @@ def extension_unavailable_reason(device: torch.device) -> str | None:
             return f"dsr_kernels._C was built without CUDA kernels ({why})"
         return None
     return f"the compiled kernels do not run on device type {device.type!r}"
-
-
-def _compiled_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    return extension_unavailable_reason(device)
-
-
-CPU = Backend("cpu", ("cpu",), FLOATS, _compiled_unavailable_reason)
-CUDA = Backend("cuda", ("cuda",), FLOATS, _compiled_unavailable_reason)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from dsr_kernels import _extension
 from dsr_kernels import triton as _triton
 from dsr_kernels.cpu import attention as _attention_cpu
+from dsr_kernels.cpu import norm_modulate as _norm_modulate_cpu
+from dsr_kernels.cpu import ttr_activation as _ttr_activation_cpu
 from dsr_kernels.reference import attention as _attention_ref
 from dsr_kernels.reference import norm_modulate as _norm_modulate_ref
 from dsr_kernels.reference import ttr_activation as _ttr_activation_ref
@@ -52,8 +53,18 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {
         _attention_torch.BACKEND,
         _attention_ref.BACKEND,
     ),
-    "norm_modulate": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _norm_modulate_ref.BACKEND),
-    "ttr_activation": (_extension.CUDA, _extension.CPU, _triton.BACKEND, _ttr_activation_ref.BACKEND),
+    "norm_modulate": (
+        _norm_modulate_cpu.CUDA_BACKEND,
+        _norm_modulate_cpu.BACKEND,
+        _triton.BACKEND,
+        _norm_modulate_ref.BACKEND,
+    ),
+    "ttr_activation": (
+        _ttr_activation_cpu.CUDA_BACKEND,
+        _ttr_activation_cpu.BACKEND,
+        _triton.BACKEND,
+        _ttr_activation_ref.BACKEND,
+    ),
 }
 OPS = tuple(BACKENDS)
 

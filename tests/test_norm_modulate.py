@@ -215,7 +215,7 @@ def test_nan_in_x_propagates_to_its_token(backend, kind, dtype):
     for b, n, d in nan_at:
         x[b, n, d] = float("nan")
         x[b, n, (d + 1) % D] = 100.0  # the largest |h| of the row
-    res, moments = nm_ops._norm_modulate(
+    res, moments = nm_ops.norm_modulate_with_moments(
         x, shift, scale, weight=None, bias=None, kind=kind, eps=1e-6, registers=regs,
         return_norms=True, return_moments=True, backend=backend,
     )  # fmt: skip
@@ -248,7 +248,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             regs = torch.randn(3, D, generator=g).to(dtype)
             weight = torch.randn(D, generator=g).to(dtype) if kind == "rmsnorm" else None
             leaves = [t.requires_grad_(True) for t in (x, shift, scale, regs, weight) if t is not None]
-            res, moments = nm._norm_modulate(
+            res, moments = nm.norm_modulate_with_moments(
                 x, shift, scale, weight=weight, bias=None, kind=kind, eps=1e-6, registers=regs,
                 return_norms=True, return_moments=True, backend="cpu",
             )

@@ -275,9 +275,9 @@ def test_torch_compile_fullgraph():
             self.register_buffer("neurons", torch.tensor([2, 9, 30]))
 
         def forward(self, x):
-            from dsr_kernels.ops.ttr_activation import _ttr_activation
+            from dsr_kernels.ops.ttr_activation import ttr_activation_op
 
-            h = _ttr_activation(
+            h = ttr_activation_op(
                 self.fc1(x),
                 self.neurons,
                 num_registers=1,

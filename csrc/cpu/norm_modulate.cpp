@@ -8,7 +8,7 @@
 // bfloat16 these loops are vector code (norm_modulate_vec.h) compiled for SSE, AVX2 and
 // AVX-512 and picked at run time (cpu_capability.h), every instruction set giving the
 // same bits; double runs the scalar loops below. The outputs are large fresh tensors, so
-// ops.cpp asks for huge pages for them (advise_huge_pages).
+// csrc/norm_modulate.cpp asks for huge pages for them (advise_huge_pages).
 //
 // Backward: one task per (sample, chunk of kRowsPerChunk rows), so the parameter-gradient
 // partial sums do not depend on the thread count; the same per-ISA vector code.

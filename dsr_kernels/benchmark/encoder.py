@@ -318,7 +318,7 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     """The MLP activation alone, at the layer with the most register neurons: plain GELU over
     the patches, the fused op over patches + 1 register, and GELU + the released hook."""
     from dsr_kernels.backends import resolve
-    from dsr_kernels.ops.ttr_activation import _ttr_activation
+    from dsr_kernels.ops.ttr_activation import ttr_activation_op
     from dsr_kernels.registers.apply import released_hook
 
     device, dtype = cfg.device, cfg.dtype
@@ -343,7 +343,7 @@ def _activation_rows(shape: EncoderShape, cfg: BenchConfig) -> list[dict]:
     fns = {
         "act_gelu": lambda: torch.nn.functional.gelu(h_plain),
         "act_gelu_extra_token": lambda: torch.nn.functional.gelu(h),
-        "act_ttr_fused": lambda: _ttr_activation(h, idx_host, backend=backend, **kw),
+        "act_ttr_fused": lambda: ttr_activation_op(h, idx_host, backend=backend, **kw),
         "act_ttr_hooks": lambda: hook(None, None, torch.nn.functional.gelu(h)),
     }
     rows = {

@@ -37,7 +37,7 @@ from dsr_kernels.models.layers import PatchEmbed, make_norm
 from dsr_kernels.modules.attention import RegisterAttention
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.ops.norm_modulate import norm_modulate
-from dsr_kernels.ops.ttr_activation import _ttr_activation, check_neurons
+from dsr_kernels.ops.ttr_activation import check_neurons, ttr_activation_op
 from dsr_kernels.reference.ttr_activation import ttr_activation_ref
 
 GLOBAL_POOLS = ("token", "avg", "map", "")
@@ -104,7 +104,7 @@ class RegisterNeuronGELU(nn.Module):
             # The validated host copy (read back once per buffer, then cached on it): the
             # compiled op then checks and copies it without waiting for the device.
             neurons = check_neurons("RegisterNeuronGELU", neurons, h.shape[2])
-        return _ttr_activation(h, neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
+        return ttr_activation_op(h, neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
 
     def extra_repr(self) -> str:
         k = 0 if self.neurons is None else self.neurons.numel()

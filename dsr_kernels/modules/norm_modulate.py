@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr_kernels import outliers
-from dsr_kernels.ops.norm_modulate import KINDS, _norm_modulate
+from dsr_kernels.ops.norm_modulate import KINDS, norm_modulate_with_moments
 from dsr_kernels.types import NormModulateResult
 
 
@@ -56,7 +56,7 @@ class NormModulate(nn.Module):
         recording = outliers.active_layer(self) if self.record else None
         weight = None if self.weight is None else self.weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        result, moments = _norm_modulate(
+        result, moments = norm_modulate_with_moments(
             x,
             shift,
             scale,

@@ -1,14 +1,17 @@
 """``dsr_kernels.norm_modulate``: norm + adaLN modulation + register insertion + token norms.
 
-Public function, validation (one place, before any launch), backend dispatch and the
-autograd formula shared by the compiled op (``dsr_kernels::norm_modulate_fwd``, defined
-in csrc/ops.cpp with CPU, CUDA and Meta kernels) and the Triton op
-(``dsr_kernels::norm_modulate_fwd_triton``, a Python custom op with a fake kernel).
+This file holds the public function, the validation (one place, before any launch), the
+backend dispatch and the autograd formula, registered for both ops that run the kernels:
+the compiled ``dsr_kernels::norm_modulate_fwd`` (CPU, CUDA and Meta kernels) and the
+Triton ``dsr_kernels::norm_modulate_fwd_triton`` (a Python custom op with a fake kernel,
+defined here so that ``torch.compile(fullgraph=True)`` traces through without importing triton).
 
 Implementations, side by side:
-- reference: ``dsr_kernels/reference/norm_modulate.py`` (float64, the definition)
-- cpu / cuda: ``csrc/cpu/norm_modulate.cpp``, ``csrc/cuda/norm_modulate.cu``
-- triton:    ``dsr_kernels/triton/norm_modulate.py``
+- reference:  ``dsr_kernels/reference/norm_modulate.py`` (float64, the definition)
+- cpu, cuda:  ``dsr_kernels/cpu/norm_modulate.py``, the compiled op of ``csrc/norm_modulate.cpp``
+  (schema and registration) with the kernels of ``csrc/cpu/norm_modulate.cpp`` and
+  ``csrc/cuda/norm_modulate.cu``
+- triton:     ``dsr_kernels/triton/norm_modulate.py`` (kernels and launchers, imported when it first runs)
 
 Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
 """
@@ -20,56 +23,50 @@ from torch import Tensor
 
 from dsr_kernels._extension import extension_loaded
 from dsr_kernels.backends import check_name, resolve
+from dsr_kernels.cpu.norm_modulate import norm_modulate_bwd_compiled, norm_modulate_fwd_compiled
 from dsr_kernels.reference.norm_modulate import norm_modulate_ref
 from dsr_kernels.types import FLOATS, NormModulateResult
+from dsr_kernels.validation import check_device, check_dim, check_dtype, check_floating, check_tensor, shape_str
+
+__all__ = ["KINDS", "norm_modulate", "norm_modulate_with_moments"]
 
 KINDS = ("layernorm", "rmsnorm")
 
 
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+# ----------------------------------------------------------------------------- validation
 
 
-def _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, registers, backend) -> None:
+def _check_norm_modulate_args(x, shift, scale, weight, bias, registers, kind, eps, backend) -> None:
     fn = "norm_modulate"
     check_name(fn, backend)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}(): argument 'x' must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{fn}(): argument 'x' must be 3-D [B, N, D], got shape {_shape(x)}")
-    if x.dtype not in FLOATS:
-        raise TypeError(f"{fn}(): argument 'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    check_tensor(fn, "x", x)
+    check_dim(fn, "x", x, 3, "[B, N, D]")
+    check_floating(fn, "x", x, FLOATS)
     B, N, D = x.shape
     if D == 0:
-        raise ValueError(f"{fn}(): argument 'x' must have D >= 1, got shape {_shape(x)}")
+        raise ValueError(f"{fn}(): argument 'x' must have D >= 1, got shape {shape_str(x)}")
     if kind not in KINDS:
         raise ValueError(f"{fn}(): argument 'kind' must be one of {KINDS}, got {kind!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{fn}(): argument 'eps' must be a finite number > 0, got {eps!r}")
     expected = {"shift": (B, D), "scale": (B, D), "weight": (D,), "bias": (D,)}
     for name, t in (("shift", shift), ("scale", scale), ("weight", weight), ("bias", bias), ("registers", registers)):
-        if t is None:
+        if check_tensor(fn, name, t, optional=True) is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}(): argument '{name}' must be a torch.Tensor or None, got {type(t).__name__}")
         if name == "registers":
             if not ((t.dim() == 2 and t.shape[1] == D) or (t.dim() == 3 and t.shape[0] == B and t.shape[2] == D)):
                 raise ValueError(
-                    f"{fn}(): argument 'registers' must have shape [R, D={D}] or [B={B}, R, D={D}], got {_shape(t)}"
+                    f"{fn}(): argument 'registers' must have shape [R, D={D}] or [B={B}, R, D={D}], got {shape_str(t)}"
                 )
         elif tuple(t.shape) != expected[name]:
-            want = ", ".join(
-                f"{n}={v}"
-                for n, v in zip(("B", "D") if len(expected[name]) == 2 else ("D",), expected[name], strict=True)
-            )
-            raise ValueError(f"{fn}(): argument '{name}' must have shape [{want}], got {_shape(t)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{fn}(): argument '{name}' must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{fn}(): argument '{name}' is on {t.device} but x is on {x.device}")
+            dims = ("B", "D") if len(expected[name]) == 2 else ("D",)
+            want = ", ".join(f"{n}={v}" for n, v in zip(dims, expected[name], strict=True))
+            raise ValueError(f"{fn}(): argument '{name}' must have shape [{want}], got {shape_str(t)}")
+        check_dtype(fn, name, t, x, "x")
+        check_device(fn, name, t, x, "x")
 
 
-# ----------------------------------------------------------------------------- Triton op
+# ----------------------------------------------------------------------------- Triton custom ops
 
 _FWD_SCHEMA = (
     "(Tensor x, Tensor? shift, Tensor? scale, Tensor? weight, Tensor? bias, Tensor? registers, str kind, "
@@ -110,26 +107,17 @@ def _alloc_bwd(x, shift, scale, weight, bias, registers):
     return dx, *(like(t) for t in (shift, scale, weight, bias, registers))
 
 
+def _triton():
+    from dsr_kernels.triton import norm_modulate  # triton is imported here, when a kernel first runs
+
+    return norm_modulate
+
+
 @torch.library.custom_op("dsr_kernels::norm_modulate_fwd_triton", mutates_args=(), schema=_FWD_SCHEMA)
 def _norm_modulate_fwd_triton(x, shift, scale, weight, bias, registers, kind, eps, return_norms, return_moments):
-    from dsr_kernels.triton.norm_modulate import norm_modulate_fwd_triton
-
-    outs = _alloc_fwd(x, registers, kind, return_norms, return_moments)
-    out, residual, norms, moments, mean, rstd = outs
-    if out.numel():
-        contiguous = [t.contiguous() if t is not None else None for t in (x, shift, scale, weight, bias, registers)]
-        norm_modulate_fwd_triton(
-            *contiguous,
-            kind == "layernorm",
-            eps,
-            out,
-            residual if registers is not None else None,
-            norms if return_norms else None,
-            moments if return_moments else None,
-            mean if kind == "layernorm" else None,
-            rstd,
-        )
-    return outs
+    outputs = _alloc_fwd(x, registers, kind, return_norms, return_moments)
+    _triton().norm_modulate_fwd_triton((x, shift, scale, weight, bias, registers), outputs, kind=kind, eps=eps)
+    return outputs
 
 
 @_norm_modulate_fwd_triton.register_fake
@@ -139,48 +127,10 @@ def _(x, shift, scale, weight, bias, registers, kind, eps, return_norms, return_
 
 @torch.library.custom_op("dsr_kernels::norm_modulate_bwd_triton", mutates_args=(), schema=_BWD_SCHEMA)
 def _norm_modulate_bwd_triton(dout, dresidual, x, shift, scale, weight, bias, registers, mean, rstd, kind):
-    from dsr_kernels.triton.norm_modulate import ROWS_PER_CHUNK, norm_modulate_bwd_triton
-
-    dx, dshift, dscale, dweight, dbias, dregisters = _alloc_bwd(x, shift, scale, weight, bias, registers)
-    B, N, D = x.shape
-    T = N + (0 if registers is None else registers.shape[-2])
-    chunks = -(-T // ROWS_PER_CHUNK)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    partials = {
-        name: torch.zeros(B, chunks, D, **f32)
-        for name, t in (("shift", shift), ("scale", scale), ("weight", weight), ("bias", bias))
-        if t is not None
-    }
-    dregs = torch.zeros(B, registers.shape[-2], D, **f32) if registers is not None else None
-    if B * T:
-        x_, scale_, weight_, bias_, regs_ = (
-            t.contiguous() if t is not None else None for t in (x, scale, weight, bias, registers)
-        )
-        dres = dresidual.contiguous() if dresidual is not None and dresidual.numel() else None
-        norm_modulate_bwd_triton(
-            dout.contiguous(),
-            dres,
-            x_,
-            scale_,
-            weight_,
-            bias_,
-            regs_,
-            kind == "layernorm",
-            mean if kind == "layernorm" else None,
-            rstd,
-            dx,
-            dregs,
-            partials,
-        )
-    for name, dst in (("shift", dshift), ("scale", dscale)):
-        if name in partials:
-            dst.copy_(partials[name].sum(1))
-    for name, dst in (("weight", dweight), ("bias", dbias)):
-        if name in partials:
-            dst.copy_(partials[name].sum((0, 1)))
-    if registers is not None:
-        dregisters.copy_(dregs.sum(0) if registers.dim() == 2 else dregs)
-    return dx, dshift, dscale, dweight, dbias, dregisters
+    grads = _alloc_bwd(x, shift, scale, weight, bias, registers)
+    inputs = (x, shift, scale, weight, bias, registers)
+    _triton().norm_modulate_bwd_triton(dout, dresidual, inputs, mean, rstd, grads, kind=kind)
+    return grads
 
 
 @_norm_modulate_bwd_triton.register_fake
@@ -200,35 +150,11 @@ def _setup_context(ctx, inputs, output):
 def _backward_with(bwd_op):
     def backward(ctx, dout, dresidual, *_stat_grads):
         x, shift, scale, weight, bias, registers, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale, dweight, dbias, dregs = bwd_op(
-            dout,
-            dresidual if registers is not None else None,
-            x,
-            shift,
-            scale,
-            weight,
-            bias,
-            registers,
-            mean,
-            rstd,
-            ctx.kind,
-        )
-
-        def keep(grad, t):
-            return grad if t is not None else None
-
-        return (
-            dx,
-            keep(dshift, shift),
-            keep(dscale, scale),
-            keep(dweight, weight),
-            keep(dbias, bias),
-            keep(dregs, registers),
-            None,
-            None,
-            None,
-            None,
-        )
+        dresidual = dresidual if registers is not None else None
+        grads = bwd_op(dout, dresidual, x, shift, scale, weight, bias, registers, mean, rstd, ctx.kind)
+        # Only the tensor inputs given have a gradient; kind, eps and the two flags have none.
+        inputs = (x, shift, scale, weight, bias, registers)
+        return *(g if t is not None else None for g, t in zip(grads, inputs, strict=True)), None, None, None, None
 
     return backward
 
@@ -240,31 +166,31 @@ torch.library.register_autograd(
 )
 if extension_loaded():
     torch.library.register_autograd(
-        "dsr_kernels::norm_modulate_fwd",
-        _backward_with(torch.ops.dsr_kernels.norm_modulate_bwd),
-        setup_context=_setup_context,
+        "dsr_kernels::norm_modulate_fwd", _backward_with(norm_modulate_bwd_compiled), setup_context=_setup_context
     )
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def _norm_modulate(
+def norm_modulate_with_moments(
     x: Tensor,
     shift: Tensor | None,
     scale: Tensor | None,
-    *,
     weight: Tensor | None,
     bias: Tensor | None,
+    registers: Tensor | None,
     kind: str,
     eps: float,
-    registers: Tensor | None,
     return_norms: bool,
     return_moments: bool,
     backend: str,
 ) -> tuple[NormModulateResult, Tensor | None]:
-    """norm_modulate plus, with return_moments, [B, T, 2] float32 (max |h_d|, sum h_d^4) per token."""
-    _check_norm_modulate_args(x, shift, scale, weight, bias, kind, eps, registers, backend)
+    """:func:`norm_modulate` and, with ``return_moments``, [B, T, 2] float32 (max |h_d|, sum h_d^4)
+    per token h of ``[registers ; x]``, from the same pass (what :class:`~dsr_kernels.modules.NormModulate`
+    records for the outlier statistics). Every argument as in :func:`norm_modulate`, in the
+    custom ops' order, none optional."""
+    _check_norm_modulate_args(x, shift, scale, weight, bias, registers, kind, eps, backend)
     if registers is not None and registers.shape[-2] == 0:
         registers = None  # R = 0 is no registers, for every backend (no residual; the Meta kernel agrees)
     backend = resolve("norm_modulate", backend, x)
@@ -286,9 +212,8 @@ def _norm_modulate(
             h = h.detach().double()
             moments = torch.stack([h.abs().amax(-1), h.pow(4).sum(-1)], -1).float()
         return result, moments
-    ops = torch.ops.dsr_kernels
-    op = ops.norm_modulate_fwd_triton if backend == "triton" else ops.norm_modulate_fwd
-    out, residual, norms, moments, _, _ = op(
+    fwd = torch.ops.dsr_kernels.norm_modulate_fwd_triton if backend == "triton" else norm_modulate_fwd_compiled
+    out, residual, norms, moments, _, _ = fwd(
         x, shift, scale, weight, bias, registers, kind, float(eps), return_norms, return_moments
     )
     result = NormModulateResult(
@@ -344,17 +269,7 @@ def norm_modulate(
         :class:`NormModulateResult` (out [B, T, D], residual [B, R + N, D] or None,
         norms [B, T] or None), T = R + N.
     """
-    result, _ = _norm_modulate(
-        x,
-        shift,
-        scale,
-        weight=weight,
-        bias=bias,
-        kind=kind,
-        eps=eps,
-        registers=registers,
-        return_norms=return_norms,
-        return_moments=False,
-        backend=backend,
+    result, _ = norm_modulate_with_moments(
+        x, shift, scale, weight, bias, registers, kind, eps, return_norms, return_moments=False, backend=backend
     )
     return result

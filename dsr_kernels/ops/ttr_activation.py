@@ -1,14 +1,19 @@
 """``dsr_kernels.ttr_activation``: the MLP activation with test-time registers, fused.
 
-Public function, validation (one place, before any launch), backend dispatch and
-autograd for the compiled op (``dsr_kernels::ttr_activation_fwd``, defined in
-csrc/ops.cpp with CPU, CUDA and Meta kernels) and the Triton op
-(``dsr_kernels::ttr_activation_fwd_triton``, a Python custom op with a fake kernel).
+This file holds the public function, the validation (one place, before any launch), the
+backend dispatch and the autograd registration for both ops that run the kernels: the
+compiled ``dsr_kernels::ttr_activation_fwd`` (CPU, CUDA and Meta kernels) and the Triton
+``dsr_kernels::ttr_activation_fwd_triton`` (a Python custom op with a fake kernel, defined
+here so that ``torch.compile(fullgraph=True)`` traces through without importing triton).
+Both share one backward op, ``dsr_kernels::ttr_activation_bwd``.
 
 Implementations, side by side:
-- reference: ``dsr_kernels/reference/ttr_activation.py`` (the definition)
-- cpu / cuda: ``csrc/cpu/ttr_activation.cpp``, ``csrc/cuda/ttr_activation.cu``
-- triton:    ``dsr_kernels/triton/ttr_activation.py``
+- reference:  ``dsr_kernels/reference/ttr_activation.py`` (the definition, and
+  ``ttr_activation_backward``: its gradient in closed form, the backward of every backend)
+- cpu, cuda:  ``dsr_kernels/cpu/ttr_activation.py``, the compiled op of ``csrc/ttr_activation.cpp``
+  (schema and registration) with the kernels of ``csrc/cpu/ttr_activation.cpp`` and
+  ``csrc/cuda/ttr_activation.cu``
+- triton:     ``dsr_kernels/triton/ttr_activation.py`` (kernels and launcher, imported when it first runs)
 
 Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
 """
@@ -20,23 +25,21 @@ from torch import Tensor
 
 from dsr_kernels._extension import extension_loaded
 from dsr_kernels.backends import check_name, resolve
+from dsr_kernels.cpu.ttr_activation import ttr_activation_fwd_compiled
 from dsr_kernels.reference.ttr_activation import (
     APPROXIMATIONS,
     PATCH_VALUES,
     REGISTER_VALUES,
-    bottom_mean_count,
-    patch_std,
+    ttr_activation_backward,
     ttr_activation_ref,
 )
 from dsr_kernels.types import FLOATS
+from dsr_kernels.validation import check_choice, check_dim, check_floating, check_int, check_tensor, is_int, shape_str
+
+__all__ = ["check_neurons", "ttr_activation", "ttr_activation_op"]
 
 
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# ----------------------------------------------------------------------------- validation
 
 
 def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor:
@@ -46,7 +49,7 @@ def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor
     copy is kept on the tensor, keyed by its version counter."""
     if isinstance(neurons, Tensor):
         if neurons.dim() != 1:
-            raise ValueError(f"{fn}: argument '{name}' must be a 1-D tensor [K], got shape {_shape(neurons)}")
+            raise ValueError(f"{fn}: argument '{name}' must be a 1-D tensor [K], got shape {shape_str(neurons)}")
         if neurons.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{fn}: argument '{name}' must be an int64 tensor, got {neurons.dtype}")
         if neurons.device.type != "cpu":
@@ -66,7 +69,7 @@ def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor
             raise TypeError(
                 f"{fn}: argument '{name}' must be an int64 tensor or a sequence of ints, got {type(neurons).__name__}"
             ) from None
-        if not all(_is_int(n) for n in seq):
+        if not all(is_int(n) for n in seq):
             raise TypeError(f"{fn}: argument '{name}' must hold ints, got {seq!r}")
         values = torch.tensor(seq, dtype=torch.int64)
     if values.numel():
@@ -79,31 +82,23 @@ def check_neurons(fn: str, neurons, width: int, name: str = "neurons") -> Tensor
     return values
 
 
-def _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend) -> None:
-    check_name("ttr_activation", backend)
-    if not isinstance(h, Tensor):
-        raise TypeError(f"{fn}: argument 'h' must be a torch.Tensor, got {type(h).__name__}")
-    if h.dim() != 3:
-        raise ValueError(f"{fn}: argument 'h' must be 3-D [B, T, F] (the fc1 output), got shape {_shape(h)}")
-    if h.dtype not in FLOATS:
-        raise TypeError(f"{fn}: argument 'h' must be float16, bfloat16, float32 or float64, got {h.dtype}")
+def _check_ttr_activation_args(h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend):
+    fn = "ttr_activation"
+    check_name(fn, backend)
+    check_tensor(fn, "h", h)
+    check_dim(fn, "h", h, 3, "[B, T, F] (the fc1 output)")
+    check_floating(fn, "h", h, FLOATS)
     T = h.shape[1]
-    if not _is_int(num_registers) or num_registers < 1:
-        raise ValueError(f"{fn}: argument 'num_registers' must be an int >= 1, got {num_registers!r}")
-    if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
-        raise ValueError(f"{fn}: argument 'num_prefix_tokens' must be an int >= 0, got {num_prefix_tokens!r}")
+    check_int(fn, "num_registers", num_registers, 1)
+    check_int(fn, "num_prefix_tokens", num_prefix_tokens, 0)
     if num_prefix_tokens + num_registers > T:
         raise ValueError(
-            f"{fn}: num_prefix_tokens ({num_prefix_tokens}) + num_registers ({num_registers}) exceed the "
-            f"{T} tokens of 'h' {_shape(h)}"
+            f"{fn}(): num_prefix_tokens ({num_prefix_tokens}) + num_registers ({num_registers}) exceed the "
+            f"{T} tokens of 'h' {shape_str(h)}"
         )
-    for name, value, allowed in (
-        ("patch_values", patch_values, PATCH_VALUES),
-        ("register_value", register_value, REGISTER_VALUES),
-        ("approximate", approximate, APPROXIMATIONS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{fn}: argument '{name}' must be one of {allowed}, got {value!r}")
+    check_choice(fn, "patch_values", patch_values, PATCH_VALUES)
+    check_choice(fn, "register_value", register_value, REGISTER_VALUES)
+    check_choice(fn, "approximate", approximate, APPROXIMATIONS)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -118,82 +113,47 @@ _BWD_SCHEMA = (
 )
 
 
+def _alloc_out(h: Tensor) -> Tensor:
+    """The output (and dh) as the compiled op allocates it: h's shape and dtype, contiguous."""
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("dsr_kernels::ttr_activation_fwd_triton", mutates_args=(), schema=_FWD_SCHEMA)
 def _ttr_activation_fwd_triton(h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh):
-    from dsr_kernels.triton.ttr_activation import ttr_activation_triton
+    from dsr_kernels.triton.ttr_activation import ttr_activation_triton  # triton is imported here, on first use
 
-    h = h.contiguous()
-    out = torch.empty_like(h)
-    if out.numel():
-        ttr_activation_triton(
-            h,
-            neurons.to(h.device, non_blocking=True).contiguous(),
-            out,
-            num_registers=num_registers,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_values=patch_values,
-            register_value=register_value,
-            tanh=tanh,
-        )
+    out = _alloc_out(h)
+    ttr_activation_triton(
+        h,
+        neurons,
+        out,
+        num_registers=num_registers,
+        num_prefix_tokens=num_prefix_tokens,
+        patch_values=patch_values,
+        register_value=register_value,
+        tanh=tanh,
+    )
     return out
 
 
 @_ttr_activation_fwd_triton.register_fake
 def _(h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+    return _alloc_out(h)
 
 
 @torch.library.custom_op("dsr_kernels::ttr_activation_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _ttr_activation_bwd(dout, h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh):
-    """dh = dout * gelu'(h), except in the selected columns: a register value's gradient goes to
-    the token it came from; "zero" patches pass none; "mean" and "only_outliers" pass theirs to
-    the patches their mean was taken over (a threshold comparison has no gradient).
-    Computed with PyTorch ops on the K gathered columns, in float32 (float64 for float64 h)."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    approx = "tanh" if tanh else "none"
-    x, g = h.to(acc), dout.to(acc)
-    dh = torch.ops.aten.gelu_backward(g, x, approximate=approx)
-    K = neurons.numel()
-    if K:
-        neurons = neurons.to(h.device, non_blocking=True)  # (the forward may have been given them on the CPU)
-        B, T, _ = h.shape
-        p0, p1 = num_prefix_tokens, T - num_registers
-        xs = x.index_select(2, neurons)  # [B, T, K]
-        gs = g.index_select(2, neurons)
-        a = torch.nn.functional.gelu(xs, approximate=approx)
-        da = torch.ops.aten.gelu_backward(torch.ones_like(xs), xs, approximate=approx)  # gelu'(h) of the columns
-        dsel = torch.zeros_like(xs)  # d loss / d a over the selected columns
-        dsel[:, :p0] = gs[:, :p0]
-        patch, gp = a[:, p0:p1], gs[:, p0:p1]
-        if patch_values == "same":
-            dsel[:, p0:p1] = gp
-        elif patch_values == "mean" and p1 > p0:
-            m = bottom_mean_count(p1 - p0)
-            low = patch.topk(m, dim=1, largest=False).indices  # [B, m, K]
-            share = (gp.sum(1, keepdim=True) / m).expand(-1, m, -1)
-            dsel[:, p0:p1].scatter_add_(1, low, share)
-        elif patch_values == "only_outliers" and p1 > p0:
-            mean = patch.mean(1, keepdim=True)
-            replaced = patch > mean + patch_std(patch)
-            dsel[:, p0:p1] = gp.masked_fill(replaced, 0) + gp.masked_fill(~replaced, 0).sum(1, keepdim=True) / (p1 - p0)
-        dv = gs[:, p1:].sum(1)  # [B, K]: d loss / d register value
-        if register_value == "layer_signed_max":
-            flat = a.reshape(B, T * K)
-            hi, lo = flat.amax(1), flat.amin(1)
-            src = torch.where(hi >= -lo, flat.argmax(1), flat.argmin(1))  # [B] flat (t, k)
-            dsel.view(B, T * K).scatter_add_(1, src[:, None], dv.sum(1, keepdim=True))
-        else:
-            hi, lo = a.amax(1), a.amin(1)
-            use_hi = hi >= -lo if register_value == "signed_max" else torch.ones_like(hi, dtype=torch.bool)
-            src = torch.where(use_hi, a.argmax(1), a.argmin(1))  # [B, K] token index
-            dsel.scatter_add_(1, src[:, None], dv[:, None])
-        dh.index_copy_(2, neurons, dsel * da)
-    return dh.to(h.dtype)
+    return ttr_activation_backward(
+        dout, h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh
+    )
 
 
 @_ttr_activation_bwd.register_fake
 def _(dout, h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, tanh):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+    return _alloc_out(h)
+
+
+# ----------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output):
@@ -216,7 +176,7 @@ if extension_loaded():
 # ----------------------------------------------------------------------------- public API
 
 
-def _ttr_activation(
+def ttr_activation_op(
     h: Tensor,
     neurons: Tensor,
     *,
@@ -227,9 +187,13 @@ def _ttr_activation(
     approximate: str,
     backend: str,
 ) -> Tensor:
-    """The op without argument checks: ``neurons`` already validated, [K] int64 on the CPU
-    (no device sync: the compiled op checks them again on the host and copies them
-    asynchronously) or on h's device."""
+    """:func:`ttr_activation` without the argument checks, for callers that made them once
+    (a module checks its neurons buffer when it changes, not on every call).
+
+    ``neurons`` already validated (:func:`check_neurons`), [K] int64 on the CPU (no device
+    sync: the compiled op checks them again on the host and copies them asynchronously) or
+    on h's device; ``backend`` already resolved (:func:`dsr_kernels.backends.resolve`), not
+    "auto". Traced by ``torch.compile(fullgraph=True)`` without a graph break."""
     if backend == "reference":
         return ttr_activation_ref(
             h,
@@ -240,9 +204,8 @@ def _ttr_activation(
             register_value=register_value,
             approximate=approximate,
         )
-    ops = torch.ops.dsr_kernels
-    op = ops.ttr_activation_fwd_triton if backend == "triton" else ops.ttr_activation_fwd
-    return op(h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, approximate == "tanh")
+    fwd = torch.ops.dsr_kernels.ttr_activation_fwd_triton if backend == "triton" else ttr_activation_fwd_compiled
+    return fwd(h, neurons, num_registers, num_prefix_tokens, patch_values, register_value, approximate == "tanh")
 
 
 def ttr_activation(
@@ -292,10 +255,9 @@ def ttr_activation(
     Gradients flow to h (through the overwritten columns to the tokens that gave their
     values). Returns [B, T, F] in h's dtype, contiguous.
     """
-    fn = "ttr_activation()"
-    _check_args(fn, h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend)
-    idx = check_neurons(fn, [] if neurons is None else neurons, h.shape[2])  # [K] int64 on the CPU
-    return _ttr_activation(
+    _check_ttr_activation_args(h, num_registers, num_prefix_tokens, patch_values, register_value, approximate, backend)
+    idx = check_neurons("ttr_activation()", [] if neurons is None else neurons, h.shape[2])  # [K] int64 on the CPU
+    return ttr_activation_op(
         h,
         idx,
         num_registers=num_registers,

@@ -7,6 +7,8 @@ sequence (the test-time register), which then plays the part of a trained regist
 
 Differentiable with plain autograd; ``compute_dtype`` float64 is the test oracle, the
 input dtype gives "eager PyTorch at that dtype" (the error baseline of the tests).
+:func:`ttr_activation_backward` is its gradient in closed form, the backward of every
+fused backend (custom op ``dsr_kernels::ttr_activation_bwd``, dsr_kernels/ops/ttr_activation.py).
 """
 
 from __future__ import annotations
@@ -105,3 +107,65 @@ def ttr_activation_ref(
     cols = torch.cat([sel[:, :p0], new, reg[:, None].expand(-1, T - p1, -1)], dim=1)  # [B, T, K]
     out = a.index_copy(2, idx, cols)
     return out.to(h.dtype)
+
+
+def ttr_activation_backward(
+    dout: Tensor,
+    h: Tensor,
+    neurons: Tensor,
+    num_registers: int,
+    num_prefix_tokens: int,
+    patch_values: str,
+    register_value: str,
+    tanh: bool,
+) -> Tensor:
+    """dh, the gradient of :func:`ttr_activation_ref` given dout [B, T, F]; h [B, T, F], neurons
+    [K] int64, the options in the order of the op ``dsr_kernels::ttr_activation_bwd`` (``tanh``:
+    ``approximate="tanh"``).
+
+    dh = dout * gelu'(h), except in the selected columns: a register value's gradient goes to
+    the token it came from; "zero" patches pass none; "mean" and "only_outliers" pass theirs to
+    the patches their mean was taken over (a threshold comparison has no gradient).
+    Computed with PyTorch ops on the K gathered columns, in float32 (float64 for float64 h),
+    on h's device; returns h's dtype.
+    """
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    approx = "tanh" if tanh else "none"
+    x, g = h.to(acc), dout.to(acc)
+    dh = torch.ops.aten.gelu_backward(g, x, approximate=approx)
+    K = neurons.numel()
+    if K:
+        neurons = neurons.to(h.device, non_blocking=True)  # (the forward may have been given them on the CPU)
+        B, T, _ = h.shape
+        p0, p1 = num_prefix_tokens, T - num_registers
+        xs = x.index_select(2, neurons)  # [B, T, K]
+        gs = g.index_select(2, neurons)
+        a = F.gelu(xs, approximate=approx)
+        da = torch.ops.aten.gelu_backward(torch.ones_like(xs), xs, approximate=approx)  # gelu'(h) of the columns
+        dsel = torch.zeros_like(xs)  # d loss / d a over the selected columns
+        dsel[:, :p0] = gs[:, :p0]
+        patch, gp = a[:, p0:p1], gs[:, p0:p1]
+        if patch_values == "same":
+            dsel[:, p0:p1] = gp
+        elif patch_values == "mean" and p1 > p0:
+            m = bottom_mean_count(p1 - p0)
+            low = patch.topk(m, dim=1, largest=False).indices  # [B, m, K]
+            share = (gp.sum(1, keepdim=True) / m).expand(-1, m, -1)
+            dsel[:, p0:p1].scatter_add_(1, low, share)
+        elif patch_values == "only_outliers" and p1 > p0:
+            mean = patch.mean(1, keepdim=True)
+            replaced = patch > mean + patch_std(patch)
+            dsel[:, p0:p1] = gp.masked_fill(replaced, 0) + gp.masked_fill(~replaced, 0).sum(1, keepdim=True) / (p1 - p0)
+        dv = gs[:, p1:].sum(1)  # [B, K]: d loss / d register value
+        if register_value == "layer_signed_max":
+            flat = a.reshape(B, T * K)
+            hi, lo = flat.amax(1), flat.amin(1)
+            src = torch.where(hi >= -lo, flat.argmax(1), flat.argmin(1))  # [B] flat (t, k)
+            dsel.view(B, T * K).scatter_add_(1, src[:, None], dv.sum(1, keepdim=True))
+        else:
+            hi, lo = a.amax(1), a.amin(1)
+            use_hi = hi >= -lo if register_value == "signed_max" else torch.ones_like(hi, dtype=torch.bool)
+            src = torch.where(use_hi, a.argmax(1), a.argmin(1))  # [B, K] token index
+            dsel.scatter_add_(1, src[:, None], dv[:, None])
+        dh.index_copy_(2, neurons, dsel * da)
+    return dh.to(h.dtype)

@@ -9,6 +9,7 @@ partial sums that the launcher reduces in a fixed order (no atomics).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -39,6 +40,16 @@ def _row_ptrs(X, REGS, rows, N, R, T, D, SHARED_REGISTERS: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(X, REGS, N, R, T, D, ROWS, SHARED_REGISTERS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """This program's BLOCK_ROWS rows of [registers ; x]: int64 index b * T + t, in-range mask,
+    sample b, token t and the pointer to each row's start."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    rows64 = rows.to(tl.int64)
+    src = _row_ptrs(X, REGS, rows, N, R, T, D, SHARED_REGISTERS)
+    return rows64, rows < ROWS, rows64 // T, rows64 % T, src
+
+
+@triton.jit
 def _norm_modulate_fwd_kernel(
     X, REGS, SHIFT, SCALE, W, BIAS,
     OUT, RESIDUAL, NORMS, MOMENTS, MEAN, RSTD,
@@ -48,11 +59,7 @@ def _norm_modulate_fwd_kernel(
     RETURN_MOMENTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = (norm(h) * w + bias) * (1 + scale[b]) + shift[b] for BLOCK_ROWS tokens h."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < ROWS
-    rows64 = rows.to(tl.int64)
-    b64 = rows64 // T
-    src = _row_ptrs(X, REGS, rows, N, R, T, D, SHARED_REGISTERS)
+    rows64, row_ok, b64, _, src = _program_rows(X, REGS, N, R, T, D, ROWS, SHARED_REGISTERS, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     acc_sum = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
     acc_sq = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
@@ -131,12 +138,7 @@ def _norm_modulate_bwd_dx_kernel(
     HAS_DRES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dh = rstd (gxhat - mean(gxhat) - xhat mean(gxhat xhat)) + dresidual, gxhat = dout (1 + scale) w."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < ROWS
-    rows64 = rows.to(tl.int64)
-    b64 = rows64 // T
-    t64 = rows64 % T
-    src = _row_ptrs(X, REGS, rows, N, R, T, D, SHARED_REGISTERS)
+    rows64, row_ok, b64, t64, src = _program_rows(X, REGS, N, R, T, D, ROWS, SHARED_REGISTERS, BLOCK_ROWS)
     rstd = tl.load(RSTD + rows64, mask=row_ok, other=0.0)
     if LAYERNORM:
         mean = tl.load(MEAN + rows64, mask=row_ok, other=0.0)
@@ -246,43 +248,93 @@ def _blocks(D: int) -> tuple[int, int, int]:
     return max(1, 512 // block_d), block_d, 8
 
 
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 def norm_modulate_fwd_triton(
-    x: Tensor,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    registers: Tensor | None,
-    layernorm: bool,
+    inputs: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+    *,
+    kind: str,
     eps: float,
-    out: Tensor,
-    residual: Tensor | None,
-    norms: Tensor | None,
-    moments: Tensor | None,
-    mean: Tensor | None,
-    rstd: Tensor,
 ) -> None:
-    """Fills out [B, T, D], rstd [B, T] and the requested statistics (inputs contiguous)."""
+    """The forward of ``inputs`` = (x [B, N, D], shift, scale [B, D], weight, bias [D],
+    registers [R, D] or [B, R, D]; None for those not given), into ``outputs`` = (out
+    [B, T, D], residual [B, T, D], norms [B, T], moments [B, T, 2], mean [B, T], rstd [B, T])
+    as dsr_kernels.ops.norm_modulate allocates them: an empty ``[0]`` tensor is an output
+    not asked for (no registers, "rmsnorm", no norms or moments)."""
+    out, residual, norms, moments, mean, rstd = outputs
+    if not out.numel():
+        return
+    x, shift, scale, weight, bias, registers = _contiguous(*inputs)
     B, N, D = x.shape
     R = 0 if registers is None else registers.shape[-2]
     T = R + N
+    layernorm = kind == "layernorm"
+    has_residual, has_norms, has_moments = (t.numel() > 0 for t in (residual, norms, moments))
     block_rows, block, warps = _blocks(D)
-    dummy = rstd
+    dummy = rstd  # the pointer passed for an absent tensor (never dereferenced)
     _norm_modulate_fwd_kernel[(triton.cdiv(B * T, block_rows),)](
         x, registers if registers is not None else x,
         shift if shift is not None else dummy, scale if scale is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
-        out, residual if residual is not None else out, norms if norms is not None else dummy,
-        moments if moments is not None else dummy, mean if mean is not None else dummy, rstd,
+        out, residual if has_residual else out, norms if has_norms else dummy,
+        moments if has_moments else dummy, mean if layernorm else dummy, rstd,
         N, R, T, D, B * T, eps,
         SHARED_REGISTERS=registers is not None and registers.dim() == 2, LAYERNORM=layernorm,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RETURN_NORMS=norms is not None,
-        RETURN_MOMENTS=moments is not None, BLOCK_ROWS=block_rows, BLOCK_D=block, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual, RETURN_NORMS=has_norms,
+        RETURN_MOMENTS=has_moments, BLOCK_ROWS=block_rows, BLOCK_D=block, num_warps=warps,
     )
 
 
 def norm_modulate_bwd_triton(
+    dout: Tensor,
+    dresidual: Tensor | None,
+    inputs: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    mean: Tensor,
+    rstd: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+    *,
+    kind: str,
+) -> None:
+    """The gradients of the forward's ``inputs`` given dout [B, T, D] and dresidual (None, or
+    empty, without registers) and its mean, rstd: into ``grads`` = (dx, dshift, dscale, dweight,
+    dbias, dregisters) as dsr_kernels.ops.norm_modulate allocates them (empty ``[0]`` for an
+    input that is None).
+
+    dx and the float32 per-sample dregisters [B, R, D] come from one pass over the rows; the
+    parameter gradients from float32 partial sums [B, chunks, D] over chunks of
+    ROWS_PER_CHUNK rows, reduced here in a fixed order (no atomics: deterministic)."""
+    x, shift, scale, weight, bias, registers = inputs
+    dx, dshift, dscale, dweight, dbias, dregisters = grads
+    B, N, D = x.shape
+    R = 0 if registers is None else registers.shape[-2]
+    T = R + N
+    chunks = triton.cdiv(T, ROWS_PER_CHUNK)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    partials = {
+        name: torch.zeros(B, chunks, D, **f32)
+        for name, t in (("shift", shift), ("scale", scale), ("weight", weight), ("bias", bias))
+        if t is not None
+    }
+    dregs = torch.zeros(B, R, D, **f32) if registers is not None else None
+    if B * T:
+        x, scale, weight, bias, registers = _contiguous(x, scale, weight, bias, registers)
+        dres = dresidual.contiguous() if dresidual is not None and dresidual.numel() else None
+        _launch_bwd(dout.contiguous(), dres, x, scale, weight, bias, registers, kind, mean, rstd, dx, dregs, partials)
+    for name, dst in (("shift", dshift), ("scale", dscale)):
+        if name in partials:
+            dst.copy_(partials[name].sum(1))
+    for name, dst in (("weight", dweight), ("bias", dbias)):
+        if name in partials:
+            dst.copy_(partials[name].sum((0, 1)))
+    if registers is not None:
+        dregisters.copy_(dregs.sum(0) if registers.dim() == 2 else dregs)
+
+
+def _launch_bwd(
     dout: Tensor,
     dresidual: Tensor | None,
     x: Tensor,
@@ -290,25 +342,27 @@ def norm_modulate_bwd_triton(
     weight: Tensor | None,
     bias: Tensor | None,
     registers: Tensor | None,
-    layernorm: bool,
-    mean: Tensor | None,
+    kind: str,
+    mean: Tensor,
     rstd: Tensor,
     dx: Tensor,
     dregisters: Tensor | None,
     partials: dict[str, Tensor],
 ) -> None:
-    """Fills dx, the float32 per-sample dregisters [B, R, D] and the partial sums
-    ``partials[name]`` [B, chunks, D] for the names in shift / scale / weight / bias."""
+    """The backward's kernels on contiguous inputs: dx, dregisters, and ``partials[name]`` for
+    the names in shift / scale / weight / bias."""
     B, N, D = x.shape
     R = 0 if registers is None else registers.shape[-2]
     T = R + N
+    layernorm = kind == "layernorm"
     block_rows, block, warps = _blocks(D)
     shared = registers is not None and registers.dim() == 2
     dummy = rstd
+    mean = mean if layernorm else dummy
     _norm_modulate_bwd_dx_kernel[(triton.cdiv(B * T, block_rows),)](
         x, registers if registers is not None else x, scale if scale is not None else dummy,
         weight if weight is not None else dummy, dout, dresidual if dresidual is not None else dout,
-        mean if mean is not None else dummy, rstd, dx, dregisters if dregisters is not None else dummy,
+        mean, rstd, dx, dregisters if dregisters is not None else dummy,
         N, R, T, D, B * T,
         SHARED_REGISTERS=shared, LAYERNORM=layernorm, HAS_SCALE=scale is not None, HAS_W=weight is not None,
         HAS_DRES=dresidual is not None, BLOCK_ROWS=block_rows, BLOCK_D=block, num_warps=warps,
@@ -323,7 +377,7 @@ def norm_modulate_bwd_triton(
     _norm_modulate_bwd_params_kernel[(B * chunks, triton.cdiv(D, tile))](
         x, registers if registers is not None else x, scale if scale is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy, dout,
-        mean if mean is not None else dummy, rstd,
+        mean, rstd,
         partials.get("shift", dummy), partials.get("scale", dummy), partials.get("weight", dummy),
         partials.get("bias", dummy),
         N, R, T, D, chunks,

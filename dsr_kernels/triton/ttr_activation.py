@@ -124,7 +124,12 @@ def ttr_activation_triton(
     register_value: str,
     tanh: bool,
 ) -> None:
-    """Writes ttr_activation(h) into out; h, out [B, T, F] contiguous; neurons [K] int64 on h's device."""
+    """Writes ttr_activation(h) into out [B, T, F], contiguous; h [B, T, F]; neurons [K] int64 (on
+    the CPU or on h's device), validated."""
+    if not out.numel():
+        return
+    h = h.contiguous()
+    neurons = neurons.to(h.device, non_blocking=True).contiguous()
     B, T, F = h.shape
     K = neurons.numel()
     p0, p1 = num_prefix_tokens, T - num_registers

@@ -7,7 +7,7 @@
 // norm of h, its max |h_d| and sum h_d^4, and the mean / rstd saved for the backward.
 //
 // The CPU (cpu/norm_modulate.cpp) and CUDA (cuda/norm_modulate.cu) kernels share the
-// argument struct below; ops.cpp validates, allocates and registers them with PyTorch.
+// argument struct below; norm_modulate.cpp validates, allocates and registers them with PyTorch.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -12,7 +12,7 @@
 //     into a compact [B, T, K] buffer while the row is in cache (clearing them in the
 //     patch rows for "zero"), then the column values from that buffer, then the register
 //     rows' (and for "mean" / "only_outliers" the patch rows') selected columns.
-// The definition is dsr_kernels/reference/ttr_activation.py; ops.cpp validates and
+// The definition is dsr_kernels/reference/ttr_activation.py; ttr_activation.cpp validates and
 // registers the op (dsr_kernels::ttr_activation_fwd).
 #pragma once
 
