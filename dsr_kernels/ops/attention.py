@@ -14,7 +14,10 @@ Implementations, side by side:
 
 Which one runs: :func:`dsr_kernels.backends.resolve` (the registry of every op's backends).
 Backend ``<name>`` other than the reference lives in ``dsr_kernels/<name>/attention.py``
-as ``attention_fwd_<name>`` / ``attention_bwd_<name>``, imported when it first runs.
+as ``attention_fwd_<name>(call, outputs)`` / ``attention_bwd_<name>(call, dout, out, lse,
+grads)``, imported when it first runs. Every layer takes one
+:class:`~dsr_kernels.attention_call.AttentionCall`, built here after validation; packed
+sequences (``attention_varlen``) are the same op with offsets in the call.
 """
 
 import dataclasses
