@@ -278,6 +278,7 @@ def _attend(
     *,
     kv_registers: tuple[Tensor, Tensor] | None,
     record: bool,
+    num_prefix_tokens: int = 0,
 ) -> Tensor:
     """attention(q, k, v, kv_registers) on attn's backend ("eager": SDPA), reporting its statistics
     to :func:`dsr_kernels.outliers.collect` when ``record``. Returns [B, H, Nq, Dv]."""
@@ -288,7 +289,14 @@ def _attend(
         )
     backend = "reference" if attn.backend == "eager" else attn.backend
     result = attention(
-        q, k, v, kv_registers=kv_registers, scale=attn.scale, return_stats=recording is not None, backend=backend
+        q,
+        k,
+        v,
+        kv_registers=kv_registers,
+        num_prefix_tokens=num_prefix_tokens,
+        scale=attn.scale,
+        return_stats=recording is not None,
+        backend=backend,
     )
     if recording is None:
         return result
@@ -298,8 +306,11 @@ def _attend(
     return out
 
 
-def frame_attention(attn: RegisterAttention, x: Tensor, *, frames: int, num_global: int, temporal: bool) -> Tensor:
-    """Latte's attention: x [B, P + T * S, C] (P global registers, then T frames of S tokens).
+def frame_attention(
+    attn: RegisterAttention, x: Tensor, *, frames: int, num_global: int, frame_registers: int, temporal: bool
+) -> Tensor:
+    """Latte's attention: x [B, P + T * S, C] (P global registers, then T frames of S tokens, the
+    first ``frame_registers`` of each frame its registers).
 
     Spatial: the S tokens of each frame attend each other, [B * T, H, S, hd]; temporal: the
     T tokens at each of the S slots attend each other, [B * S, H, T, hd]. Every sequence also
@@ -318,7 +329,8 @@ def frame_attention(attn: RegisterAttention, x: Tensor, *, frames: int, num_glob
     if P:
         rq, rk, rv = _heads(attn, x[:, :P])  # [B, H, P, hd]
         kv_registers = tuple(r[:, None].expand(B, G, *r.shape[1:]).flatten(0, 1) for r in (rk, rv))  # [B * G, H, P, hd]
-    out = _attend(attn, q, k, v, kv_registers=kv_registers, record=True)  # [B * G, H, L, hd]
+    prefix = 0 if temporal else frame_registers  # for register_share: a frame's registers lead its sequence
+    out = _attend(attn, q, k, v, kv_registers=kv_registers, record=True, num_prefix_tokens=prefix)  # [B*G, H, L, hd]
     out = out.transpose(1, 2).reshape(B, G, L, C)
     out = (out.transpose(1, 2) if temporal else out).reshape(B, T * S, C)  # frame-major again
     if P:
@@ -340,15 +352,32 @@ class LatteBlock(Block):
     def arrangement(self) -> str:
         return "temporal" if self.temporal else "spatial"
 
-    def forward(self, x: Tensor, c: Tensor, *, frames: int, num_global: int, prefix: Tensor | None = None) -> Tensor:
-        """x [B, T * S, D] or [B, P + T * S, D]; c [B, D]; prefix [P, D] or [B, P, D]: global registers
-        that this block's first norm pass inserts (num_global = P from this block on)."""
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        *,
+        frames: int,
+        num_global: int = 0,
+        frame_registers: int = 0,
+        prefix: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, P + T * S, D]: P = num_global registers, then T frames of S slots (the first
+        frame_registers of them registers); c [B, D]; prefix [P, D] or [B, P, D]: global
+        registers that this block's first norm pass inserts (num_global = P from this block on)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).to(x.dtype).chunk(6, -1)
         )
         res = self.norm1(x, shift_msa, scale_msa, registers=prefix)  # [B, P + T * S, D]
         h = res.residual if res.residual is not None else x
-        attn = frame_attention(self.attn, res.out, frames=frames, num_global=num_global, temporal=self.temporal)
+        attn = frame_attention(
+            self.attn,
+            res.out,
+            frames=frames,
+            num_global=num_global,
+            frame_registers=frame_registers,
+            temporal=self.temporal,
+        )
         h = h + gate_msa[:, None] * attn
         return h + gate_mlp[:, None] * self.mlp(self.norm2(h, shift_mlp, scale_mlp).out)
 
@@ -424,7 +453,7 @@ class Latte(VideoDenoiser):
             P, Rf = self.registers_at(i)
             layout = VideoLayout(T, h, w, frame_registers=Rf, prefix_frames=(-1,) * P)
             outliers.set_video_layout(block.norm1, layout, block.arrangement)
-            x = block(x, c, frames=T, num_global=P, prefix=prefix)  # [B, P + T * (R_f + h * w), D]
+            x = block(x, c, frames=T, num_global=P, frame_registers=Rf, prefix=prefix)  # [B, P + T * S, D]
         P, Rf = self.registers_at(self.depth - 1)
         x = x[:, P:].unflatten(1, (T, Rf + h * w))[:, :, Rf:].flatten(1, 2)  # registers dropped: [B, T * h * w, D]
         return self.unpatchify(self.final_layer(x, c))  # [B, C_out, T, H, W]
