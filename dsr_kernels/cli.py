@@ -3,6 +3,8 @@
 dsr-kernels bench                     # every section on this device: what registers cost here
 dsr-kernels bench --quick             # the same in at most 90 s on a 2-core CPU
 dsr-kernels bench --section encoder   # what (recursive) test-time registers cost a ViT encoder
+dsr-kernels bench --section scaling   # what R registers cost from DiT-S to 4B parameters
+dsr-kernels bench --section video     # video attention at 16k-32k tokens, video DiTs with registers
 dsr-kernels bench --help              # sections, shapes, providers, registers, output folder
 dsr-kernels info                      # versions, the extension, and which backend runs where, and why not
 """
@@ -48,7 +50,7 @@ def _bench_config(args: argparse.Namespace):
 
     known = sections()
     selected: list[str] = []
-    for name in _split(args.section) or list(known):
+    for name in _split(args.section) or [n for n, s in known.items() if s.main_job]:
         if name in SECTION_ALIASES:
             selected += SECTION_ALIASES[name] or list(known)
         elif name in known:
@@ -187,7 +189,10 @@ def _sections_help() -> str:
             break_long_words=False,
         )
 
-    lines = ["sections (--section; kernels: attention,norm_modulate; all: every section, the default):"]
+    main = ",".join(n for n, s in sections().items() if s.main_job)
+    lines = [
+        f"sections (--section; default: {main}; kernels: attention,norm_modulate; all: every section):",
+    ]
     for name, section in sections().items():
         lines.append(f"  {name}: {section.title}")
         if section.all_providers():
@@ -223,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser(
         "bench",
         help="what registers cost here, and whether the fused path is worth it",
-        description="Runs the sections listed below (by default all: at most 3 minutes on a 2-core CPU;\n"
-        "--quick 90 s) and writes <out>/<date>-<time>-<device>/ with results.json, results.csv and\n"
+        description="Runs the sections listed below (by default all but scaling and video: at most 3 minutes\n"
+        "on a 2-core CPU; --quick 90 s) and writes <out>/<date>-<time>-<device>/ with results.json, results.csv and\n"
         "PNG plots.",
         epilog=_sections_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -234,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "--op",
         dest="section",
         default=None,
-        help="comma-separated sections: selfcheck, attention, norm_modulate, models, encoder, dropin "
-        "(kernels: attention and norm_modulate; all: every section, the default)",
+        help="comma-separated sections: selfcheck, attention, norm_modulate, models, encoder, dropin (these "
+        "six are the default), scaling, video (kernels: attention and norm_modulate; all: every section)",
     )
     b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     b.add_argument(

@@ -589,3 +589,172 @@ def collect(
         for _, module in modules:
             if hasattr(module, _ATTR):
                 delattr(module, _ATTR)
+
+
+# -- register utilisation: how many of its registers a model uses ----------------------
+
+
+class RegisterUtilisation(NamedTuple):
+    """What :func:`register_utilisation` read from one batch, one entry per layer that has registers.
+
+    - ``layers``: the layer names, as :func:`collect` names them (``blocks.3``);
+    - ``num_registers`` [L] int64: each layer's registers (its kv registers, then its
+      in-sequence ones);
+    - ``mass`` [L, R_max] float32: the attention mass each register receives: its
+      probability averaged over samples, heads and queries, so that a layer's row sums to
+      its register share; NaN past a layer's own register count;
+    - ``share`` [L]: the layer's register share (``mass`` summed over its registers);
+    - ``effective`` [L]: the effective number of registers in use, exp of the entropy of the
+      layer's mass normalised over its registers: 1 when one register takes all of it, R
+      when all R take the same; NaN where the registers receive no mass at all.
+    """
+
+    layers: list[str]
+    num_registers: Tensor
+    mass: Tensor
+    share: Tensor
+    effective: Tensor
+
+    def table(self, top: int = 3) -> str:
+        """One line per layer: registers, register share, effective count, and the ``top``
+        registers by mass with their part of the layer's register mass."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            mass = self.mass[i, : int(self.num_registers[i])]
+            total = float(mass.sum())
+            order = mass.argsort(descending=True)[:top].tolist()
+            tops = ", ".join(f"r{j} {float(mass[j]) / total:.2f}" for j in order) if total > 0 else "none"
+            rows.append([layer, str(int(self.num_registers[i])), _fmt(float(self.share[i])),
+                         _fmt(float(self.effective[i])), tops])  # fmt: skip
+        cols = ["layer", "registers", "share", "effective", f"top {top} (part of the register mass)"]
+        widths = [max([len(c)] + [len(r[k]) for r in rows]) for k, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+def _model_sequence_registers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{layer: (first token, count)} of DSR's in-sequence registers in the package's denoisers:
+    ``num_registers`` tokens at the end of the prefix (after JiT's class tokens) in every
+    block from ``register_start`` on, and first in every block of DiT^DH's head."""
+    R, blocks, counts = getattr(model, "num_registers", 0), getattr(model, "blocks", None), None
+    if hasattr(model, "prefix_counts"):
+        counts = model.prefix_counts()
+    if not R or blocks is None or counts is None:
+        return {}
+    out = {}
+    for i in range(len(blocks)):
+        if i >= len(counts):  # DiT^DH's head
+            out[f"blocks.{i}"] = (0, R)
+        elif i >= model.register_start:
+            out[f"blocks.{i}"] = (counts[i] - R, R)
+    return out
+
+
+class _RegisterMassRecorder(OutlierReport):
+    """Records each layer's register key mass (and nothing else) for :func:`register_utilisation`."""
+
+    def __init__(self, sequence_registers: dict[str, tuple[int, int]]) -> None:
+        super().__init__(threshold=None, ratio=4.0, top_k=None, sqnr=False)
+        self.sequence_registers = sequence_registers
+        self.mass: dict[str, Tensor] = {}  # summed over calls, samples and heads, per query
+        self.rows: dict[str, int] = {}  # (sample, head) pairs summed
+
+    def record_norms(self, *args, **kwargs) -> None:
+        pass
+
+    def record_attention(self, layer: str, stats: AttentionStats, num_kv_registers: int = 0, *args, **kwargs) -> None:
+        key_mass = stats.key_mass.detach().float()
+        if key_mass.dim() != 3:
+            raise ValueError(
+                f"register_utilisation(): layer {layer!r} ran packed (varlen) attention; key_mass "
+                f"[B, H, R + Nk] expected, got {list(key_mass.shape)}"
+            )
+        first, count = self.sequence_registers.get(layer, (0, 0))
+        parts = [key_mass[..., :num_kv_registers]]
+        if count:
+            begin = num_kv_registers + first
+            if begin + count > key_mass.shape[-1]:
+                raise ValueError(
+                    f"register_utilisation(): layer {layer!r} has {key_mass.shape[-1] - num_kv_registers} token "
+                    f"keys, fewer than its in-sequence registers end at ({first} + {count})"
+                )
+            parts.append(key_mass[..., begin : begin + count])
+        regs = torch.cat(parts, -1) / max(stats.lse.shape[-1], 1)  # [B, H, R]: mean probability per query
+        if not regs.shape[-1]:
+            return
+        total = regs.sum((0, 1)).cpu()
+        if layer in self.mass and self.mass[layer].shape != total.shape:
+            raise ValueError(
+                f"register_utilisation(): layer {layer!r} had {self.mass[layer].numel()} registers in one call "
+                f"and {total.numel()} in another"
+            )
+        self.mass[layer] = self.mass.get(layer, 0) + total
+        self.rows[layer] = self.rows.get(layer, 0) + regs.shape[0] * regs.shape[1]
+
+
+def register_utilisation(
+    model: nn.Module,
+    batch,
+    *,
+    sequence_registers: dict[str, int | tuple[int, int]] | None = None,
+) -> RegisterUtilisation:
+    """Per layer, the attention mass each register receives, and the effective number of registers in use.
+
+    Runs ``model`` once on ``batch`` (a tuple or list of positional arguments, a dict of
+    keyword arguments, or one tensor) without gradients, and reads the ``key_mass`` the
+    fused attention returns (no N x N matrix) in every package-built attention module
+    (:class:`~dsr_kernels.RegisterAttention`, the blocks of the reference models, models
+    patched by ``dsr_kernels.patch``). A layer's registers are its kv registers (the first
+    keys) and its in-sequence registers: in the package's denoisers (DiT, SiT,
+    LightningDiT, DiT^DH, JiT) the ``num_registers`` tokens of every block from
+    ``register_start`` on; in other models the ``sequence_registers`` given,
+    ``{layer: count}`` (the first ``count`` tokens) or ``{layer: (first token, count)}``,
+    which also replace the model's own for the layers they name. Layers without registers
+    are left out.
+
+    ``effective = exp(-sum_j m_j log m_j)``, m the layer's register mass normalised over its
+    registers: a trained model whose registers share the mass evenly uses all R; one whose
+    mass sits on k of them reads about k, the R to choose for it.
+    """
+    layout = _model_sequence_registers(model)
+    for layer, value in (sequence_registers or {}).items():
+        first, count = (0, value) if isinstance(value, int) else value
+        if first < 0 or count < 0:
+            raise ValueError(
+                f"register_utilisation(): sequence_registers[{layer!r}] must be a count >= 0 or "
+                f"(first >= 0, count >= 0), got {value!r}"
+            )
+        layout[layer] = (first, count)
+    recorder = _RegisterMassRecorder(layout)
+    modules = list(model.named_modules())
+    for name, module in modules:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        setattr(module, _ATTR, (recorder, parent or type(model).__name__))
+    try:
+        with torch.no_grad():
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for _, module in modules:
+            if hasattr(module, _ATTR):
+                delattr(module, _ATTR)
+    if not recorder.mass:
+        raise ValueError(
+            f"register_utilisation(): no layer of {type(model).__name__} attended to registers: it has no "
+            "package-built attention with kv registers, and no in-sequence registers (the model's "
+            "num_registers, or sequence_registers={layer: count})"
+        )
+    layers = list(recorder.mass)
+    counts = torch.tensor([recorder.mass[ly].numel() for ly in layers], dtype=torch.int64)
+    mass = torch.full((len(layers), int(counts.max())), math.nan)
+    for i, ly in enumerate(layers):
+        mass[i, : counts[i]] = recorder.mass[ly] / recorder.rows[ly]
+    share = mass.nan_to_num(0.0).sum(-1)
+    p = mass.nan_to_num(0.0) / share[:, None]
+    effective = torch.exp(-torch.special.xlogy(p, p).sum(-1))  # NaN where the share is 0
+    return RegisterUtilisation(layers, counts, mass, share, effective)

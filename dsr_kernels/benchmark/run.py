@@ -27,8 +27,9 @@ PLAIN_PROGRESS_EVERY_S = 10.0
 
 
 def sections() -> dict[str, Section]:
-    """Every section, in the order the main job runs them."""
-    from dsr_kernels.benchmark import attention, dropin, encoder, models, norm_modulate, selfcheck
+    """Every section, in the order the main job runs them (then ``scaling`` and ``video``, which
+    run only when named, or with ``--section all``)."""
+    from dsr_kernels.benchmark import attention, dropin, encoder, models, norm_modulate, scaling, selfcheck, video
 
     return {
         s.name: s
@@ -39,6 +40,8 @@ def sections() -> dict[str, Section]:
             models.SECTION,
             encoder.SECTION,
             dropin.SECTION,
+            scaling.SECTION,
+            video.SECTION,
         )
     }
 

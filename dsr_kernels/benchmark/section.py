@@ -1,6 +1,6 @@
 """The one interface every section of ``dsr-kernels bench`` implements.
 
-A section (self-check, attention, norm_modulate, models, encoder) says which providers,
+A section (self-check, attention, norm_modulate, models, encoder, dropin, scaling, video) says which providers,
 shapes and modes it knows, turns the run's options into :class:`Case` s (one unit of
 progress each: typically one shape and mode, its providers' repeats interleaved), and
 reads its own rows back into tables, plain-sentence conclusions and plots. A case
@@ -74,6 +74,7 @@ class Section:
     baseline: str = ""  # the provider every ratio of this section is against
     mode_names: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)  # what the preset left out, said after the tables
+    main_job: bool = True  # run by ``dsr-kernels bench`` without --section (False: only when named, or with "all")
 
     def providers(self, device: torch.device) -> list[str]:
         """Every provider name this section can run on ``device``."""
