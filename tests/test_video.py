@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsr_kernels
+from dsr_kernels.backends import triton_interpreting
 from dsr_kernels.models import Latte, VIDEO_16x32x32, VideoDiT, create_model, list_models
 from dsr_kernels.models.layers import get_2d_sincos_pos_embed
 from dsr_kernels.models.video import frame_attention, sincos_2d
@@ -98,6 +99,22 @@ def test_fused_float32_within_eager_error(cls, R, placement):
     torch.manual_seed(1)
     fused = perturb(tiny(cls, R, placement))
     args = inputs(fused)
+    got, got_g = run(fused, args, torch.float32)
+    ref, ref_g = run(twin(fused, backend="reference"), args, torch.float64)
+    eager, eager_g = run(twin(fused, backend="eager"), args, torch.float32)
+    assert_within_eager_error("out", got, ref, eager, torch.float32)
+    for name, g in got_g.items():
+        assert_within_eager_error(f"d{name}", g, ref_g[name], eager_g[name], torch.float32)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cls, R, placement, B", [(Latte, 1, "global", 1), (VideoDiT, 1, "per_frame", 2)])
+def test_triton_model_within_eager_error(cls, R, placement, B):
+    """The Triton kernels (in the interpreter on a CPU): broadcast kv registers, in-kernel 3-D RoPE."""
+    torch.manual_seed(7)
+    small = dict(depth=2, hidden_size=16, num_heads=2)
+    fused = perturb(tiny(cls, R, placement, backend="triton", **small))
+    args = inputs(fused, B=B)
     got, got_g = run(fused, args, torch.float32)
     ref, ref_g = run(twin(fused, backend="reference"), args, torch.float64)
     eager, eager_g = run(twin(fused, backend="eager"), args, torch.float32)
@@ -219,7 +236,7 @@ def test_flops_equal_flop_counter(size):
             cfg.update(register_placement=placement, num_classes=5, backend="reference")
             if text:
                 cfg.update(context_dim=24, context_len=4)
-            device = "cpu" if size == "S" and R and not text else "meta"
+            device = "cpu" if (size, cls, R, placement, text) == ("S", Latte, 4, "global", False) else "meta"
             with torch.device(device):
                 model = cls(**cfg).eval()
             args = inputs(model)
