@@ -221,7 +221,11 @@ def test_varlen_bad_input():
         (dict(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError, "one offset per sequence"),
         (dict(cu_seqlens_q=cu_q.float()), ValueError, "int32 / int64"),
         (dict(max_seqlen_k=3), ValueError, "'max_seqlen_k' must be an int >= the longest sequence \\(7\\)"),
-        (dict(kv_registers=(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))), ValueError, "\\[S=2, H=2, R, D=16\\]"),
+        (
+            dict(kv_registers=(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))),
+            ValueError,
+            "\\[S=2, H=2, R, D=16\\]",
+        ),
         (dict(k=torch.randn(12, 3, 16), v=torch.randn(12, 3, 16)), ValueError, "Hk dividing H=2"),
     ]
     for change, error, words in cases:
