@@ -402,3 +402,14 @@ def test_outlier_report_by_block_and_noise_level(tmp_path):
     assert by[("t=0.2", "blocks.0")].register_share == 0.0 and by[("t=0.2", "blocks.2")].register_share > 0
     assert 0 < by[("t=0.8", "blocks.2")].top1pct_key_share <= 1
     assert report.plot(str(tmp_path / "p.png")).endswith("p.png")
+
+
+def test_dit_register_share_counts_its_in_sequence_registers():
+    """DiT's registers, once in the sequence, are prefix tokens of every later block's
+    attention: collect()'s register share is theirs (0 before register_start)."""
+    model = create_model("DiT-S/2", input_size=8, depth=3, num_registers=4, register_start=1).eval()
+    with dsr_kernels.outliers.collect(model) as report:
+        model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    share = {r.layer: r.register_share for r in report.records()}
+    assert share["blocks.0"] == 0.0
+    assert 0.0 < share["blocks.1"] <= 1.0 and 0.0 < share["blocks.2"] <= 1.0

@@ -76,7 +76,9 @@ class DiT(Denoiser):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
         for i, block in enumerate(self.blocks):
             prefix = self.registers() if self.num_registers and i == self.register_start else None
-            x = block(x, c, prefix=prefix)  # [B, N, D], or [B, R + N, D] from register_start on
+            # (the registers in the sequence count in the statistics' register share)
+            in_sequence = self.num_registers if self.num_registers and i >= self.register_start else 0
+            x = block(x, c, prefix=prefix, num_prefix_tokens=in_sequence)  # [B, N, D], or [B, R + N, D]
         x = x[:, self.num_registers :]  # registers are dropped before the final layer
         x = self.final_layer(x, c)  # [B, N, p * p * C_out]
         return unpatchify(x, self.patch_size, self.out_channels)
