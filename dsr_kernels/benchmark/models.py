@@ -82,11 +82,13 @@ class ModelsSection(Section):
         return all_shapes(device)
 
     def shape_names(self) -> list[str]:
-        """Any denoiser create_model knows (the defaults first)."""
+        """Any image denoiser create_model knows (the defaults first; the video denoisers are
+        the ``video`` section's: they take [B, C, T, H, W] latents)."""
         from dsr_kernels.models import list_models
 
         defaults = super().shape_names()
-        return defaults + [m for m in list_models() if "/" in m and m not in defaults]
+        video = ("Latte-", "VideoDiT-")
+        return defaults + [m for m in list_models() if "/" in m and m not in defaults and not m.startswith(video)]
 
     def uses_registers(self) -> bool:
         return True
