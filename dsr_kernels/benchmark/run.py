@@ -27,9 +27,19 @@ PLAIN_PROGRESS_EVERY_S = 10.0
 
 
 def sections() -> dict[str, Section]:
-    """Every section, in the order the main job runs them (then ``scaling`` and ``video``, which
-    run only when named, or with ``--section all``)."""
-    from dsr_kernels.benchmark import attention, dropin, encoder, models, norm_modulate, scaling, selfcheck, video
+    """Every section, in the order the main job runs them (then ``scaling``, ``video`` and
+    ``distributed``, which run only when named, or with ``--section all``)."""
+    from dsr_kernels.benchmark import (
+        attention,
+        distributed,
+        dropin,
+        encoder,
+        models,
+        norm_modulate,
+        scaling,
+        selfcheck,
+        video,
+    )
 
     return {
         s.name: s
@@ -42,6 +52,7 @@ def sections() -> dict[str, Section]:
             dropin.SECTION,
             scaling.SECTION,
             video.SECTION,
+            distributed.SECTION,
         )
     }
 

@@ -55,11 +55,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr_kernels import outliers
-from dsr_kernels.ops.attention import MAX_HEAD_DIM, attention
+from dsr_kernels.attention_call import AttentionCall, Causal
+from dsr_kernels.backends import resolve
+from dsr_kernels.ops.attention import MAX_HEAD_DIM, _check_attention_args, attention, validated_attention
 from dsr_kernels.ops.attention_dropin import scaled_dot_product_attention
 from dsr_kernels.rope import apply_rope
 
-__all__ = ["BACKEND_NAME", "DSRAttnProcessor", "patch", "register_backend"]
+__all__ = ["BACKEND_NAME", "DSRAttnProcessor", "enable_parallelism", "patch", "register_backend"]
 
 BACKEND_NAME = "dsr"
 
@@ -87,30 +89,28 @@ def _fused_sdpa(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
     *,
-    sequence_first: bool = False,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """SDPA's arguments: the fused attention with the current processor's registers, sinks and statistics.
 
     It stands in for ``torch.nn.functional.scaled_dot_product_attention`` while a
-    :class:`DSRAttnProcessor` runs (q, k, v [B, H, S, D]), and with ``sequence_first=True``
-    it is the ``"dsr"`` backend of diffusers' dispatcher: q, k, v [B, S, H, D], out
-    [B, S, H, Dv], a 2-D ``attn_mask`` [B, S_k] masks keys (as diffusers' native backend
-    reads it). The dispatcher passes only the arguments a backend's signature names.
+    :class:`DSRAttnProcessor` runs (q, k, v [B, H, S, D], out [B, H, S, Dv]), and is what
+    the ``"dsr"`` backend of diffusers' dispatcher runs (:func:`_dispatch_backend`). With
+    ``return_lse=True`` it also returns the log-sum-exp of each query's softmax [B, H, S]
+    (float32, natural log, over the registers, the sink and the keys; not differentiable).
     """
-    if return_lse:
-        raise ValueError(f"the {BACKEND_NAME!r} attention backend does not support return_lse=True")
-    if _parallel_config is not None:
-        raise NotImplementedError(f"the {BACKEND_NAME!r} attention backend does not support context parallelism")
-    if sequence_first:
-        if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
-            attn_mask = attn_mask[:, None, None, :]
-        q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
-        return _fused_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).permute(0, 2, 1, 3)
     call = _CURRENT.get()
+    if return_lse and not _attention_serves(query, key, value, attn_mask, dropout_p):
+        raise ValueError(
+            f"the {BACKEND_NAME!r} attention backend returns the lse only of calls dsr_kernels.attention takes as "
+            f"they are (4-D q, k, v of one batch, H a multiple of Hk, head dims <= {MAX_HEAD_DIM}, no dropout, no "
+            f"mask that requires a gradient); got q {tuple(query.shape)}, k {tuple(key.shape)}, "
+            f"v {tuple(value.shape)}, dropout_p={dropout_p}"
+        )
     if call is None:
+        if return_lse:
+            return _attention_with_lse(query, key, value, attn_mask, is_causal, scale)
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     proc = call.processor
     kv_registers = None
@@ -131,6 +131,25 @@ def _fused_sdpa(
             query, key = (apply_rope(t, *rope, call.rope_style).to(t.dtype) for t in (query, key))
             rope = None
     recording = outliers.active_layer(proc)
+    if return_lse:
+        out, stats = _attention_with_lse(
+            query,
+            key,
+            value,
+            attn_mask,
+            is_causal,
+            scale,
+            kv_registers=kv_registers,
+            sinks=sinks,
+            rope=rope,
+            rope_style=call.rope_style,
+            return_stats=recording is not None,
+            backend=call.backend,
+        )
+        if recording is not None:
+            report, layer = recording
+            report.record_attention(layer, stats, proc.num_kv_registers)
+        return out, stats.lse
     if (recording is not None or rope is not None) and query.dim() == 4 and dropout_p == 0.0:
         mask = attn_mask
         if mask is not None and mask.dim() < 4:
@@ -170,6 +189,42 @@ def _fused_sdpa(
     )
 
 
+def _attention_with_lse(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    *,
+    return_stats: bool = False,
+    backend: str = "auto",
+    **options: Any,
+) -> tuple[Tensor, Any]:
+    """:func:`dsr_kernels.attention` on an SDPA call, with the lse (torch's top-left ``is_causal``, a mask of
+    any rank up to 4): (out, its :class:`AttentionStats`) when ``return_stats``, else (out, lse [B, H, S])."""
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.view(*(1,) * (4 - attn_mask.dim()), *attn_mask.shape)
+    out, stats = validated_attention(
+        "attention",
+        query,
+        key,
+        value,
+        kv_registers=options.get("kv_registers"),
+        sinks=options.get("sinks"),
+        key_mask=None,
+        attn_mask=attn_mask,
+        causal=Causal.TOP_LEFT if is_causal else Causal.NONE,
+        num_prefix_tokens=0,
+        scale=scale,
+        return_stats=return_stats,
+        backend=backend,
+        rope=options.get("rope"),
+        rope_style=options.get("rope_style", "interleaved"),
+    )
+    return (out, stats) if return_stats else (out, stats.lse)
+
+
 def _attention_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float) -> bool:
     """Whether :func:`dsr_kernels.attention` takes this SDPA call as it is (no broadcasting to resolve,
     nothing that :func:`dsr_kernels.scaled_dot_product_attention` hands to PyTorch)."""
@@ -183,7 +238,168 @@ def _attention_serves(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tens
     )
 
 
-_dispatch_backend = functools.partial(_fused_sdpa, sequence_first=True)
+def _dispatch_backend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _parallel_config: Any = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The ``"dsr"`` backend of diffusers' dispatcher (which passes only the arguments named here).
+
+    q, k, v [B, S, H, D], out [B, S, H, Dv]; a 2-D ``attn_mask`` [B, S_k] masks keys (as
+    diffusers' native backend reads it). ``return_lse=True`` also returns the lse in
+    diffusers' layout, that of its flash backends: [B, S, H] float32, natural log. With
+    ``_parallel_config`` (``model.enable_parallelism(config=ContextParallelConfig(...))``)
+    diffusers' own ring / Ulysses autograd functions run, calling the fused kernels on each
+    shard through :func:`_cp_forward_op` / :func:`_cp_backward_op`.
+    """
+    if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
+        attn_mask = attn_mask[:, None, None, :]
+    if _parallel_config is not None:
+        return _context_parallel(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _parallel_config
+        )
+    q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
+    out = _fused_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=return_lse)
+    if not return_lse:
+        return out.permute(0, 2, 1, 3)
+    out, lse = out
+    return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- context parallelism
+# diffusers' TemplatedRingAttention / TemplatedUlyssesAttention (attention_dispatch.py) own the
+# communication: they call a backend's forward op on each shard, ``forward_op(ctx, q, k, v, attn_mask,
+# dropout_p, is_causal, scale, enable_gqa, return_lse, _save_ctx=..., _parallel_config=...)`` with q, k, v
+# [B, S, H, D], wanting (out [B, S, H, D], lse [B, S, H]) where the ring merges partial outputs by their
+# lse; and its backward op, ``backward_op(ctx, grad_out, query=, key=, value=, out=, lse=)``, where the
+# ring passes each K/V chunk with the merged (global) out and lse, and Ulysses passes nothing (what the
+# forward saved). The fused backward takes exactly that: the probabilities of a chunk recomputed from
+# the global lse, delta = rowsum(dout * out) from the global out (FlashAttention's ring backward).
+
+
+def _context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, config):
+    """One call of the dispatcher under diffusers' context parallelism (``config``: its ParallelConfig)."""
+    try:
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+    except ImportError as exc:  # diffusers < 0.36 has no templated context parallelism
+        raise NotImplementedError(
+            f"the {BACKEND_NAME!r} backend's context parallelism needs diffusers' "
+            f"_templated_context_parallel_attention (diffusers >= 0.36; 0.42.1 is tested): {exc}"
+        ) from exc
+    call = _CURRENT.get()
+    backend = "auto"
+    if call is not None:
+        proc = call.processor
+        if proc.register_k is not None or proc.sinks is not None or outliers.active_layer(proc) is not None:
+            raise NotImplementedError(
+                f"DSRAttnProcessor({type(proc.inner).__name__}): kv registers, sinks and statistics are not "
+                "supported under diffusers' context parallelism (its ring would add the registers and the sink to "
+                "every K/V shard, and their gradients do not leave its autograd function); use "
+                "dsr_kernels.distributed.ring_attention / ulysses_attention, which take them"
+            )
+        if call.rope is not None:  # the shard's own tables (diffusers' plan splits them as the tokens)
+            q, k = (t.permute(0, 2, 1, 3) for t in (query, key))
+            rope = tuple(t.to(query.device) for t in call.rope)
+            q, k = (apply_rope(t, *rope, call.rope_style).to(t.dtype) for t in (q, k))
+            query, key = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3)
+        backend = call.backend
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        return_lse,
+        forward_op=functools.partial(_cp_forward_op, backend=backend),
+        backward_op=_cp_backward_op,
+        _parallel_config=config,
+    )
+
+
+def _cp_call(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal: bool, scale, backend: str):
+    """The validated :class:`AttentionCall` of one shard (q, k, v [B, S, H, D]) and the backend that runs it."""
+    q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.view(*(1,) * (4 - attn_mask.dim()), *attn_mask.shape)
+    attn_mask = _check_attention_args("attention", q, k, v, None, None, None, attn_mask, 0, scale)
+    backend = resolve("attention", backend, q, ("value_head_dim",) if v.shape[-1] != q.shape[-1] else ())
+    if backend == "reference":
+        raise NotImplementedError(
+            f"the {BACKEND_NAME!r} backend's context parallelism runs the fused backward on each shard; the "
+            "'reference' backend has none (use 'auto', 'cpu', 'torch' or 'triton')"
+        )
+    call = AttentionCall(
+        q=q,
+        k=k,
+        v=v,
+        attn_mask=attn_mask,
+        causal=int(Causal.TOP_LEFT if is_causal else Causal.NONE),
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+    )
+    return call, backend
+
+
+def _cp_forward_op(
+    ctx: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _save_ctx: bool = True,
+    _parallel_config: Any = None,
+    *,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """diffusers' forward-op contract on one shard: out [B, S, H, Dv] (and lse [B, S, H] float32)."""
+    if dropout_p:
+        raise ValueError(f"the {BACKEND_NAME!r} attention backend has no dropout (dropout_p={dropout_p})")
+    call, backend = _cp_call(query, key, value, attn_mask, is_causal, scale, backend)
+    out, lse, *_ = torch.ops.dsr_kernels.attention_fwd(*call.as_args(), backend)
+    out, lse = out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, S, H, Dv], [B, S, H]
+    if _save_ctx:
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.dsr_call = call.replace(q=None, k=None, v=None)  # the mask, causal, scale
+        ctx.dsr_backend = backend
+    return (out, lse) if return_lse else out
+
+
+def _cp_backward_op(
+    ctx: Any,
+    grad_out: Tensor,
+    *args: Any,
+    query: Tensor | None = None,
+    key: Tensor | None = None,
+    value: Tensor | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """diffusers' backward-op contract: (dq, dk, dv) [B, S, H, D] of one shard, the K/V chunk and the
+    merged out / lse given by the ring (or the forward's own, saved, for Ulysses)."""
+    saved = ctx.saved_tensors
+    query, key, value, out, lse = (
+        s if t is None else t for s, t in zip(saved, (query, key, value, out, lse), strict=True)
+    )
+    q, k, v, dout, o = (t.permute(0, 2, 1, 3) for t in (query, key, value, grad_out.to(query.dtype), out))
+    lse = lse.permute(0, 2, 1).to(saved[4].dtype).contiguous()  # [B, H, S], the kernels' accumulation type
+    call = ctx.dsr_call.replace(q=q, k=k, v=v)
+    dq, dk, dv, *_ = torch.ops.dsr_kernels.attention_bwd(dout, o.to(q.dtype), lse, *call.as_args(), ctx.dsr_backend)
+    return tuple(t.permute(0, 2, 1, 3) for t in (dq, dk, dv))
 
 
 def register_backend() -> bool:
@@ -208,7 +424,11 @@ def register_backend() -> bool:
         names._member_names_.append(member._name_)
         type.__setattr__(names, member._name_, member)
     if member not in registry._backends:
-        registry.register(member, constraints=[])(_dispatch_backend)
+        # Context parallelism: diffusers' ring / Ulysses call _cp_forward_op / _cp_backward_op on each shard.
+        cp = "supports_context_parallel" in inspect.signature(registry.register).parameters
+        registry.register(member, constraints=[], **({"supports_context_parallel": True} if cp else {}))(
+            _dispatch_backend
+        )
     from diffusers.models.modeling_utils import ModelMixin
 
     if not hasattr(ModelMixin.set_attention_backend, "_dsr_checks"):
@@ -436,6 +656,19 @@ class DSRAttnProcessor(nn.Module):
     def num_kv_registers(self) -> int:
         return 0 if self.register_k is None else self.register_k.shape[1]
 
+    @property
+    def _parallel_config(self) -> Any:
+        """The wrapped processor's: ``enable_parallelism`` hands its config to the processors that have one,
+        and the wrapped one calls the dispatcher with it (without this, it ran each shard alone)."""
+        try:
+            return self.__dict__["inner"]._parallel_config
+        except (KeyError, AttributeError):
+            raise AttributeError(f"{type(self.__dict__.get('inner')).__name__} has no _parallel_config") from None
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        self.inner._parallel_config = config
+
     def forward(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         args, kwargs, call = self._take_rope(attn, hidden_states, args, kwargs)
         token = _CURRENT.set(call)
@@ -557,6 +790,44 @@ def patch(obj: Any, *, num_kv_registers: int = 0, sinks: bool = False, backend: 
     if not names:
         raise ValueError(f"patch(): found no diffusers attention module in {type(model).__name__}")
     return names
+
+
+def enable_parallelism(model: nn.Module, config: Any, *, cp_plan: dict | None = None) -> None:
+    """diffusers' ``model.enable_parallelism(config=config, cp_plan=cp_plan)``, also on a torch without an accelerator.
+
+    diffusers 0.42.1 (``ModelMixin._resolve_parallel_config``) places rank r on
+    ``torch.device(accelerator, r % torch.accelerator.device_count())``: on a CPU-only torch
+    (gloo processes on CPUs) the count is 0 and it raises ``ZeroDivisionError``. There, for a
+    ``ContextParallelConfig`` (or a ``ParallelConfig`` holding one and no tensor parallelism),
+    this builds diffusers' ("ring", "ulysses") device mesh on "cpu" (or takes ``config.mesh``),
+    sets the config up for device "cpu" as diffusers would, and then runs diffusers' own
+    ``enable_parallelism``. With an accelerator it is diffusers' call unchanged.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    if isinstance(config, ContextParallelConfig):
+        config = ParallelConfig(context_parallel_config=config)
+    cp = getattr(config, "context_parallel_config", None)
+    on_cpu = torch.accelerator.device_count() == 0 and cp is not None and config.tensor_parallel_config is None
+    if not on_cpu:
+        model.enable_parallelism(config=config, cp_plan=cp_plan)
+        return
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("enable_parallelism(): torch.distributed must be initialised first (e.g. gloo on CPUs)")
+    mesh = cp.mesh or torch.distributed.device_mesh.init_device_mesh(
+        "cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names
+    )
+
+    def resolve_on_cpu(cfg: Any) -> Any:
+        config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device("cpu"), mesh=mesh)
+        model._parallel_config = config
+        return config
+
+    model._resolve_parallel_config = resolve_on_cpu  # this call's, instead of the one that divides by 0
+    try:
+        model.enable_parallelism(config=config, cp_plan=cp_plan)
+    finally:
+        del model._resolve_parallel_config
 
 
 register_backend()
