@@ -1,6 +1,6 @@
 """dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
 
-from dsr_kernels import models, outliers, registers
+from dsr_kernels import distributed, models, outliers, registers
 from dsr_kernels.backends import BackendUnavailable, explain
 from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.modules.attention import RegisterAttention
@@ -34,6 +34,7 @@ __all__ = [
     "SDPAError",
     "attention",
     "attention_varlen",
+    "distributed",
     "explain",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

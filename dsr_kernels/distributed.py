@@ -163,11 +163,23 @@ def unshard_sequence(x: Tensor, dim: int, group=None, *, balanced: bool = False)
     """The whole sequence from every rank's shard ``x`` (lengths may differ), on every rank.
 
     The inverse of :func:`shard_sequence` with the same ``balanced``: an ``all_gather``
-    (shards padded to the longest). The result has no autograd history.
+    (shards padded to the longest). The result has no autograd history. The ranks' shards
+    must agree but for ``dim`` (else the same ValueError on every rank).
     """
-    group, _, world = _group_info("unshard_sequence", group)
+    fn = "unshard_sequence"
+    group, _, _ = _group_info(fn, group)
     dim = dim % x.dim()
-    lengths = _all_gather_ints(torch.tensor([x.shape[dim]]), group, x.device)[:, 0].tolist()
+    dtypes = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *_DTYPES)
+    shape = [s if d != dim else -1 for d, s in enumerate(x.shape)][:8]  # (a fixed-size vector: 8 dims compared)
+    meta = [x.dim(), dtypes.index(x.dtype) if x.dtype in dtypes else -1, x.shape[dim], *shape, *[0] * (8 - len(shape))]
+    rows = [[int(v) for v in row] for row in _all_gather_ints(torch.tensor(meta), group, x.device).tolist()]
+    if any(row[:2] + row[3:] != rows[0][:2] + rows[0][3:] for row in rows):
+        seen = ", ".join(
+            f"rank {r} {row[3 : 3 + min(row[0], 8)]} {dtypes[row[1]] if row[1] >= 0 else 'another dtype'}"
+            for r, row in enumerate(rows)
+        )
+        raise ValueError(f"{fn}(): the shards must have the same dtype and shape but for dim {dim} (-1), got {seen}")
+    lengths = [int(row[2]) for row in rows]
     layout = Layout(tuple(lengths), balanced)
     shards = _gather_padded(x.detach(), dim, lengths, group)
     return torch.cat([shards[r].narrow(dim, s.local, s.length) for r, s in layout.in_global_order()], dim)
@@ -248,7 +260,7 @@ _FIELDS = {
     "Dv": "the value head dim (v.shape[3])",
     "dtype": "the dtype",
     "device": "the device type",
-    "registers": "kv_registers (0 none, 1 shared [H, R, D], 2 per sample [B, H, R, D])",
+    "registers": "kv_registers",
     "R": "the register count",
     "sinks": "whether sinks are given",
     "key_mask": "whether key_mask is given",
@@ -259,6 +271,7 @@ _FIELDS = {
     "prefix": "num_prefix_tokens",
     "scale": "scale",
     "stats": "return_stats",
+    "grad": "whether gradients are recorded (grad mode and an input that requires grad)",
     "backend": "the backend",
     "Nq": None,
     "Nk": None,
@@ -329,7 +342,7 @@ def _local_meta(fn: str, q, k, v, opts: _Options, backend_names: tuple[str, ...]
         sinks=int(opts.sinks is not None), key_mask=int(opts.key_mask is not None), rope=int(opts.rope is not None),
         rope_style=ROPE_STYLES.index(opts.rope_style), causal=int(bool(opts.causal)), balanced=int(opts.balanced),
         prefix=opts.num_prefix_tokens, scale=scale, stats=int(bool(opts.return_stats)),
-        backend=names("attention").index(backend), Nq=Nq, Nk=Nk,
+        grad=int(_records_grad(q, k, v, opts)), backend=names("attention").index(backend), Nq=Nq, Nk=Nk,
     )  # fmt: skip
 
 
@@ -350,8 +363,7 @@ def _agree(fn: str, group, q, k, v, opts: _Options, backend_names: tuple[str, ..
     if not all(row["ok"] for row in rows):
         messages = [None] * len(rows)
         dist.all_gather_object(messages, error, group=group)
-        bad = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
-        raise ValueError(f"{fn}(): bad input on {bad}")
+        raise ValueError(f"{fn}(): bad input on {_by_message(messages)}")
     differ = [
         f"{what}: " + ", ".join(f"rank {r} {_show(field, row[field])}" for r, row in enumerate(rows))
         for field, what in _FIELDS.items()
@@ -370,12 +382,33 @@ def _agree(fn: str, group, q, k, v, opts: _Options, backend_names: tuple[str, ..
     return facts
 
 
+def _records_grad(q: Tensor, k: Tensor, v: Tensor, opts: _Options) -> bool:
+    """Whether autograd records the call (then every rank must take part in its backward)."""
+    tensors = [q, k, v, *(opts.kv_registers or ()), opts.sinks]
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _show(field: str, value: float) -> str:
     if field == "dtype":
         return str(_DTYPES[int(value)])
     if field == "backend":
         return repr(names("attention")[int(value)])
+    if field == "registers":
+        return ("none", "shared", "per sample")[int(value)]
+    if field == "rope_style":
+        return repr(ROPE_STYLES[int(value)])
+    if field in ("sinks", "key_mask", "rope", "causal", "balanced", "stats", "grad"):
+        return str(bool(value))
     return f"{value:g}"
+
+
+def _by_message(messages: list[str | None]) -> str:
+    """The ranks' error messages, each once with the ranks that raised it: "ranks 0, 1: <message>"."""
+    ranks: dict[str, list[str]] = {}
+    for r, m in enumerate(messages):
+        if m is not None:
+            ranks.setdefault(m, []).append(str(r))
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(rs)}: {m}" for m, rs in ranks.items())
 
 
 @dataclass(frozen=True)
@@ -874,9 +907,10 @@ def ulysses_attention(
         regs = tuple(t[heads] if t.dim() == 3 else t[:, heads] for t in present[:2])
     if sinks is not None:
         head_sinks = present[-1][heads]
-    out, stats = attention(qh, kh, vh, kv_registers=regs, sinks=head_sinks, key_mask=mask, causal=causal,
-                           num_prefix_tokens=num_prefix_tokens, scale=scale, return_stats=True,
-                           backend=backend)  # fmt: skip
+    result = attention(qh, kh, vh, kv_registers=regs, sinks=head_sinks, key_mask=mask, causal=causal,
+                       num_prefix_tokens=num_prefix_tokens, scale=scale, return_stats=return_stats,
+                       backend=backend)  # fmt: skip
+    out, stats = result if return_stats else (result, None)
     if reorder:
         out = out[:, :, torch.argsort(perm_q)]
     out = SeqToHeadsFn.apply(out, lq, group, True)
