@@ -9,10 +9,13 @@
 - :func:`sample_euler`: Euler steps of the flow ODE from noise (t = 1) to data (t = 0),
   with classifier-free guidance on the data prediction inside a time interval.
 - :func:`sample_ddim`: DiT's deterministic DDIM sampler with guidance.
+- :func:`train`: a minimal training loop, with an optional
+  :class:`~dsr_kernels.outliers.Monitor` of outlier statistics every N steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -219,3 +222,37 @@ def sample_ddim(
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x
+
+
+def train(
+    model: nn.Module,
+    objective: FlowMatching | GaussianDiffusion,
+    batches,
+    *,
+    optimizer: torch.optim.Optimizer,
+    steps: int | None = None,
+    monitor=None,
+) -> list[float]:
+    """A minimal training loop: for each (x, y) of ``batches`` (at most ``steps`` of them),
+    ``objective.loss(model, x, y)``, backward, ``optimizer.step()``. Returns the losses.
+
+    ``monitor``: a :class:`dsr_kernels.outliers.Monitor` of ``model``; the forward of every
+    step runs inside ``monitor.step(i)`` (recorded every ``monitor.every`` steps, i from 0).
+    The caller closes it (``monitor.close()`` draws the plots).
+    """
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"train(): 'steps' must be an int >= 0 or None, got {steps!r}")
+    if monitor is not None and getattr(monitor, "model", None) is not model:
+        raise ValueError("train(): 'monitor' must be a Monitor of the model being trained (Monitor(model, ...))")
+    model.train()
+    losses: list[float] = []
+    for i, (x, y) in enumerate(batches):
+        if steps is not None and i >= steps:
+            break
+        with monitor.step(i) if monitor is not None else contextlib.nullcontext():
+            loss = objective.loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -758,3 +758,12 @@ def register_utilisation(
     p = mass.nan_to_num(0.0) / share[:, None]
     effective = torch.exp(-torch.special.xlogy(p, p).sum(-1))  # NaN where the share is 0
     return RegisterUtilisation(layers, counts, mass, share, effective)
+
+
+def __getattr__(name: str):
+    # Monitor lives in dsr_kernels.monitor, which builds on this module: imported on first use.
+    if name in ("Monitor", "MonitorWriteError"):
+        from dsr_kernels import monitor
+
+        return getattr(monitor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
