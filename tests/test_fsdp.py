@@ -1,6 +1,8 @@
 """Sharded training: FSDP2 (``torch.distributed.fsdp.fully_shard``) on LightningDiT with diffusion
 registers, one SGD step on 2 gloo CPU processes (each with half the batch) against the step on one
-process with the whole batch: the same loss and the same updated parameters, registers included."""
+process with the whole batch: the same loss and the same updated parameters, registers included; and
+FSDP2 with ring / Ulysses attention (``dsr_kernels.distributed``) over the same 2 processes, each with
+half of the tokens, against one process on the whole sequence. One pair of processes runs both."""
 
 import importlib.util
 import time
@@ -55,23 +57,33 @@ def _step(model: nn.Module, rows: slice) -> torch.Tensor:
     return loss.detach()
 
 
-def _fsdp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+def _fsdp_step(rank: int, world: int, mesh) -> tuple:
+    """FSDP2 over ``mesh``: each block and the root sharded, one step on this rank's half of the batch; the
+    loss and this rank's shard (dim 0) of every parameter (the parent concatenates them)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    per = B // world
+    loss = _step(model, slice(rank * per, rank * per + per))
+    return loss, {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    """Both steps of this file on one pair of processes (starting them is most of the time)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        model = _model()
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        per = B // world
-        loss = _step(model, slice(rank * per, rank * per + per))
-        # Each rank reports its loss and its shard (dim 0) of every parameter; the parent concatenates them.
+        found = {"fsdp": _fsdp_step(rank, world, mesh)}
+        if importlib.util.find_spec("dsr_kernels.distributed") is not None:
+            found.update(_fsdp_cp_steps(rank, world, mesh))
         # Through the manager, not a collective (see tests/test_models.py's DDP test).
-        results[rank] = (loss, {n: p.to_local().detach().clone() for n, p in model.named_parameters()})
+        results[rank] = found
     finally:
         dist.destroy_process_group()
 
@@ -92,7 +104,9 @@ def _spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
                 process.kill()
 
 
-def test_fsdp2_step_equals_single_process_step(tmp_path):
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict:
+    """{rank: {"fsdp": (loss, shards), "ring_attention": ..., "ulysses_attention": ...}} of the 2 processes."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -102,13 +116,16 @@ def test_fsdp2_step_equals_single_process_step(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {exc}")
+    results = mp.Manager().dict()
+    _spawn(_worker, 2, (str(tmp_path_factory.mktemp("fsdp") / "init"), results), TIMEOUT_S)
+    return dict(results)
 
+
+def test_fsdp2_step_equals_single_process_step(spawned):
     single = _model()
     before = {n: p.detach().clone() for n, p in single.named_parameters()}
     loss = _step(single, slice(0, B))
-    results = mp.Manager().dict()
-    _spawn(_fsdp_worker, 2, (str(tmp_path / "init"), results), TIMEOUT_S)
-    (loss0, shards0), (loss1, shards1) = results[0], results[1]
+    (loss0, shards0), (loss1, shards1) = spawned[0]["fsdp"], spawned[1]["fsdp"]
     assert_close("loss (mean of the ranks' half-batch losses)", (loss0 + loss1) / 2, loss, atol=1e-6, rtol=1e-6)
     for name, p in single.named_parameters():
         full = torch.cat([shards0[name], shards1[name]])
@@ -171,55 +188,42 @@ def _cp_step(model, x, target, attend, register_grad_scale=1.0) -> torch.Tensor:
     return loss.detach()
 
 
-def _fsdp_cp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+def _fsdp_cp_steps(rank: int, world: int, mesh) -> dict:
+    """FSDP2 and ring / Ulysses attention over the same ranks: {scheme: (loss, this rank's shards)}."""
     import functools
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from dsr_kernels import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        found = {}
-        for scheme in ("ring_attention", "ulysses_attention"):
-            model = _cp_model()
-            for block in model:
-                fully_shard(block, mesh=mesh)
-            x, target = (distributed.shard_sequence(t, 1) for t in _cp_batch())  # this rank's tokens
-            attend = functools.partial(getattr(distributed, scheme), group=mesh.get_group())
-            # Each rank's loss is the mean over its tokens, and FSDP averages the gradients over the ranks: the
-            # step of the mean over all tokens. But ring_attention / ulysses_attention return the register and
-            # sink gradients already summed over the ranks (the whole sequence's, on every rank), so FSDP's
-            # average would leave them G times too large: their gradient path is scaled by 1 / G. (Without it
-            # the loss and every other parameter still match; the registers and sinks do not.)
-            loss = _cp_step(model, x, target, attend, register_grad_scale=1.0 / world)
-            found[scheme] = (loss, {n: p.to_local().detach().clone() for n, p in model.named_parameters()})
-        results[rank] = found
-    finally:
-        dist.destroy_process_group()
+    found = {}
+    for scheme in ("ring_attention", "ulysses_attention"):
+        model = _cp_model()
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        x, target = (distributed.shard_sequence(t, 1) for t in _cp_batch())  # this rank's tokens
+        attend = functools.partial(getattr(distributed, scheme), group=mesh.get_group())
+        # Each rank's loss is the mean over its tokens, and FSDP averages the gradients over the ranks: the
+        # step of the mean over all tokens. But ring_attention / ulysses_attention return the register and
+        # sink gradients already summed over the ranks (the whole sequence's, on every rank), so FSDP's
+        # average would leave them G times too large: their gradient path is scaled by 1 / G. (Without it
+        # the loss and every other parameter still match; the registers and sinks do not.)
+        loss = _cp_step(model, x, target, attend, register_grad_scale=1.0 / world)
+        found[scheme] = (loss, {n: p.to_local().detach().clone() for n, p in model.named_parameters()})
+    return found
 
 
-def test_fsdp2_with_context_parallel_step_equals_single_process_step(tmp_path):
+def test_fsdp2_with_context_parallel_step_equals_single_process_step(spawned):
     """FSDP2 and ring / Ulysses attention over the same 2 ranks, each holding half of the tokens of every
     sample: one step equals the step of one process on the whole sequence (loss and updated parameters)."""
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
     import dsr_kernels
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
-    if importlib.util.find_spec("dsr_kernels.distributed") is None:
+    if "ring_attention" not in spawned[0]:
         pytest.skip("dsr_kernels.distributed (ring_attention, ulysses_attention) is not in this checkout")
     single = _cp_model()
     loss = _cp_step(single, *_cp_batch(), dsr_kernels.attention)
-    results = mp.Manager().dict()
-    _spawn(_fsdp_cp_worker, 2, (str(tmp_path / "init"), results), TIMEOUT_S)
     for scheme in ("ring_attention", "ulysses_attention"):
-        (loss0, shards0), (loss1, shards1) = results[0][scheme], results[1][scheme]
+        (loss0, shards0), (loss1, shards1) = spawned[0][scheme], spawned[1][scheme]
         assert_close(f"{scheme}: loss", (loss0 + loss1) / 2, loss, atol=1e-6, rtol=1e-6)
         for name, p in single.named_parameters():
             assert_close(
