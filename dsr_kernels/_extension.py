@@ -59,6 +59,12 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+def cpu_capability() -> str | None:
+    """The instruction set the compiled CPU kernels picked at load ("avx512", "avx2", "default"),
+    or None without the extension."""
+    return _C.cpu_capability() if _C is not None else None
+
+
 def extension_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """None if the compiled kernels run on ``device``, else why not (a Backend's reason function:
     the dtypes a backend takes are in its declaration)."""

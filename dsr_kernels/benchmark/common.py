@@ -430,7 +430,7 @@ def _command() -> str:
 def environment(device: torch.device) -> dict[str, object]:
     """What produced a result: device, processor, threads, versions, commit, date."""
     import dsr_kernels
-    from dsr_kernels._extension import _C
+    from dsr_kernels._extension import cpu_capability, extension_loaded
 
     try:
         import triton
@@ -445,7 +445,7 @@ def environment(device: torch.device) -> dict[str, object]:
         "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cpu_kernels_isa": _C.cpu_capability() if _C is not None else None,
+        "cpu_kernels_isa": cpu_capability(),
         "compute_capability": (
             ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None
         ),
@@ -455,7 +455,7 @@ def environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "dsr_kernels": dsr_kernels.__version__,
         "git_commit": _git_commit(),
-        "extension_built": _C is not None,
+        "extension_built": extension_loaded(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         # PyTorch's CPU allocator: with THP_MEM_ALLOC_ENABLE=1 large tensors use huge pages,
         # which removes most first-touch page faults (a large share of CPU timings).
