@@ -1,6 +1,6 @@
 """dsr-kernels: fused register attention and outlier statistics for diffusion transformers."""
 
-from dsr_kernels import distributed, models, outliers, registers
+from dsr_kernels import distributed, models, outliers, quant, registers
 from dsr_kernels.backends import BackendUnavailable, explain
 from dsr_kernels.models.flops import FlopCount, flops
 from dsr_kernels.modules.attention import RegisterAttention
@@ -47,6 +47,7 @@ __all__ = [
     "norm_modulate",
     "outliers",
     "patch",
+    "quant",
     "registers",
     "scaled_dot_product_attention",
     "ttr_activation",
