@@ -34,12 +34,12 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
     grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
-    emb_h = _sincos_1d(embed_dim // 2, grid[0])
-    emb_w = _sincos_1d(embed_dim // 2, grid[1])
+    emb_h = sincos_1d(embed_dim // 2, grid[0])
+    emb_w = sincos_1d(embed_dim // 2, grid[1])
     return np.concatenate([emb_h, emb_w], axis=1)
 
 
-def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", pos.reshape(-1), omega)

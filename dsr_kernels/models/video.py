@@ -59,9 +59,9 @@ from dsr_kernels.models.layers import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
-    _sincos_1d,  # MAE's 1-D sin-cos, as Latte's get_1d_sincos_temp_embed
     init_adaln_zero,
     make_norm,
+    sincos_1d,  # MAE's 1-D sin-cos, as Latte's get_1d_sincos_temp_embed
 )
 from dsr_kernels.modules.attention import RegisterAttention, RMSNorm, _eager_attention
 from dsr_kernels.ops.attention import attention
@@ -106,7 +106,7 @@ def sincos_2d(dim: int, height: int, width: int) -> Tensor:
     """MAE's 2-D sin-cos embedding [height * width, dim] (``get_2d_sincos_pos_embed`` for any
     height x width): the first half of the channels encodes the column, the second the row."""
     cols, rows = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    return torch.from_numpy(np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)).float()
+    return torch.from_numpy(np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)).float()
 
 
 def frozen(value: Tensor) -> nn.Parameter:
@@ -169,7 +169,7 @@ class VideoDenoiser(nn.Module):
 
     def frame_embed(self) -> Tensor:
         """[T, D]: each frame's 1-D sin-cos embedding (Latte's temp_embed)."""
-        return torch.from_numpy(_sincos_1d(self.hidden_size, np.arange(self.num_frames, dtype=np.float32))).float()
+        return torch.from_numpy(sincos_1d(self.hidden_size, np.arange(self.num_frames, dtype=np.float32))).float()
 
     def registers(self) -> Tensor | None:
         """The register tokens as inserted: [R, D] (global) or [T, R, D] (per frame: the learned
