@@ -96,6 +96,7 @@ class AttentionCase:
     backward: bool = True
     varlen: bool = False
     unaligned: bool = False  # q, k, v as column slices with row stride D + 1
+    key_mass_in_backward: bool = False  # the key mass summed by the dK/dV kernel (no key-mass launch)
     target: bool = False  # a shape that matters (predicted, and measured by --measure)
 
     op = "attention"
@@ -172,6 +173,22 @@ CASES = [
     A("small-d72-mqa-keymask", Hk=1, key_mask=True),
     A("small-d72-dv40", Dv=40),
     A("small-d64-fp16-dv160", dtype="float16", D=64, Dv=160, causal=0),
+    # The key mass from the backward (training statistics): the dK/dV kernel's RETURN_KEY_MASS.
+    A("dsr-xl-kmbwd", **{**DSR, "target": False}, key_mass_in_backward=True),
+    A(
+        "d80-rope-keymask-kmbwd",
+        B=64,
+        H=16,
+        N=1024,
+        R=36,
+        D=80,
+        rope="interleaved",
+        key_mask=True,
+        key_mass_in_backward=True,
+    ),
+    A("d128-fp16-gqa-kmbwd", dtype="float16", B=32, H=16, Hk=4, N=1024, R=36, D=128, key_mass_in_backward=True),
+    A("small-d256-causal3-kmbwd", D=256, R=1, causal=3, key_mass_in_backward=True),
+    A("varlen-d72-kmbwd", B=3, H=16, N=256, R=36, D=72, varlen=True, key_mass_in_backward=True),
     NormCase("dit-xl-layernorm", B=256, N=256, D=1152, R=36, target=True),
     NormCase("dit-xl-layernorm-fp32", dtype="float32", B=256, N=256, D=1152, R=36),
     NormCase("rmsnorm-affine-1153-fp16", dtype="float16", D=1153, kind="rmsnorm", affine=True, shared=False),
@@ -198,7 +215,7 @@ def run_attention(case: AttentionCase, device: str) -> None:
     import torch
 
     from dsr_kernels.attention_call import AttentionCall, Causal
-    from dsr_kernels.ops.attention import alloc_grads, alloc_outputs
+    from dsr_kernels.ops.attention import alloc_grads, alloc_key_mass, alloc_outputs
     from dsr_kernels.rope import RopeStyle, rope_1d_tables
     from dsr_kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
 
@@ -216,6 +233,7 @@ def run_attention(case: AttentionCase, device: str) -> None:
         num_prefix_tokens=0,
         scale=D**-0.5,
         return_stats=case.stats,
+        key_mass_in_backward=case.key_mass_in_backward,
     )
     if case.varlen:
         lens = [N - N // 3, N // 3 + 1, N] if B == 3 else [N] * B
@@ -265,7 +283,8 @@ def run_attention(case: AttentionCase, device: str) -> None:
         present = grads._replace(
             drk=grads.drk if R else None, drv=grads.drv if R else None, dsinks=grads.dsinks if case.sinks else None
         )
-        attention_bwd_triton(call, torch.randn_like(outs.out), outs.out, outs.lse, present)
+        extra = {"key_mass": alloc_key_mass(call)} if case.key_mass_in_backward else {}
+        attention_bwd_triton(call, torch.randn_like(outs.out), outs.out, outs.lse, present, **extra)
 
 
 def run_norm(case: NormCase, device: str) -> None:

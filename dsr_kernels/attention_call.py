@@ -2,7 +2,7 @@
 
 :class:`AttentionCall` holds everything a backend needs (q, k, v, the registers, sinks,
 masks, packed-sequence offsets, rotary tables, causal alignment, scale, which statistics
-to return). Its field list is the single source of
+to return, and whether the key mass comes from the backward). Its field list is the single source of
 
 - the ``torch.library`` schemas of ``dsr_kernels::attention_fwd`` / ``attention_bwd``
   (:func:`schema`) and the custom op's argument order (:meth:`AttentionCall.as_args`);
@@ -78,6 +78,9 @@ class AttentionCall:
     num_prefix_tokens: int = _f("int", 0)
     scale: float = _f("float", 1.0)
     return_stats: bool = _f("bool", False)
+    # With return_stats: the forward leaves key_mass to the backward, whose dK/dV pass sums
+    # the probabilities it recomputes (dsr_kernels.outliers.record_training_statistics).
+    key_mass_in_backward: bool = _f("bool", False)
 
     # ------------------------------------------------------------------ the argument list
 

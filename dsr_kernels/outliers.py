@@ -591,6 +591,102 @@ def collect(
                 delattr(module, _ATTR)
 
 
+# -- in training: the key mass from the backward -----------------------------------------
+
+
+class TrainingStatistics(OutlierReport):
+    """What :func:`record_training_statistics` gathers over a training step.
+
+    The attention layers ask for ``key_mass_in_backward``: lse, entropy and register share
+    come from the forward, and the key mass from the backward's dK/dV pass, which fills
+    each call's ``stats.key_mass`` in place when ``loss.backward()`` runs (NaN until then).
+    The records of :class:`OutlierReport` (``records()``, ``table()``, ``plot()``) are
+    therefore computed when asked for, after the backward; :meth:`attention` gives the raw
+    :class:`~dsr_kernels.types.AttentionStats` of each call.
+    """
+
+    key_mass_in_backward = True  # read by RegisterAttention
+
+    def __init__(self, **rule) -> None:
+        super().__init__(**rule)
+        # (tag, layer, stats, num_kv_registers, the layer's outlier mask at the call)
+        self._calls: list[tuple[str, str, AttentionStats, int, Tensor | None]] = []
+        self._summarised = 0  # the calls already added to the records
+
+    def record_attention(self, layer: str, stats: AttentionStats, num_kv_registers: int) -> None:
+        pending = self._get(layer).pending_outliers
+        self._calls.append((self.tag, layer, stats, num_kv_registers, pending))
+
+    def attention(self) -> dict[str, list[AttentionStats]]:
+        """Each layer's statistics, one entry per attention call, in call order."""
+        out: dict[str, list[AttentionStats]] = {}
+        for _, layer, stats, _, _ in self._calls:
+            out.setdefault(layer, []).append(stats)
+        return out
+
+    def pending(self) -> list[str]:
+        """The layers whose key mass the backward has not filled yet (all NaN)."""
+        return list(dict.fromkeys(c[1] for c in self._calls if c[2].key_mass.isnan().all()))
+
+    def records(self) -> list[LayerRecord]:
+        waiting = self.pending()
+        if waiting:
+            raise RuntimeError(
+                f"TrainingStatistics.records(): the backward has not run for layers {waiting}: "
+                "call loss.backward() before reading the key-mass statistics"
+            )
+        tag = self.tag
+        for call_tag, layer, stats, num_kv_registers, mask in self._calls[self._summarised :]:
+            self.tag = call_tag
+            acc = self._get(layer)
+            acc.pending_outliers, latest = mask, acc.pending_outliers
+            super().record_attention(layer, stats, num_kv_registers)
+            acc.pending_outliers = latest
+        self.tag, self._summarised = tag, len(self._calls)
+        return super().records()
+
+
+@contextlib.contextmanager
+def record_training_statistics(
+    model: nn.Module,
+    *,
+    threshold: float | None = None,
+    ratio: float | None = None,
+    top_k: int | None = None,
+    sqnr: bool = True,
+) -> Iterator[TrainingStatistics]:
+    """:func:`collect` for a training step: every statistic, with no launch of its own for the key mass.
+
+    Inside, the attention layers return lse, entropy and register share from the forward
+    and leave the key mass to the backward (``key_mass_in_backward``: the dK/dV pass sums
+    the probabilities it recomputes, deterministically, no [N, N] matrix)::
+
+        with record_training_statistics(model) as stats:
+            loss = loss_fn(model(x, t, y))
+            loss.backward()
+        print(stats.table())
+
+    Run the step eagerly (the key mass is written in place by the eager backward). A layer
+    run without gradients computes its key mass in the forward. Outlier rule as :func:`collect`.
+    """
+    if threshold is None and ratio is None and top_k is None:
+        ratio = 4.0
+    given = [n for n, v in (("threshold", threshold), ("ratio", ratio), ("top_k", top_k)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"record_training_statistics(): give at most one of threshold, ratio, top_k; got {given}")
+    report = TrainingStatistics(threshold=threshold, ratio=ratio, top_k=top_k, sqnr=sqnr)
+    modules = list(model.named_modules())
+    for name, module in modules:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        setattr(module, _ATTR, (report, parent or type(model).__name__))
+    try:
+        yield report
+    finally:
+        for _, module in modules:
+            if hasattr(module, _ATTR):
+                delattr(module, _ATTR)
+
+
 # -- register utilisation: how many of its registers a model uses ----------------------
 
 

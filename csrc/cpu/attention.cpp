@@ -424,6 +424,7 @@ int64_t key_mass_parts(const Operands& o, int64_t Tmax) {
 void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs& outputs) {
   const int64_t num_prefix_tokens = a.num_prefix_tokens;
   const bool return_stats = a.return_stats;
+  const bool fwd_mass = return_stats && !a.key_mass_in_backward;  // else the backward sums it (bwd_impl)
   const at::Tensor &out = outputs.out, &lse = outputs.lse, &entropy = outputs.entropy;
   const at::Tensor &register_share = outputs.register_share, &key_mass = outputs.key_mass;
   const int64_t H = o.H, Dv = o.Dv, R = o.R, S = o.S, Tmax = R + o.max_nk;
@@ -444,6 +445,8 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
       TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == o.B * H * LQ,
                   "attention (cpu): entropy and register_share must be contiguous float32 [B, H, Nq] tensors");
     }
+  }
+  if (fwd_mass) {
     KW = key_mass.dim() == 3 ? key_mass.size(2) : -1;
     TORCH_CHECK(key_mass.scalar_type() == at::kFloat && key_mass.is_contiguous() && key_mass.dim() == 3 &&
                     key_mass.size(0) == S && key_mass.size(1) == H && (o.varlen() ? KW >= Tmax : KW == Tmax),
@@ -456,7 +459,7 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
   // column sums of p over its blocks in order: part 0 into key_mass itself, the others
   // into partial rows added to it in order afterwards (memory O(parts x H x (R + Nk)),
   // not O(blocks x ...)).
-  const int64_t max_parts = return_stats ? key_mass_parts(o, Tmax) : std::numeric_limits<int64_t>::max();
+  const int64_t max_parts = fwd_mass ? key_mass_parts(o, Tmax) : std::numeric_limits<int64_t>::max();
   std::vector<int64_t> part_seq, part_begin, part_end, part_slot;  // blocks [begin, end) as query rows
   std::vector<int64_t> first_part(static_cast<size_t>(S + 1), 0);
   int64_t slots = 0;  // partial rows (parts other than a sequence's first)
@@ -464,7 +467,7 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
     first_part[s] = static_cast<int64_t>(part_seq.size());
     const int64_t nb = (o.nq(s) + BM - 1) / BM;
     // (A sequence without queries still gets one empty part with statistics: it zeroes its key_mass rows.)
-    const int64_t parts = nb == 0 ? (return_stats ? 1 : 0) : std::min(nb, max_parts);
+    const int64_t parts = nb == 0 ? (fwd_mass ? 1 : 0) : std::min(nb, max_parts);
     for (int64_t c = 0; c < parts; ++c) {
       part_seq.push_back(s);
       part_begin.push_back(c * nb / parts * BM);
@@ -479,8 +482,8 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
   float* lse_p = lse.data_ptr<float>();
   float* ent_p = return_stats ? entropy.data_ptr<float>() : nullptr;
   float* share_p = return_stats ? register_share.data_ptr<float>() : nullptr;
-  float* mass = return_stats ? key_mass.data_ptr<float>() : nullptr;
-  std::vector<float> mass_parts(return_stats ? static_cast<size_t>(slots * H * Tmax) : 0);
+  float* mass = fwd_mass ? key_mass.data_ptr<float>() : nullptr;
+  std::vector<float> mass_parts(fwd_mass ? static_cast<size_t>(slots * H * Tmax) : 0);
   const int64_t shared_cols = R + num_prefix_tokens;  // the register share's columns
   const RowOps& vo = ops();
 
@@ -495,7 +498,7 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
       const int64_t nk = o.nk(seq), T = R + nk;
       // The column sums of p of this part: key_mass's row (width KW) or a partial row.
       float* colsum = nullptr;
-      if (return_stats) {
+      if (fwd_mass) {
         colsum = part_slot[part] < 0 ? mass + (seq * H + h) * KW : mass_parts.data() + (part_slot[part] * H + h) * Tmax;
         std::fill(colsum, colsum + (part_slot[part] < 0 ? KW : Tmax), 0.0f);
       }
@@ -560,14 +563,14 @@ void fwd_impl(const Operands& o, const AttentionArgs& a, const AttentionOutputs&
             if (std::isnan(lse_p[row0 + r])) std::fill(o_rows + r * so[2], o_rows + r * so[2] + Dv, kNaN);
           }
         }
-        if (return_stats) {
+        if (fwd_mass) {
           for (int64_t r = 0; r < m; ++r) vo.add_row(colsum, s + r * T, T);
         }
       }
     }
   });
 
-  if (return_stats && slots > 0) {  // each sequence's parts, added to its first in order
+  if (fwd_mass && slots > 0) {  // each sequence's parts, added to its first in order
     at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t sh = begin; sh < end; ++sh) {
         const int64_t seq = sh / H, h = sh % H;
@@ -584,6 +587,7 @@ void bwd_impl(const Operands& o, const AttentionArgs& a, const at::Tensor& dout,
               const at::Tensor& lse, const AttentionGrads& grads) {
   const at::Tensor &q = a.q, &k = a.k, &v = a.v, &dq = grads.dq, &dk = grads.dk, &dv = grads.dv;
   const std::optional<at::Tensor>&rk = a.rk, &rv = a.rv, &drk = grads.drk, &drv = grads.drv, &dsinks = grads.dsinks;
+  const std::optional<at::Tensor>& key_mass = grads.key_mass;
   const int64_t H = o.H, Hk = o.Hk, G = o.G, D = o.D, Dv = o.Dv, R = o.R, S = o.S, LQ = o.Nq;
   const int64_t Tmax = R + o.max_nk;
   check_f32(dout, "dout", 4, 4);
@@ -610,6 +614,18 @@ void bwd_impl(const Operands& o, const AttentionArgs& a, const at::Tensor& dout,
     TORCH_CHECK(o.sinks != nullptr && dsinks->scalar_type() == at::kFloat && dsinks->numel() == H &&
                     dsinks->is_contiguous(),
                 "attention (cpu): dsinks must be a contiguous float32 [H] tensor, given with sinks");
+  }
+  // key_mass [S, H, KW] (KW = R + Nk; packed: >= R + the longest key sequence), filled with
+  // the column sums of the P this pass recomputes, over the query blocks in order.
+  int64_t KW = Tmax;
+  float* mass = nullptr;
+  if (key_mass.has_value()) {
+    KW = key_mass->dim() == 3 ? key_mass->size(2) : -1;
+    TORCH_CHECK(key_mass->scalar_type() == at::kFloat && key_mass->is_contiguous() && key_mass->dim() == 3 &&
+                    key_mass->size(0) == S && key_mass->size(1) == H && (o.varlen() ? KW >= Tmax : KW == Tmax),
+                "attention (cpu): key_mass must be a contiguous float32 [S = ", S, ", H = ", H, ", ",
+                o.varlen() ? ">= " : "", Tmax, "] tensor, got ", key_mass->sizes(), " ", key_mass->scalar_type());
+    mass = key_mass->data_ptr<float>();
   }
   const int64_t BM = block_rows(Tmax, o.max_nq, 2);
   const float* lse_p = lse.data_ptr<float>();
@@ -660,6 +676,8 @@ void bwd_impl(const Operands& o, const AttentionArgs& a, const at::Tensor& dout,
         }
         const float sink = o.sinks != nullptr ? o.sinks[h] : kNegInf;
         float dsink = 0.0f;
+        float* colsum = mass != nullptr ? mass + sh * KW : nullptr;
+        if (colsum != nullptr) std::fill(colsum, colsum + KW, 0.0f);
         const int64_t row0 = (b * H + h) * LQ + o.qoff(seq);  // lse index of the sequence's first query
         for (int64_t i0 = 0; i0 < nq; i0 += BM) {
           const int64_t m = std::min(BM, nq - i0);
@@ -690,6 +708,9 @@ void bwd_impl(const Operands& o, const AttentionArgs& a, const at::Tensor& dout,
             float unused_e, unused_es;
             vo.exp_row(row, T, row_lse, false, &unused_e, &unused_es);  // p = exp(s - lse)
             if (sink != kNegInf) dsink -= std::exp(sink - row_lse) * d;
+          }
+          if (colsum != nullptr) {  // (before dS overwrites dp; p stays P)
+            for (int64_t r = 0; r < m; ++r) vo.add_row(colsum, p.data() + r * T, T);
           }
           const float* do_rows = do_p + b * sdo[0] + h * sdo[1] + qrow * sdo[2];
           // dV += P^T dO
@@ -767,11 +788,12 @@ const char* attention_cpu_capability() { return ops().name; }
 const char* const kAttentionArgsSchema =
     "Tensor q, Tensor k, Tensor v, Tensor? rk, Tensor? rv, Tensor? sinks, Tensor? key_mask, Tensor? attn_mask, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? rope_cos, "
-    "Tensor? rope_sin, int rope_style, int causal, int num_prefix_tokens, float scale, bool return_stats";
+    "Tensor? rope_sin, int rope_style, int causal, int num_prefix_tokens, float scale, bool return_stats, "
+    "bool key_mass_in_backward";
 
 namespace {
 
-constexpr size_t kArgFields = 19;
+constexpr size_t kArgFields = 20;
 
 // AttentionArgs from the op's arguments args[0] .. args[kArgFields - 1], in schema order:
 // the one place that reads them.
@@ -789,6 +811,7 @@ AttentionArgs args_from(const c10::IValue* f) {
   a.num_prefix_tokens = f[16].toInt();
   a.scale = f[17].toDouble();
   a.return_stats = f[18].toBool();
+  a.key_mass_in_backward = f[19].toBool();
   return a;
 }
 
@@ -803,10 +826,10 @@ void fwd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::drop(*stack, n);
 }
 
-// attention_bwd_cpu(dout, out, lse, <AttentionArgs>, dq, dk, dv, drk?, drv?, dsinks?) -> ()
+// attention_bwd_cpu(dout, out, lse, <AttentionArgs>, dq, dk, dv, drk?, drv?, dsinks?, key_mass?) -> ()
 void bwd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t n = op.schema().arguments().size();
-  TORCH_INTERNAL_ASSERT(n == 3 + kArgFields + 6);
+  TORCH_INTERNAL_ASSERT(n == 3 + kArgFields + 7);
   const c10::IValue* f = &(*stack)[stack->size() - n];
   const c10::IValue* g = f + 3 + kArgFields;
   const AttentionGrads grads{g[0].toTensor(),
@@ -814,7 +837,8 @@ void bwd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                              g[2].toTensor(),
                              g[3].toOptional<at::Tensor>(),
                              g[4].toOptional<at::Tensor>(),
-                             g[5].toOptional<at::Tensor>()};
+                             g[5].toOptional<at::Tensor>(),
+                             g[6].toOptional<at::Tensor>()};
   attention_bwd_cpu(args_from(f + 3), f[0].toTensor(), f[1].toTensor(), f[2].toTensor(), grads);
   torch::jit::drop(*stack, n);
 }
@@ -837,7 +861,7 @@ TORCH_LIBRARY_FRAGMENT(dsr_kernels, m) {
                           "Tensor(e!) key_mass) -> ()";
   const std::string bwd = "attention_bwd_cpu(Tensor dout, Tensor out, Tensor lse, " + fields +
                           ", Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? drk, Tensor(e!)? drv, "
-                          "Tensor(f!)? dsinks) -> ()";
+                          "Tensor(f!)? dsinks, Tensor(g!)? key_mass) -> ()";
   m.def(fwd.c_str());
   m.def(bwd.c_str());
   m.def("attention_cpu_capability() -> str", [] { return std::string(dsr_kernels::attention_cpu_capability()); });

@@ -137,6 +137,20 @@ bool run(const Case& c) {
       ok = false;
     }
   }
+  // The key mass from the backward (key_mass_in_backward): the forward's, up to float32 rounding,
+  // and the same gradients bit for bit.
+  args.key_mass_in_backward = true;
+  Tensor mass_bwd = torch::full_like(mass, NAN), dq2 = torch::empty_like(dq), dk2 = torch::empty_like(dk);
+  Tensor dv2 = torch::empty_like(dv);
+  std::optional<Tensor> drk2, drv2, dsinks2;
+  if (c.R) drk2 = torch::empty_like(*rk), drv2 = torch::empty_like(*rv);
+  if (c.sinks) dsinks2 = torch::empty({c.H}, f32);
+  dsr_kernels::attention_bwd_cpu(args, dout, out, lse, {dq2, dk2, dv2, drk2, drv2, dsinks2, mass_bwd});
+  const double mass_err = max_err(mass_bwd, mass);
+  if (!(mass_err <= 1e-4 * std::max<double>(1.0, c.Nq)) || !torch::equal(dq2, dq) || !torch::equal(dk2, dk)) {
+    std::printf("FAIL %s: backward key mass max error %.3g (or gradients changed)\n", describe(c).c_str(), mass_err);
+    ok = false;
+  }
   std::printf("%s %s\n", ok ? "ok  " : "FAIL", describe(c).c_str());
   return ok;
 }

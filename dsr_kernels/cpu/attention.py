@@ -92,13 +92,28 @@ def attention_fwd_cpu(call: AttentionCall, outputs: AttentionOutputs) -> None:
         outputs.out.copy_(o32)
 
 
-def attention_bwd_cpu(call: AttentionCall, dout: Tensor, out: Tensor, lse: Tensor, grads: AttentionGrads) -> None:
-    """Fills dq, dk, dv and, when given, drk, drv (rk's, rv's shapes) and dsinks ([H])."""
+def attention_bwd_cpu(
+    call: AttentionCall,
+    dout: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grads: AttentionGrads,
+    *,
+    key_mass: Tensor | None = None,
+) -> None:
+    """Fills dq, dk, dv and, when given, drk, drv (rk's, rv's shapes), dsinks ([H]) and
+    key_mass (float32 [B | S, H, R + Nk]: the column sums of the recomputed probabilities)."""
     view = _packed_as_bhnd if call.varlen else (lambda t: t)
     big = [_buffer32(g) for g in grads[:3]]
     small = [_small32(g) for g in grads[3:]]
     torch.ops.dsr_kernels.attention_bwd_cpu(
-        _f32(view(dout)), _f32(view(out)), lse.float(), *_kernel_call(call).as_args(), *(view(g) for g in big), *small
+        _f32(view(dout)),
+        _f32(view(out)),
+        lse.float(),
+        *_kernel_call(call).as_args(),
+        *(view(g) for g in big),
+        *small,
+        key_mass,
     )
     for dst, src in zip(grads, (*big, *small), strict=True):
         if src is not None and src is not dst:

@@ -291,6 +291,8 @@ class RegisterAttention(nn.Module):
                 scale=self.scale,
                 return_stats=want_stats,
                 rope=rope,
+                # (training statistics: the key mass comes from the backward's dK/dV pass)
+                key_mass_in_backward=recording is not None and getattr(recording[0], "key_mass_in_backward", False),
                 backend="reference" if self.backend == "eager" else self.backend,
             )
             out, stats = result if want_stats else (result, None)

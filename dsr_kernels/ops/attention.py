@@ -217,7 +217,8 @@ def alloc_outputs(call: AttentionCall) -> AttentionOutputs:
     .reshape(B, Nq, H * Dv) is then free: the layout an output projection reads), lse and
     the row statistics [B, H, Nq], key_mass [B, H, R + Nk]. Packed sequences: out
     [Tq, H, Dv], the row statistics [H, Tq] (flash-attn's softmax_lse layout), key_mass
-    [S, H, R + max_seqlen_k].
+    [S, H, R + max_seqlen_k]. With ``key_mass_in_backward`` the forward leaves key_mass
+    to the backward: it is NaN until the backward fills it in place (:func:`_backward`).
     """
     q, v = call.q, call.v
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -234,7 +235,8 @@ def alloc_outputs(call: AttentionCall) -> AttentionOutputs:
         rows, keys = (B, H, Nq), (B, H, call.num_registers + call.k.shape[2])
     lse = torch.empty(rows, dtype=lse_dtype, device=q.device)
     if call.return_stats:
-        return AttentionOutputs(out, lse, torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(keys, **f32))
+        key_mass = torch.full(keys, math.nan, **f32) if call.key_mass_in_backward else torch.empty(keys, **f32)
+        return AttentionOutputs(out, lse, torch.empty(rows, **f32), torch.empty(rows, **f32), key_mass)
     empty = torch.empty(0, **f32)
     return AttentionOutputs(out, lse, empty, empty.clone(), empty.clone())
 
@@ -254,6 +256,17 @@ def alloc_grads(call: AttentionCall) -> AttentionGrads:
     return AttentionGrads(like(call.q), like(call.k), like(call.v), small(call.rk), small(call.rv), small(call.sinks))
 
 
+def alloc_key_mass(call: AttentionCall) -> Tensor:
+    """The backward's key mass: the forward's key_mass shape when the call leaves it to the
+    backward, else an empty [0] tensor."""
+    f32 = dict(dtype=torch.float32, device=call.q.device)
+    if not (call.return_stats and call.key_mass_in_backward):
+        return torch.empty(0, **f32)
+    rows = call.num_sequences
+    keys = call.num_registers + (call.max_seqlen_k if call.varlen else call.k.shape[2])
+    return torch.empty(rows, call.q.shape[1], keys, **f32)  # (H is q's dim 1, batched or packed)
+
+
 def _present(call: AttentionCall, grads: AttentionGrads) -> AttentionGrads:
     """The gradients as launchers take them: None for what the call does not have."""
     has_reg, has_sink = call.rk is not None, call.sinks is not None
@@ -265,7 +278,10 @@ def _present(call: AttentionCall, grads: AttentionGrads) -> AttentionGrads:
 
 
 def launcher(backend: str, direction: str):
-    """``attention_{direction}_{backend}`` of ``dsr_kernels/{backend}/attention.py`` (imported when first run)."""
+    """``attention_{direction}_{backend}`` of ``dsr_kernels/{backend}/attention.py`` (imported when first run).
+
+    The backward launchers also take ``key_mass=`` (a float32 [B | S, H, R + Nk] tensor to
+    fill with the column sums of the probabilities they recompute, or None)."""
     module = importlib.import_module(f"dsr_kernels.{backend}.attention")  # triton is imported only here
     return getattr(module, f"attention_{direction}_{backend}")
 
@@ -274,6 +290,9 @@ _OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 _GRADS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 _FWD_SCHEMA = f"({call_schema()}, str backend) -> {_OUTPUTS}"
 _BWD_SCHEMA = f"(Tensor dout, Tensor out, Tensor lse, {call_schema()}, str backend) -> {_GRADS}"
+# The same backward, and the key mass its dK/dV pass sums (calls with key_mass_in_backward);
+# a second op so that attention_bwd keeps its six outputs for the callers that unpack them.
+_BWD_KEY_MASS_SCHEMA = _BWD_SCHEMA.replace(_GRADS, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("dsr_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -290,13 +309,19 @@ def _(*args):
     return tuple(alloc_outputs(AttentionCall.from_args(args)))
 
 
+def _bwd(dout, out, lse, args, with_key_mass: bool) -> tuple[AttentionGrads, Tensor]:
+    call = AttentionCall.from_args(args)
+    grads = alloc_grads(call)
+    key_mass = alloc_key_mass(call) if with_key_mass else call.q.new_empty(0, dtype=torch.float32)
+    extra = {"key_mass": key_mass} if key_mass.numel() else {}
+    launcher(args[-1], "bwd")(call, dout, out, lse, _present(call, grads), **extra)
+    return grads, key_mass
+
+
 @torch.library.custom_op("dsr_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _attention_bwd_op(dout, out, lse, *args):
     """args: the fields of :class:`AttentionCall`, then the backend."""
-    call = AttentionCall.from_args(args)
-    grads = alloc_grads(call)
-    launcher(args[-1], "bwd")(call, dout, out, lse, _present(call, grads))
-    return tuple(grads)
+    return tuple(_bwd(dout, out, lse, args, False)[0])
 
 
 @_attention_bwd_op.register_fake
@@ -304,16 +329,40 @@ def _(dout, out, lse, *args):
     return tuple(alloc_grads(AttentionCall.from_args(args)))
 
 
+@torch.library.custom_op("dsr_kernels::attention_bwd_key_mass", mutates_args=(), schema=_BWD_KEY_MASS_SCHEMA)
+def _attention_bwd_key_mass_op(dout, out, lse, *args):
+    """attention_bwd's gradients, then the key mass (:func:`alloc_key_mass`'s shape)."""
+    grads, key_mass = _bwd(dout, out, lse, args, True)
+    return (*grads, key_mass)
+
+
+@_attention_bwd_key_mass_op.register_fake
+def _(dout, out, lse, *args):
+    call = AttentionCall.from_args(args)
+    return (*alloc_grads(call), alloc_key_mass(call))
+
+
 def _setup_context(ctx, inputs, output):
     call = AttentionCall.from_args(inputs)
     ctx.save_for_backward(*call.tensors(), output[0], output[1])
     ctx.call, ctx.backend = call.with_tensors((None,) * len(call.tensors())), inputs[-1]
+    # The backward fills the forward's key_mass in place (a detached alias: no reference cycle).
+    ctx.key_mass = output[4].detach() if call.return_stats and call.key_mass_in_backward else None
 
 
 def _backward(ctx, dout, *_stat_grads):
     *tensors, out, lse = ctx.saved_tensors
     call = ctx.call.with_tensors(tensors)
-    dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_bwd(dout, out, lse, *call.as_args(), ctx.backend)
+    if ctx.key_mass is None:
+        dq, dk, dv, drk, drv, dsinks = torch.ops.dsr_kernels.attention_bwd(dout, out, lse, *call.as_args(), ctx.backend)
+    else:
+        dq, dk, dv, drk, drv, dsinks, key_mass = torch.ops.dsr_kernels.attention_bwd_key_mass(
+            dout, out, lse, *call.as_args(), ctx.backend
+        )
+        # Into the user's stats.key_mass: eager tensors only (a traced graph has no such
+        # side output; run() leaves the key mass to the forward under torch.compile).
+        if type(ctx.key_mass) is Tensor:
+            ctx.key_mass.copy_(key_mass)
     differentiable = {
         "q": dq,
         "k": dk,
@@ -329,6 +378,10 @@ def _backward(ctx, dout, *_stat_grads):
 torch.library.register_autograd("dsr_kernels::attention_fwd", _backward, setup_context=_setup_context)
 
 
+def _needs_grad(call: AttentionCall) -> bool:
+    return any(t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.rk, call.rv, call.sinks))
+
+
 def run(call: AttentionCall, backend: str) -> tuple[Tensor, AttentionStats]:
     """A validated call on a resolved backend: out and the statistics.
 
@@ -337,9 +390,13 @@ def run(call: AttentionCall, backend: str) -> tuple[Tensor, AttentionStats]:
     attention.attention_varlen_torch`); every other call is the custom op.
     """
     if backend == "reference":
-        return attention_call_ref(call)
-    if backend == "torch" and call.varlen:
-        return launcher("torch", "varlen")(call)
+        return attention_call_ref(call)  # (key mass from the forward: autograd is its backward)
+    if backend == "torch" and call.varlen:  # (per sequence: key mass from the forward)
+        return launcher("torch", "varlen")(call.replace(key_mass_in_backward=False))
+    if call.key_mass_in_backward and (
+        not (call.return_stats and torch.is_grad_enabled() and _needs_grad(call)) or torch.compiler.is_compiling()
+    ):  # no (eager) backward will fill it: the forward computes it
+        call = call.replace(key_mass_in_backward=False)
     out, lse, entropy, register_share, key_mass = torch.ops.dsr_kernels.attention_fwd(*call.as_args(), backend)
     return out, AttentionStats(lse.detach().float(), entropy.detach(), register_share.detach(), key_mass.detach())
 
@@ -364,6 +421,7 @@ def validated_attention(
     backend: str,
     rope: tuple[Tensor, Tensor] | None = None,
     rope_style: str = "interleaved",
+    key_mass_in_backward: bool = False,
 ) -> tuple[Tensor, AttentionStats]:
     """Validates a batched call (errors name ``fn``), builds its :class:`AttentionCall` and runs it.
 
@@ -397,6 +455,7 @@ def validated_attention(
         num_prefix_tokens=num_prefix_tokens,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         return_stats=return_stats,
+        key_mass_in_backward=bool(key_mass_in_backward),
     )
     return run(call, backend)
 
@@ -416,6 +475,7 @@ def attention(
     return_stats: bool = False,
     rope: tuple[Tensor, Tensor] | None = None,
     rope_style: str = "interleaved",
+    key_mass_in_backward: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, AttentionStats]:
     """Softmax attention over [registers ; tokens] (+ sink), with outlier statistics.
@@ -455,6 +515,12 @@ def attention(
             cos 1, sin 0 leave a token unrotated (``dsr_kernels.rope``).
         rope_style: "interleaved" (pairs 2i, 2i + 1: EVA, LightningDiT, JiT) or "half"
             (pairs i, i + D/2).
+        key_mass_in_backward: with return_stats in training, leave the key mass to the
+            backward: its dK/dV pass sums the probabilities it recomputes (no launch of
+            its own in the forward). ``stats.key_mass`` is NaN until the backward fills it
+            in place (eager autograd; see ``dsr_kernels.outliers.record_training_statistics``).
+            Ignored (the forward computes it) when no input requires grad and by the
+            "reference" backend.
         backend: "auto" (Triton for CUDA tensors; the C++ kernel "cpu" for CPU tensors
             when the extension is built; else "torch"), "triton", "cpu", "torch" (chunked
             PyTorch, memory O(chunk * Nk)) or "reference" (float64, materialises the
@@ -486,5 +552,6 @@ def attention(
         backend=backend,
         rope=rope,
         rope_style=rope_style,
+        key_mass_in_backward=key_mass_in_backward,
     )
     return (out, stats) if return_stats else out

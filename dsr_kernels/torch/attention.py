@@ -238,7 +238,9 @@ def _stats_sweep(call: AttentionCall, outputs: AttentionOutputs, chunk_elements:
     rk_, _ = _registers(q, rk, rk, acc)
     R = 0 if rk is None else rk_.shape[2]
     tiny = torch.finfo(acc).min
-    key_mass.zero_()
+    with_mass = not call.key_mass_in_backward  # else the backward sums it (_bwd_chunked)
+    if with_mass:
+        key_mass.zero_()
     for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
         qc = q[:, :, i0:i1].to(acc)
         lse_c = lse[:, :, i0:i1].to(acc)
@@ -257,7 +259,8 @@ def _stats_sweep(call: AttentionCall, outputs: AttentionOutputs, chunk_elements:
             ent -= torch.linalg.vecdot(p, log_p)
             if n_register_cols:
                 share += p[..., :n_register_cols].sum(-1)
-            key_mass[..., col : col + p.shape[-1]] += p.sum(2)
+            if with_mass:
+                key_mass[..., col : col + p.shape[-1]] += p.sum(2)
             col += p.shape[-1]
         if sinks is not None:
             log_p_sink = (sinks.to(acc)[None, :, None] - lse_c[..., 0]).clamp(min=tiny)
@@ -341,7 +344,13 @@ def _bwd_cpu_flash(call: AttentionCall, dout: Tensor, out: Tensor, lse: Tensor, 
 
 
 def _bwd_chunked(
-    call: AttentionCall, dout: Tensor, lse: Tensor, delta: Tensor, grads: AttentionGrads, chunk_elements: int | None
+    call: AttentionCall,
+    dout: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    grads: AttentionGrads,
+    chunk_elements: int | None,
+    key_mass: Tensor | None = None,
 ) -> None:
     q, k, v, rk, rv, _, _, scale = _unpack(call)
     dq, dk, dv, drk, drv, _ = grads
@@ -353,12 +362,15 @@ def _bwd_chunked(
     drk_b = drv_b = None
     if rk is not None:
         drk_b, drv_b = torch.zeros_like(rk_), torch.zeros_like(rv_)
+    mass = None if key_mass is None else torch.zeros(key_mass.shape, dtype=acc, device=key_mass.device)
     for i0, i1 in _chunks(q, R + k.shape[2], chunk_elements):
         qc, doc = q[:, :, i0:i1].to(acc), dout[:, :, i0:i1].to(acc)
         lse_c, delta_c = lse[:, :, i0:i1].to(acc), delta[:, :, i0:i1]
         p = _logits(qc, i0, k_, rk_, call)
         hidden = p == float("-inf")  # masked keys: p = 0 and no gradient, in NaN rows too
         p.sub_(lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))[..., None]).exp_().masked_fill_(hidden, 0.0)
+        if mass is not None:  # the key mass: column sums of P over the chunks, in order
+            mass += p.sum(2)
         dp = torch.matmul(doc, v_.transpose(-1, -2))  # [B, H, C, Nk]
         if rv_ is not None:
             dp = torch.cat([torch.matmul(doc, rv_.transpose(-1, -2)), dp], dim=-1)
@@ -375,6 +387,8 @@ def _bwd_chunked(
     dv.copy_(dv_)
     if rk is not None:
         _store_register_grads(rk, drk_b.mul_(scale), drv_b, drk, drv)
+    if key_mass is not None:
+        key_mass.copy_(mass)
 
 
 def attention_bwd_torch(
@@ -384,9 +398,11 @@ def attention_bwd_torch(
     lse: Tensor,
     grads: AttentionGrads,
     *,
+    key_mass: Tensor | None = None,
     chunk_elements: int | None = None,
 ) -> None:
-    """Fills dq, dk, dv (and drk, drv, dsinks when present) from the saved out and lse.
+    """Fills dq, dk, dv (and drk, drv, dsinks when present) from the saved out and lse,
+    and key_mass [B, H, R + Nk] when given (column sums of P: the chunked path).
 
     dS = P * (dO V^T - delta) with delta = rowsum(dO * O); dQ = dS K scale,
     dK = dS^T Q scale, dV = P^T dO; d sink_h = -sum_{b,i} p_sink * delta. With rope the
@@ -401,7 +417,13 @@ def attention_bwd_torch(
         dv_rep = torch.empty(B, Hk * group, Nk, v.shape[3], dtype=acc, device=v.device)
         repeated = call.replace(k=_repeat_heads(k, group), v=_repeat_heads(v, group))
         attention_bwd_torch(
-            repeated, dout, out, lse, grads._replace(dk=dk_rep, dv=dv_rep), chunk_elements=chunk_elements
+            repeated,
+            dout,
+            out,
+            lse,
+            grads._replace(dk=dk_rep, dv=dv_rep),
+            key_mass=key_mass,
+            chunk_elements=chunk_elements,
         )
         grads.dk.copy_(dk_rep.unflatten(1, (Hk, group)).sum(2))
         grads.dv.copy_(dv_rep.unflatten(1, (Hk, group)).sum(2))
@@ -409,7 +431,13 @@ def attention_bwd_torch(
     if call.rope_cos is not None:
         dq_rot, dk_rot = torch.empty_like(grads.dq, dtype=acc), torch.empty_like(grads.dk, dtype=acc)
         attention_bwd_torch(
-            _rotated(call), dout, out, lse, grads._replace(dq=dq_rot, dk=dk_rot), chunk_elements=chunk_elements
+            _rotated(call),
+            dout,
+            out,
+            lse,
+            grads._replace(dq=dq_rot, dk=dk_rot),
+            key_mass=key_mass,
+            chunk_elements=chunk_elements,
         )
         cos, sin, style = call.rope_cos.to(acc), call.rope_sin.to(acc), RopeStyle(call.rope_style)
         grads.dq.copy_(apply_rope_transpose(dq_rot, cos, sin, style))
@@ -418,12 +446,12 @@ def attention_bwd_torch(
     sinks, dsinks = call.sinks, grads.dsinks
     # PyTorch's kernel passes masked keys gradient 0 * NaN when a row is NaN (its lse, out or
     # dout): calls with non-finite values take the chunks, which give them none.
-    if _uses_cpu_flash(call) and _all_finite(q, k, call.rk, out, dout):
+    if key_mass is None and _uses_cpu_flash(call) and _all_finite(q, k, call.rk, out, dout):
         _bwd_cpu_flash(_without_overlaps(call), _no_overlap(dout), out, lse, grads)
         if sinks is not None:
             dsinks.copy_(_sink_grad(sinks, lse, (dout.to(acc) * out.to(acc)).sum(-1)))
         return
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, Nq]
-    _bwd_chunked(call, dout, lse, delta, grads, chunk_elements)
+    _bwd_chunked(call, dout, lse, delta, grads, chunk_elements, key_mass)
     if sinks is not None:
         dsinks.copy_(_sink_grad(sinks, lse, delta))

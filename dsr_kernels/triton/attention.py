@@ -481,6 +481,7 @@ def _dkdv_tile(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr, ALIGNED: tl.constexpr,
+    RETURN_KEY_MASS: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -499,6 +500,7 @@ def _dkdv_tile(
     dv0 = tl.zeros([BLOCK_N, BLOCK_DV0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
     dv1 = tl.zeros([BLOCK_N, BLOCK_DV1], tl.float32)
+    mass = tl.zeros([BLOCK_N], tl.float32)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
     do_base = DOUT + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
     lo = 0
@@ -529,6 +531,8 @@ def _dkdv_tile(
         # [BLOCK_M, BLOCK_N]; 0 at masked keys (NaN rows too) and in the rows past NQ (as in _key_mass_tile)
         hidden = (s == float("-inf")) | (rows >= NQ)[:, None]
         p = tl.where(hidden, 0.0, tl.exp2(s - lse2[:, None]))
+        if RETURN_KEY_MASS:  # the key mass: column sums of P over the query blocks, in order
+            mass += tl.sum(p, 0)
         pt = tl.trans(p.to(do0.dtype))
         dv0 += _mma(pt, do0, DOT_PRECISION)
         dp = _qk(do0, do1, v0, v1, SPLIT_DV, DOT_PRECISION)
@@ -539,13 +543,13 @@ def _dkdv_tile(
         dk0 += _mma(dst, q0, DOT_PRECISION)
         if SPLIT_D:
             dk1 += _mma(dst, q1, DOT_PRECISION)
-    return dk0, dk1, dv0, dv1
+    return dk0, dk1, dv0, dv1, mass
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, RK, RV, DOUT, LSE, DELTA, KEY_MASK, ATTN_MASK, COS, SIN,
-    DK, DV, DRK, DRV,
+    DK, DV, DRK, DRV, KEY_MASS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -556,7 +560,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
-    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale,
+    H, KV_GROUP, NQ, NK, R, N_REG_BLOCKS, CAUSAL_OFFSET, qk_scale, sm_scale, KM_STRIDE,
     CU_Q, CU_K, TQ, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -564,11 +568,13 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV0: tl.constexpr, BLOCK_DV1: tl.constexpr, SPLIT_DV: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, RETURN_KEY_MASS: tl.constexpr,
 ):
     """dV_j = sum_i p_ij dO_i, dK_j = scale sum_i p_ij (dO_i . v_j - delta_i) q_i.
 
     Register key blocks write float32 per-sample gradients DRK [B, H, R, D] and DRV [B, H, R, Dv].
+    With RETURN_KEY_MASS, also key_mass[b, h, j] = sum_i p_ij into KEY_MASS [B | S, H, KM_STRIDE]
+    (registers first), as _attn_key_mass_kernel does in the forward: one program per key block.
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -579,7 +585,7 @@ def _attn_bwd_dkdv_kernel(
     offs_v1 = BLOCK_DV0 + tl.arange(0, BLOCK_DV1)
     if pid_n < N_REG_BLOCKS:
         start_n = pid_n * BLOCK_N
-        dk0, dk1, dv0, dv1 = _dkdv_tile(
+        dk0, dk1, dv0, dv1, mass = _dkdv_tile(
             Q, DOUT, LSE, DELTA,
             RK + b64 * stride_rkb + h64 * stride_rkh, RV + b64 * stride_rvb + h64 * stride_rvh,
             stride_rkn, stride_rvn, start_n, R, b64, h64, q_start, stat_base,
@@ -589,9 +595,11 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             True, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED, RETURN_KEY_MASS,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
+        if RETURN_KEY_MASS:
+            tl.store(KEY_MASS + bh.to(tl.int64) * KM_STRIDE + cols, mass, mask=cols < R)
         # DRK / DRV are contiguous float32 [B, H, R, HEAD_DIM] / [B, H, R, HEAD_DIM_V].
         base = bh.to(tl.int64) * R * HEAD_DIM
         base_v = bh.to(tl.int64) * R * HEAD_DIM_V
@@ -603,7 +611,7 @@ def _attn_bwd_dkdv_kernel(
             _store_tile(DRV + base_v, dv1, cols, R, HEAD_DIM_V, offs_v1, HEAD_DIM_V, False)
     else:
         start_n = (pid_n - N_REG_BLOCKS) * BLOCK_N
-        dk0, dk1, dv0, dv1 = _dkdv_tile(
+        dk0, dk1, dv0, dv1, mass = _dkdv_tile(
             Q, DOUT, LSE, DELTA,
             K + b64 * stride_kb + (h64 // KV_GROUP) * stride_kh + k_start * stride_kn,
             V + b64 * stride_vb + (h64 // KV_GROUP) * stride_vh + k_start * stride_vn,
@@ -614,9 +622,11 @@ def _attn_bwd_dkdv_kernel(
             COS, SIN,
             False, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, BLOCK_M, BLOCK_N,
             HAS_KEY_MASK, MASK_KIND, IS_CAUSAL, DOT_PRECISION, ROPE,
-            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED,
+            HEAD_DIM_V, BLOCK_DV0, BLOCK_DV1, SPLIT_DV, ALIGNED, RETURN_KEY_MASS,
         )
         cols = start_n + tl.arange(0, BLOCK_N)
+        if RETURN_KEY_MASS:
+            tl.store(KEY_MASS + bh.to(tl.int64) * KM_STRIDE + R + cols, mass, mask=cols < NK)
         dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + k_start * stride_dkn
         dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + k_start * stride_dvn
         _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), cols, NK, stride_dkn, offs_d0, HEAD_DIM, ALIGNED)
@@ -965,7 +975,7 @@ def attention_fwd_triton(call: AttentionCall, outputs: AttentionOutputs) -> None
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=call.sinks is not None,
         RETURN_STATS=call.return_stats, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
     )  # fmt: skip
-    if not call.return_stats:
+    if not call.return_stats or call.key_mass_in_backward:  # (the backward's dK/dV pass sums it)
         return
     block_m, block_n, warps, stages = _bwd_config(L.tiling, q.dtype, L.heavy())
     n_reg_blocks = triton.cdiv(L.R, block_n)
@@ -982,8 +992,17 @@ def attention_fwd_triton(call: AttentionCall, outputs: AttentionOutputs) -> None
     )  # fmt: skip
 
 
-def attention_bwd_triton(call: AttentionCall, dout: Tensor, out: Tensor, lse: Tensor, grads: AttentionGrads) -> None:
-    """Fills dq, dk, dv (and drk, drv, dsinks when present).
+def attention_bwd_triton(
+    call: AttentionCall,
+    dout: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grads: AttentionGrads,
+    *,
+    key_mass: Tensor | None = None,
+) -> None:
+    """Fills dq, dk, dv (and drk, drv, dsinks when present) and, when given, key_mass
+    (float32 [B | S, H, R + Nk]: the column sums of P, summed by the dK/dV kernel).
 
     With rope the kernels produce the gradients of the rotated q and k (float32); they
     are rotated back with the transpose of the rotation afterwards.
@@ -1035,9 +1054,11 @@ def attention_bwd_triton(call: AttentionCall, dout: Tensor, out: Tensor, lse: Te
         drk_buf, drv_buf = torch.empty(L.n_rows, H, L.R, D, **f32), torch.empty(L.n_rows, H, L.R, Dv, **f32)
     else:
         drk_buf = drv_buf = delta
+    if key_mass is not None and L.varlen:
+        key_mass.zero_()  # past each sequence's keys
     _attn_bwd_dkdv_kernel[(n_reg_blocks + triton.cdiv(L.n_keys, block_n), L.n_rows * H)](
         q, k, v, L.rk, L.rv, dout, lse, delta, L.km, L.am, L.cos, L.sin,
-        dk, dv, drk_buf, drv_buf,
+        dk, dv, drk_buf, drv_buf, key_mass if key_mass is not None else delta,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -1047,8 +1068,10 @@ def attention_bwd_triton(call: AttentionCall, dout: Tensor, out: Tensor, lse: Te
         dv.stride(0), dv.stride(1), dv.stride(2),
         *L.km_strides, *L.am_strides,
         H, group, L.nq, NK, L.R, n_reg_blocks, L.causal_offset, L.qk_scale, call.scale,
+        key_mass.shape[-1] if key_mass is not None else 0,
         L.cu_q, L.cu_k, L.tq, VARLEN=L.varlen,
-        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, num_warps=warps, num_stages=stages, **L.flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned, RETURN_KEY_MASS=key_mass is not None,
+        num_warps=warps, num_stages=stages, **L.flags,
     )  # fmt: skip
     if L.R:
         if rk.dim() == 3:  # shared registers: sum the per-sample gradients over the batch

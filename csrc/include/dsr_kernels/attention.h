@@ -55,6 +55,7 @@ struct AttentionArgs {
   int64_t num_prefix_tokens = 0;
   double scale = 1.0;
   bool return_stats = false;
+  bool key_mass_in_backward = false;  // with return_stats: the forward leaves key_mass to the backward
 };
 
 // The op schema's argument list of AttentionArgs ("Tensor q, Tensor k, ..., bool return_stats").
@@ -70,10 +71,12 @@ struct AttentionOutputs {
 
 // What the backward writes: dq, dk, dv (q's / k's / v's shapes, float32, any strides with a
 // contiguous last dim) and, when given, drk, drv (rk's shape; shared registers summed over
-// the batch or the sequences in order) and dsinks ([H]).
+// the batch or the sequences in order), dsinks ([H]) and key_mass (the forward's key_mass
+// shape: the column sums of the probabilities the backward recomputes, per (sequence, head)
+// over the query blocks in order; for calls whose forward left it to the backward).
 struct AttentionGrads {
   at::Tensor dq, dk, dv;
-  std::optional<at::Tensor> drk, drv, dsinks;
+  std::optional<at::Tensor> drk, drv, dsinks, key_mass;
 };
 
 // The forward of the call, and its gradients from the forward's out and lse.
