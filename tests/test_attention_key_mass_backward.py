@@ -180,3 +180,14 @@ def test_opcheck(backend):
     detached = call.replace(**{n: getattr(call, n).detach() for n in ("q", "k", "v", "rk", "rv", "sinks")})
     bwd_args = (torch.randn_like(out), out.detach(), lse.detach(), *detached.as_args(), backend)
     torch.library.opcheck(torch.ops.dsr_kernels.attention_bwd_key_mass.default, bwd_args)
+
+
+def test_under_torch_compile_the_forward_computes_it():
+    x, kw = _inputs(Case(N=13, R=1))
+
+    def f(q, k, v):
+        return dsr_kernels.attention(q, k, v, **kw, return_stats=True, key_mass_in_backward=True, backend="torch")
+
+    out, stats = torch.compile(f, fullgraph=True)(**x)
+    _, want = dsr_kernels.attention(**x, **kw, return_stats=True, backend="torch")
+    torch.testing.assert_close(stats.key_mass, want.key_mass, rtol=1e-5, atol=1e-5)
