@@ -531,7 +531,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-_ATTR = "_dsr_outlier_layer"
+# The attribute collect() sets on each attention module it records: (report, layer name).
+LAYER_ATTRIBUTE = "_dsr_outlier_layer"
 
 
 def active_layer(module: nn.Module) -> tuple[OutlierReport, str] | None:
@@ -540,7 +541,7 @@ def active_layer(module: nn.Module) -> tuple[OutlierReport, str] | None:
     The state is an attribute that ``collect`` sets on each module of the model (not a
     global or context variable), which torch.compile traces as a plain attribute read.
     """
-    return getattr(module, _ATTR, None)
+    return getattr(module, LAYER_ATTRIBUTE, None)
 
 
 def set_video_layout(module: nn.Module, layout: VideoLayout, arrangement: str = "full") -> None:
@@ -582,13 +583,13 @@ def collect(
     modules = list(model.named_modules())
     for name, module in modules:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        setattr(module, _ATTR, (report, parent or type(model).__name__))
+        setattr(module, LAYER_ATTRIBUTE, (report, parent or type(model).__name__))
     try:
         yield report
     finally:
         for _, module in modules:
-            if hasattr(module, _ATTR):
-                delattr(module, _ATTR)
+            if hasattr(module, LAYER_ATTRIBUTE):
+                delattr(module, LAYER_ATTRIBUTE)
 
 
 # -- in training: the key mass from the backward -----------------------------------------
@@ -678,13 +679,13 @@ def record_training_statistics(
     modules = list(model.named_modules())
     for name, module in modules:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        setattr(module, _ATTR, (report, parent or type(model).__name__))
+        setattr(module, LAYER_ATTRIBUTE, (report, parent or type(model).__name__))
     try:
         yield report
     finally:
         for _, module in modules:
-            if hasattr(module, _ATTR):
-                delattr(module, _ATTR)
+            if hasattr(module, LAYER_ATTRIBUTE):
+                delattr(module, LAYER_ATTRIBUTE)
 
 
 # -- register utilisation: how many of its registers a model uses ----------------------
@@ -826,7 +827,7 @@ def register_utilisation(
     modules = list(model.named_modules())
     for name, module in modules:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        setattr(module, _ATTR, (recorder, parent or type(model).__name__))
+        setattr(module, LAYER_ATTRIBUTE, (recorder, parent or type(model).__name__))
     try:
         with torch.no_grad():
             if isinstance(batch, dict):
@@ -837,8 +838,8 @@ def register_utilisation(
                 model(batch)
     finally:
         for _, module in modules:
-            if hasattr(module, _ATTR):
-                delattr(module, _ATTR)
+            if hasattr(module, LAYER_ATTRIBUTE):
+                delattr(module, LAYER_ATTRIBUTE)
     if not recorder.mass:
         raise ValueError(
             f"register_utilisation(): no layer of {type(model).__name__} attended to registers: it has no "

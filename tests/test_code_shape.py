@@ -146,3 +146,24 @@ def test_cpu_ops_take_the_attention_call_fields_in_order():
 
     assert spelled(fwd.arguments[: len(fields)]) == fields
     assert spelled(bwd.arguments[3 : 3 + len(fields)]) == fields
+
+
+def _private_imports(path: Path, modules: set[str]) -> list[str]:
+    """``from dsr_kernels.x import _name`` where _name is not a module: another module's private name."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dsr_kernels"):
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{node.module}.{alias.name}" not in modules and alias.name != "_C":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """The package's modules use each other's public names (private modules such as
+    _extension and the compiled _C may be imported; their private names may not)."""
+    files = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if "__pycache__" not in p.parts}
+    found = [line for path in files.values() for line in _private_imports(path, set(files))]
+    assert not found, "\n".join(found)

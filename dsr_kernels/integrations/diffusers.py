@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from dsr_kernels import outliers
 from dsr_kernels.attention_call import AttentionCall, Causal
 from dsr_kernels.backends import resolve
-from dsr_kernels.ops.attention import MAX_HEAD_DIM, _check_attention_args, attention, validated_attention
+from dsr_kernels.ops.attention import MAX_HEAD_DIM, attention, check_attention_args, validated_attention
 from dsr_kernels.ops.attention_dropin import scaled_dot_product_attention
 from dsr_kernels.rope import apply_rope
 
@@ -331,7 +331,7 @@ def _cp_call(query: Tensor, key: Tensor, value: Tensor, attn_mask, is_causal: bo
     q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.view(*(1,) * (4 - attn_mask.dim()), *attn_mask.shape)
-    attn_mask = _check_attention_args("attention", q, k, v, None, None, None, attn_mask, 0, scale)
+    attn_mask = check_attention_args("attention", q, k, v, None, None, None, attn_mask, 0, scale)
     backend = resolve("attention", backend, q, ("value_head_dim",) if v.shape[-1] != q.shape[-1] else ())
     if backend == "reference":
         raise NotImplementedError(

@@ -63,7 +63,7 @@ from dsr_kernels.models.layers import (
     make_norm,
     sincos_1d,  # MAE's 1-D sin-cos, as Latte's get_1d_sincos_temp_embed
 )
-from dsr_kernels.modules.attention import RegisterAttention, RMSNorm, _eager_attention
+from dsr_kernels.modules.attention import RegisterAttention, RMSNorm, eager_attention
 from dsr_kernels.ops.attention import attention
 from dsr_kernels.outliers import VideoLayout
 from dsr_kernels.rope import rope_3d_tables
@@ -284,7 +284,7 @@ def _attend(
     to :func:`dsr_kernels.outliers.collect` when ``record``. Returns [B, H, Nq, Dv]."""
     recording = outliers.active_layer(attn) if record else None
     if attn.backend == "eager" and recording is None:
-        return _eager_attention(
+        return eager_attention(
             q, k, v, kv_registers=kv_registers, sinks=None, key_mask=None, attn_mask=None, scale=attn.scale
         )
     backend = "reference" if attn.backend == "eager" else attn.backend

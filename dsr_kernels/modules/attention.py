@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight.to(x.dtype)
 
 
-def _eager_attention(
+def eager_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -263,7 +263,7 @@ class RegisterAttention(nn.Module):
                 cos, sin = (t.to(q.dtype) for t in rope)
                 q, k = apply_rope(q, cos, sin, "interleaved"), apply_rope(k, cos, sin, "interleaved")
             out, stats = (
-                _eager_attention(
+                eager_attention(
                     q,
                     k,
                     v,

@@ -117,7 +117,7 @@ def check_options(fn: str, num_prefix_tokens: int, max_prefix: int | None, scale
 _BATCHED = {"q": "4-D [B, H, Nq, D]", "k": "4-D [B, Hk, Nk, D]", "v": "4-D [B, Hk, Nk, Dv]"}
 
 
-def _check_attention_args(
+def check_attention_args(
     fn: str,
     q: Tensor,
     k: Tensor,
@@ -427,7 +427,7 @@ def validated_attention(
 
     Shared by :func:`attention` and the drop-in interfaces (``dsr_kernels.ops.attention_dropin``).
     """
-    attn_mask = _check_attention_args(fn, q, k, v, kv_registers, sinks, key_mask, attn_mask, num_prefix_tokens, scale)
+    attn_mask = check_attention_args(fn, q, k, v, kv_registers, sinks, key_mask, attn_mask, num_prefix_tokens, scale)
     _check_rope(fn, q, k, rope, rope_style)
     # Any strides: the kernels read rows in place; a last dim that is not contiguous is
     # copied first, as torch's SDPA does.
