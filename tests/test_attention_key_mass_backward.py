@@ -128,6 +128,20 @@ def test_backward_key_mass_of_packed_sequences(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, "torch"])
+def test_attention_varlen_takes_the_option(backend):
+    """The public packed-sequence function passes key_mass_in_backward into its call."""
+    g = torch.Generator().manual_seed(4)
+    cu = torch.tensor([0, 5, 5, 14])
+    q, k, v = (torch.randn(14, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    regs = tuple(torch.randn(2, 3, 16, generator=g).requires_grad_() for _ in range(2))
+    kw = dict(kv_registers=regs, return_stats=True, backend=backend)
+    out, stats = dsr_kernels.attention_varlen(q, k, v, cu, cu, key_mass_in_backward=True, **kw)
+    out.sum().backward()
+    _, expected = dsr_kernels.attention_varlen(q, k, v, cu, cu, **kw)
+    torch.testing.assert_close(stats.key_mass, expected.key_mass, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [CPU, "torch"])
 def test_without_a_backward_the_forward_computes_it(backend):
     x, kw = _inputs(Case(R=1))
     with torch.no_grad():

@@ -111,6 +111,7 @@ def attention_varlen(
     num_prefix_tokens: int = 0,
     scale: float | None = None,
     return_stats: bool = False,
+    key_mass_in_backward: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, AttentionStats]:
     """Register attention over packed variable-length sequences (flash-attn's varlen layout).
@@ -129,6 +130,9 @@ def attention_varlen(
         causal: bottom-right aligned within each sequence (flash-attn's): query i of a
             sequence with nq queries and nk keys sees key j iff j <= i + nk - nq.
         num_prefix_tokens, scale, backend: as :func:`dsr_kernels.attention`.
+        key_mass_in_backward: as :func:`dsr_kernels.attention`'s (the key mass summed by
+            the backward; the "torch" backend, which runs one sequence at a time, and
+            "reference" compute it in the forward).
         return_stats: also return the statistics per sequence: lse, entropy,
             register_share [H, Tq] (packed as the queries; flash-attn's softmax_lse layout)
             and key_mass [S, H, R + max_seqlen_k] (sequence s's registers then its keys,
@@ -161,6 +165,7 @@ def attention_varlen(
         num_prefix_tokens=num_prefix_tokens,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         return_stats=return_stats,
+        key_mass_in_backward=bool(key_mass_in_backward),
     )
     out, stats = run(call, backend)
     return (out, stats) if return_stats else out
