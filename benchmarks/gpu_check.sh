@@ -47,6 +47,8 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # (not a pipeline: status must survive 
       --registers 0,36 --providers dsr,dsr_pad,sdpa_flash_cat --out "$RUNS" || status=1
     timeout 150 "$PY" -m dsr_kernels bench --device cuda --section models,encoder --full --registers 0,36 \
       --shapes DiTDH-XL/1,JiT-H/16,vit_so400m_patch14_siglip_224 --out "$RUNS" || status=1
+    # A DiT-S training step with every statistic recorded (key mass from the backward) vs without.
+    timeout 60 "$PY" benchmarks/bench_training_stats.py --budget 20 --out "$OUT" || status=1
   else
     timeout 240 "$PY" -m dsr_kernels bench --device cpu --quick --section selfcheck,attention,norm_modulate \
       --out "$RUNS" || status=1
