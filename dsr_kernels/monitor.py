@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dsr_kernels.outliers import LAYER_ATTRIBUTE, OutlierReport
+from dsr_kernels.outliers import OutlierReport, recording_into
 from dsr_kernels.types import AttentionStats
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -204,16 +204,8 @@ class Monitor:
             yield False
             return
         report = _StepReport(sqnr=self.sqnr, **self.rule)
-        modules = list(self.model.named_modules())
-        for name, module in modules:
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            setattr(module, LAYER_ATTRIBUTE, (report, parent or type(self.model).__name__))
-        try:
+        with recording_into(self.model, report):
             yield True
-        finally:
-            for _, module in modules:
-                if hasattr(module, LAYER_ATTRIBUTE):
-                    delattr(module, LAYER_ATTRIBUTE)
         self.add(step, self._records(step, report))
 
     def _records(self, step: int, report: _StepReport) -> list[dict]:

@@ -535,6 +535,32 @@ def _fmt(v) -> str:
 LAYER_ATTRIBUTE = "_dsr_outlier_layer"
 
 
+def outlier_rule(fn: str, threshold: float | None, ratio: float | None, top_k: int | None) -> tuple:
+    """(threshold, ratio, top_k) with at most one given; none given: ``ratio=4`` (the default rule)."""
+    if threshold is None and ratio is None and top_k is None:
+        ratio = 4.0
+    given = [n for n, v in (("threshold", threshold), ("ratio", ratio), ("top_k", top_k)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{fn}(): give at most one of threshold, ratio, top_k; got {given}")
+    return threshold, ratio, top_k
+
+
+@contextlib.contextmanager
+def recording_into(model: nn.Module, report: OutlierReport) -> Iterator[OutlierReport]:
+    """Within the block, every module of ``model`` records into ``report`` (as its layer:
+    the module's parent's name); the attribute is removed on leaving, errors included."""
+    modules = list(model.named_modules())
+    for name, module in modules:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        setattr(module, LAYER_ATTRIBUTE, (report, parent or type(model).__name__))
+    try:
+        yield report
+    finally:
+        for _, module in modules:
+            if hasattr(module, LAYER_ATTRIBUTE):
+                delattr(module, LAYER_ATTRIBUTE)
+
+
 def active_layer(module: nn.Module) -> tuple[OutlierReport, str] | None:
     """(report, layer name) while :func:`collect` records ``module``, else None.
 
@@ -574,22 +600,10 @@ def collect(
     the default is ``ratio=4``. Recording reads statistics back to the host, so run the
     model eagerly inside (under torch.compile it graph-breaks there).
     """
-    if threshold is None and ratio is None and top_k is None:
-        ratio = 4.0
-    given = [n for n, v in (("threshold", threshold), ("ratio", ratio), ("top_k", top_k)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"collect(): give at most one of threshold, ratio, top_k; got {given}")
+    threshold, ratio, top_k = outlier_rule("collect", threshold, ratio, top_k)
     report = OutlierReport(threshold=threshold, ratio=ratio, top_k=top_k, sqnr=sqnr)
-    modules = list(model.named_modules())
-    for name, module in modules:
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        setattr(module, LAYER_ATTRIBUTE, (report, parent or type(model).__name__))
-    try:
+    with recording_into(model, report):
         yield report
-    finally:
-        for _, module in modules:
-            if hasattr(module, LAYER_ATTRIBUTE):
-                delattr(module, LAYER_ATTRIBUTE)
 
 
 # -- in training: the key mass from the backward -----------------------------------------
@@ -670,22 +684,10 @@ def record_training_statistics(
     Run the step eagerly (the key mass is written in place by the eager backward). A layer
     run without gradients computes its key mass in the forward. Outlier rule as :func:`collect`.
     """
-    if threshold is None and ratio is None and top_k is None:
-        ratio = 4.0
-    given = [n for n, v in (("threshold", threshold), ("ratio", ratio), ("top_k", top_k)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"record_training_statistics(): give at most one of threshold, ratio, top_k; got {given}")
+    threshold, ratio, top_k = outlier_rule("record_training_statistics", threshold, ratio, top_k)
     report = TrainingStatistics(threshold=threshold, ratio=ratio, top_k=top_k, sqnr=sqnr)
-    modules = list(model.named_modules())
-    for name, module in modules:
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        setattr(module, LAYER_ATTRIBUTE, (report, parent or type(model).__name__))
-    try:
+    with recording_into(model, report):
         yield report
-    finally:
-        for _, module in modules:
-            if hasattr(module, LAYER_ATTRIBUTE):
-                delattr(module, LAYER_ATTRIBUTE)
 
 
 # -- register utilisation: how many of its registers a model uses ----------------------
