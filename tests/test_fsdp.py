@@ -5,14 +5,13 @@ FSDP2 with ring / Ulysses attention (``dsr_kernels.distributed``) over the same 
 half of the tokens, against one process on the whole sequence. One pair of processes runs both."""
 
 import importlib.util
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from dsr_kernels.models import create_model
-from utils import assert_close
+from utils import assert_close, spawn_world
 
 TIMEOUT_S = 180  # both ranks together
 LR = 0.5
@@ -88,22 +87,6 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """Runs fn(rank, world, *args) on ``world`` spawned processes; fails (and ends them) past the timeout."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world} processes did not finish within {timeout_s} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> dict:
     """{rank: {"fsdp": (loss, shards), "ring_attention": ..., "ulysses_attention": ...}} of the 2 processes."""
@@ -117,7 +100,7 @@ def spawned(tmp_path_factory) -> dict:
     except ImportError as exc:
         pytest.skip(f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {exc}")
     results = mp.Manager().dict()
-    _spawn(_worker, 2, (str(tmp_path_factory.mktemp("fsdp") / "init"), results), TIMEOUT_S)
+    spawn_world(_worker, 2, (str(tmp_path_factory.mktemp("fsdp") / "init"), results), TIMEOUT_S)
     return dict(results)
 
 

@@ -10,13 +10,12 @@ and is diffusers' call otherwise.
 
 import importlib.util
 import math
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils import assert_close
+from utils import assert_close, spawn_world
 
 if importlib.util.find_spec("diffusers") is None:
     pytest.skip("diffusers is not installed (.ci/run installs it: pip install diffusers)", allow_module_level=True)
@@ -192,22 +191,6 @@ def _cp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """Runs fn(rank, world, *args) on ``world`` spawned processes; fails (and ends them) past the timeout."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world} processes did not finish within {timeout_s} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 def test_diffusers_context_parallel_ring_and_ulysses_two_processes(tmp_path):
     """Flux with the "dsr" backend under ContextParallelConfig(ring_degree=2) and (ulysses_degree=2) gives
     the single-process output on both ranks; the op's out, lse and gradients on each shard equal the whole
@@ -218,7 +201,7 @@ def test_diffusers_context_parallel_ring_and_ulysses_two_processes(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     results = mp.Manager().dict()
-    _spawn(_cp_worker, 2, (str(tmp_path / "init"), results), TIMEOUT_S)
+    spawn_world(_cp_worker, 2, (str(tmp_path / "init"), results), TIMEOUT_S)
     for rank in (0, 1):
         found = results[rank]
         note = found.pop("registers under CP")

@@ -71,3 +71,22 @@ def assert_within_eager_error(
     """|got - ref| <= 2 |eager - ref|_max + a few ulps of dtype and the float32 floor, elementwise."""
     atol = 2.0 * max_abs_err(eager, ref) + ulp_atol(ref, dtype, reduction=reduction)
     assert_close(name, got, ref, atol=atol)
+
+
+def spawn_world(fn, world: int, args: tuple, timeout_s: float) -> None:
+    """Runs fn(rank, world, *args) on ``world`` spawned processes; fails (and ends them) past the timeout."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} processes did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
