@@ -304,7 +304,7 @@ class AttentionSection(Section):
             "ms [p20, p80]": report.ms_cell(r),
             f"x faster than {BASELINE}": report.speedup_cell(r),
             "latency vs R=0": report.overhead_cell(r, "register_overhead"),
-            "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("flop_overhead_pct") else "",
+            "FLOPs vs R=0": report.flop_overhead_cell(r),
             "TFLOP/s": report.num(r.get("tflops")),
             "peak MiB": report.num(r.get("peak_mem_mb")),
             "peak RSS MiB (+call)": report.rss_cell(r),

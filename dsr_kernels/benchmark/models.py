@@ -135,7 +135,7 @@ class ModelsSection(Section):
             "provider": r["provider"],
             "ms [p20, p80]": report.ms_cell(r),
             "GFLOPs": f"{r['gflops']:.1f}" if r.get("gflops") else "",
-            "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("R") and "flop_overhead_pct" in r else "",
+            "FLOPs vs R=0": report.flop_overhead_cell(r),
             "latency vs R=0": report.overhead_cell(r, "latency_overhead"),
             f"x faster than {BASELINE}": report.speedup_cell(r),
         }

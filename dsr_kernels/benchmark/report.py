@@ -58,6 +58,12 @@ def overhead_cell(row: dict, prefix: str) -> str:
     return f"{pct(value)} [{pct(lo)}, {pct(hi)}]"
 
 
+def flop_overhead_cell(row: dict) -> str:
+    """'+14.1%': the FLOPs R registers add over R=0 (counted, not timed); empty at R=0."""
+    pct_ = row.get("flop_overhead_pct")
+    return f"+{pct_:.1f}%" if row.get("R") and pct_ is not None else ""
+
+
 def _own_noise(row: dict) -> list[str]:
     """What made a row noisy besides other processes: its spread, its warm-up."""
     parts = []

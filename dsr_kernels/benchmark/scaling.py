@@ -209,7 +209,7 @@ class ScalingSection(Section):
             "provider": r["provider"],
             "ms [p20, p80]": report.ms_cell(r),
             "GFLOPs": f"{r['gflops']:.1f}" if r.get("gflops") else "",
-            "FLOPs vs R=0": f"+{r['flop_overhead_pct']:.1f}%" if r.get("R") and "flop_overhead_pct" in r else "",
+            "FLOPs vs R=0": report.flop_overhead_cell(r),
             "latency vs R=0": report.overhead_cell(r, "latency_overhead"),
         }
         if r.get("speedup") is not None or r.get("baseline"):
