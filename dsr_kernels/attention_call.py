@@ -7,7 +7,7 @@ to return, and whether the key mass comes from the backward). Its field list is 
 - the ``torch.library`` schemas of ``dsr_kernels::attention_fwd`` / ``attention_bwd``
   (:func:`schema`) and the custom op's argument order (:meth:`AttentionCall.as_args`);
 - the argument order of the C++ ops ``dsr_kernels::attention_{fwd,bwd}_cpu``, whose schema
-  (csrc/cpu/attention.cpp, ``kAttentionCallSchema``) a test compares with :func:`schema`.
+  (csrc/cpu/attention.cpp, ``kAttentionArgsSchema``) a test compares with :func:`schema`.
 
 Adding an argument means a field here plus the kernels that use it.
 

@@ -236,9 +236,10 @@ def train(
     """A minimal training loop: for each (x, y) of ``batches`` (at most ``steps`` of them),
     ``objective.loss(model, x, y)``, backward, ``optimizer.step()``. Returns the losses.
 
-    ``monitor``: a :class:`dsr_kernels.outliers.Monitor` of ``model``; the forward of every
-    step runs inside ``monitor.step(i)`` (recorded every ``monitor.every`` steps, i from 0).
-    The caller closes it (``monitor.close()`` draws the plots).
+    ``monitor``: a :class:`dsr_kernels.outliers.Monitor` of ``model``; the forward and the
+    backward of every step run inside ``monitor.step(i)`` (recorded every ``monitor.every``
+    steps, i from 0), so either of its ``key_mass`` modes works. The caller closes it
+    (``monitor.close()`` draws the plots).
     """
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ValueError(f"train(): 'steps' must be an int >= 0 or None, got {steps!r}")
@@ -249,10 +250,10 @@ def train(
     for i, (x, y) in enumerate(batches):
         if steps is not None and i >= steps:
             break
+        optimizer.zero_grad(set_to_none=True)
         with monitor.step(i) if monitor is not None else contextlib.nullcontext():
             loss = objective.loss(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses

@@ -45,7 +45,7 @@ from dsr_kernels.ops.attention import (
     check_registers,
     check_sinks,
 )
-from dsr_kernels.rope import ROPE_STYLES, apply_rope
+from dsr_kernels.rope import ROPE_STYLES, RopeStyle, apply_rope
 from dsr_kernels.types import AttentionStats
 from dsr_kernels.validation import check_device, check_tensor, last_dim_contiguous, shape_str
 
@@ -340,7 +340,7 @@ def _local_meta(fn: str, q, k, v, opts: _Options, backend_names: tuple[str, ...]
         device=_DEVICES.index(q.device.type) if q.device.type in _DEVICES else len(_DEVICES),
         registers=0 if rk is None else rk.dim() - 2, R=0 if rk is None else rk.shape[-2],
         sinks=int(opts.sinks is not None), key_mask=int(opts.key_mask is not None), rope=int(opts.rope is not None),
-        rope_style=ROPE_STYLES.index(opts.rope_style), causal=int(bool(opts.causal)), balanced=int(opts.balanced),
+        rope_style=int(RopeStyle.parse(opts.rope_style)), causal=int(bool(opts.causal)), balanced=int(opts.balanced),
         prefix=opts.num_prefix_tokens, scale=scale, stats=int(bool(opts.return_stats)),
         grad=int(_records_grad(q, k, v, opts)), backend=names("attention").index(backend), Nq=Nq, Nk=Nk,
     )  # fmt: skip

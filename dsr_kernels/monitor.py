@@ -1,18 +1,21 @@
 """A training monitor: outlier statistics per layer, every N steps, from the fused passes.
 
-    monitor = Monitor(model, every=100, out="runs/monitor")
+    monitor = Monitor(model, every=100, out="runs/monitor", key_mass="backward")
     for step, (x, y) in enumerate(batches):
         with monitor.step(step):  # records on the steps where step % every == 0
             loss = objective.loss(model, x, y)
-        loss.backward(); optimizer.step(); optimizer.zero_grad()
+            loss.backward()  # inside the step: the key mass comes from the backward
+        optimizer.step(); optimizer.zero_grad()
     monitor.close()  # the plots
 
 On a recorded step the model's package-built modules report to the monitor as they do to
 :func:`dsr_kernels.outliers.collect` (its machinery: token norms and moments from the
 norm kernel's pass, AttentionStats from the attention kernel), and the monitor turns one
 step's reports into one record per layer (:data:`FIGURES`). Other steps cost nothing.
-The key mass is the forward's (AttentionStats key_mass); the recorder that takes it from
-the backward pass was not in the package when this was written.
+The key mass is the forward's (AttentionStats key_mass) by default; with
+``key_mass="backward"`` it is summed by the backward's dK/dV pass as in
+:func:`dsr_kernels.outliers.record_training_statistics` (no launch of its own), and the
+step's ``with`` block must then hold the ``loss.backward()``.
 
 Each step's records are appended to ``out/monitor.jsonl`` and ``out/monitor.csv`` as
 they come, given to ``callback`` (any tracker) and to TensorBoard when
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dsr_kernels.outliers import OutlierReport, recording_into
+from dsr_kernels.outliers import OutlierReport, TrainingStatistics, recording_into
 from dsr_kernels.types import AttentionStats
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -86,6 +89,11 @@ class _StepReport(OutlierReport):
         self.gini.setdefault(layer, []).append(float(g.nanmean()))
 
 
+class _BackwardStepReport(TrainingStatistics, _StepReport):
+    """A recorded step whose key mass the backward sums: TrainingStatistics keeps each call
+    until ``records()``, which then hands it to _StepReport (the Gini) after the backward."""
+
+
 class MonitorWriteError(RuntimeError):
     """Writing a step's records failed; they are kept in ``Monitor.records`` (and the files'
     unwritten ones are written with the next step's)."""
@@ -119,8 +127,15 @@ class Monitor:
     over samples, heads, queries), ``top1pct_key_share`` (the share of the attention mass
     taken by the top 1% of keys) and ``key_gini`` (Gini coefficient of the key mass, mean
     over samples and heads), ``int8_sqnr_db`` (per-tensor int8 round trip of the block
-    input), ``key_mass_from`` ("forward"). None: not measured (a layer without the
-    package's norm has no token norms).
+    input), ``key_mass_from`` (the ``key_mass`` option). None: not measured (a layer
+    without the package's norm has no token norms).
+
+    ``key_mass``: ``"forward"`` (default): the forward kernel's ``AttentionStats.key_mass``,
+    so the ``with monitor.step()`` block may hold the forward alone; ``"backward"``: the
+    key mass is summed by the backward's dK/dV pass (:func:`record_training_statistics`:
+    on Triton no key-mass launch of its own), and the block must hold ``loss.backward()``
+    too; leaving it before the backward ran raises. A layer run without gradients computes
+    its key mass in the forward in either mode.
     """
 
     def __init__(
@@ -136,6 +151,7 @@ class Monitor:
         sqnr: bool = True,
         tensorboard=None,
         callback: Callable[[list[dict]], None] | None = None,
+        key_mass: str = "forward",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor(): 'model' must be an nn.Module, got {type(model).__name__}")
@@ -163,6 +179,9 @@ class Monitor:
             )
         if callback is not None and not callable(callback):
             raise TypeError(f"Monitor(): 'callback' must be callable, got {type(callback).__name__}")
+        if key_mass not in ("forward", "backward"):
+            raise ValueError(f"Monitor(): 'key_mass' must be 'forward' or 'backward', got {key_mass!r}")
+        self.key_mass = key_mass
         self.out = _writable_dir(out)
         self.model, self.every, self.top, self.sqnr, self.callback = model, every, top, sqnr, callback
         self.rule = dict(ratio=4.0 if ratio is None and threshold is None else ratio, threshold=threshold)
@@ -195,17 +214,25 @@ class Monitor:
 
     @contextlib.contextmanager
     def step(self, step: int | None = None) -> Iterator[bool]:
-        """Around one training step's forward: on a recorded step (``step % every == 0``; by
-        default the steps are counted from 0), the model reports to the monitor, and on
-        leaving the records are computed and written. Yields whether the step is recorded."""
+        """Around one training step's forward (and its backward, with ``key_mass="backward"``):
+        on a recorded step (``step % every == 0``; by default the steps are counted from 0),
+        the model reports to the monitor, and on leaving the records are computed and
+        written. Yields whether the step is recorded."""
         step = self._next_step if step is None else int(step)
         self._next_step = step + 1
         if step % self.every:
             yield False
             return
-        report = _StepReport(sqnr=self.sqnr, **self.rule)
+        backward = self.key_mass == "backward"
+        report = (_BackwardStepReport if backward else _StepReport)(sqnr=self.sqnr, **self.rule)
         with recording_into(self.model, report):
             yield True
+        if backward and report.pending():
+            raise RuntimeError(
+                f"Monitor(key_mass='backward'): step {step} left monitor.step() before its backward "
+                f"filled the key mass of layers {report.pending()}: call loss.backward() inside the "
+                "with block, or use key_mass='forward'"
+            )
         self.add(step, self._records(step, report))
 
     def _records(self, step: int, report: _StepReport) -> list[dict]:
@@ -224,7 +251,7 @@ class Monitor:
             row["int8_sqnr_db"] = rec.int8_sqnr_db
             top = None if norms is None else norms.topk(min(self.top, norms.numel())).values.tolist()
             row["norm_top"] = top
-            row["key_mass_from"] = "forward" if rec.top1pct_key_share is not None else None
+            row["key_mass_from"] = self.key_mass if rec.top1pct_key_share is not None else None
             out.append(row)
         return out
 

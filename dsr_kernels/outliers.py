@@ -732,10 +732,13 @@ class RegisterUtilisation(NamedTuple):
         return "\n".join(lines)
 
 
-def _model_sequence_registers(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{layer: (first token, count)} of DSR's in-sequence registers in the package's denoisers:
-    ``num_registers`` tokens at the end of the prefix (after JiT's class tokens) in every
-    block from ``register_start`` on, and first in every block of DiT^DH's head."""
+def _model_sequence_registers(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{layer: (first token, count, groups)} of DSR's in-sequence registers in the package's
+    denoisers: ``num_registers`` tokens at the end of the prefix (after JiT's class tokens)
+    in every block from ``register_start`` on, and first in every block of DiT^DH's head;
+    the video models say theirs (``sequence_registers()``: per-frame groups)."""
+    if callable(getattr(model, "sequence_registers", None)):
+        return dict(model.sequence_registers())
     R, blocks, counts = getattr(model, "num_registers", 0), getattr(model, "blocks", None), None
     if hasattr(model, "prefix_counts"):
         counts = model.prefix_counts()
@@ -744,16 +747,16 @@ def _model_sequence_registers(model: nn.Module) -> dict[str, tuple[int, int]]:
     out = {}
     for i in range(len(blocks)):
         if i >= len(counts):  # DiT^DH's head
-            out[f"blocks.{i}"] = (0, R)
+            out[f"blocks.{i}"] = (0, R, 1)
         elif i >= model.register_start:
-            out[f"blocks.{i}"] = (counts[i] - R, R)
+            out[f"blocks.{i}"] = (counts[i] - R, R, 1)
     return out
 
 
 class _RegisterMassRecorder(OutlierReport):
     """Records each layer's register key mass (and nothing else) for :func:`register_utilisation`."""
 
-    def __init__(self, sequence_registers: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, sequence_registers: dict[str, tuple[int, int, int]]) -> None:
         super().__init__(threshold=None, ratio=4.0, top_k=None, sqnr=False)
         self.sequence_registers = sequence_registers
         self.mass: dict[str, Tensor] = {}  # summed over calls, samples and heads, per query
@@ -769,16 +772,17 @@ class _RegisterMassRecorder(OutlierReport):
                 f"register_utilisation(): layer {layer!r} ran packed (varlen) attention; key_mass "
                 f"[B, H, R + Nk] expected, got {list(key_mass.shape)}"
             )
-        first, count = self.sequence_registers.get(layer, (0, 0))
+        first, count, groups = self.sequence_registers.get(layer, (0, 0, 1))
         parts = [key_mass[..., :num_kv_registers]]
         if count:
-            begin = num_kv_registers + first
-            if begin + count > key_mass.shape[-1]:
+            begin, end = num_kv_registers + first, num_kv_registers + first + count * groups
+            if end > key_mass.shape[-1]:
                 raise ValueError(
                     f"register_utilisation(): layer {layer!r} has {key_mass.shape[-1] - num_kv_registers} token "
-                    f"keys, fewer than its in-sequence registers end at ({first} + {count})"
+                    f"keys, fewer than its in-sequence registers end at ({first} + {groups} x {count})"
                 )
-            parts.append(key_mass[..., begin : begin + count])
+            # register j of every group (a video's per-frame registers: frame-major) is one register
+            parts.append(key_mass[..., begin:end].unflatten(-1, (groups, count)).sum(-2))
         regs = torch.cat(parts, -1) / max(stats.lse.shape[-1], 1)  # [B, H, R]: mean probability per query
         if not regs.shape[-1]:
             return
@@ -807,10 +811,12 @@ def register_utilisation(
     patched by ``dsr_kernels.patch``). A layer's registers are its kv registers (the first
     keys) and its in-sequence registers: in the package's denoisers (DiT, SiT,
     LightningDiT, DiT^DH, JiT) the ``num_registers`` tokens of every block from
-    ``register_start`` on; in other models the ``sequence_registers`` given,
-    ``{layer: count}`` (the first ``count`` tokens) or ``{layer: (first token, count)}``,
-    which also replace the model's own for the layers they name. Layers without registers
-    are left out.
+    ``register_start`` on; in the video models (Latte, VideoDiT) their global or per-frame
+    registers, a frame's register j counted with every other frame's register j; in other
+    models the ``sequence_registers`` given, ``{layer: count}`` (the first ``count`` tokens),
+    ``{layer: (first token, count)}`` or ``{layer: (first token, count, groups)}`` (``groups``
+    consecutive sets of ``count``, register j of each set summed as one), which also replace
+    the model's own for the layers they name. Layers without registers are left out.
 
     ``effective = exp(-sum_j m_j log m_j)``, m the layer's register mass normalised over its
     registers: a trained model whose registers share the mass evenly uses all R; one whose
@@ -818,13 +824,14 @@ def register_utilisation(
     """
     layout = _model_sequence_registers(model)
     for layer, value in (sequence_registers or {}).items():
-        first, count = (0, value) if isinstance(value, int) else value
-        if first < 0 or count < 0:
+        spec = (0, value, 1) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+        spec += (1,) * (len(spec) == 2)
+        if len(spec) != 3 or not all(isinstance(v, int) for v in spec) or min(spec[:2]) < 0 or spec[2] < 1:
             raise ValueError(
-                f"register_utilisation(): sequence_registers[{layer!r}] must be a count >= 0 or "
-                f"(first >= 0, count >= 0), got {value!r}"
+                f"register_utilisation(): sequence_registers[{layer!r}] must be a count >= 0, "
+                f"(first >= 0, count >= 0) or (first >= 0, count >= 0, groups >= 1), got {value!r}"
             )
-        layout[layer] = (first, count)
+        layout[layer] = spec
     recorder = _RegisterMassRecorder(layout)
     modules = list(model.named_modules())
     for name, module in modules:

@@ -19,19 +19,19 @@ BACKEND = "reference"  # float64 definitions: exact figures, and no dependence o
 
 
 class Block(nn.Module):
-    def __init__(self, dim=32, heads=2, kv_registers=2):
+    def __init__(self, dim=32, heads=2, kv_registers=2, backend=BACKEND):
         super().__init__()
         self.norm = dsr_kernels.NormModulate(dim, backend=BACKEND)
-        self.attn = dsr_kernels.RegisterAttention(dim, heads, num_kv_registers=kv_registers, backend=BACKEND)
+        self.attn = dsr_kernels.RegisterAttention(dim, heads, num_kv_registers=kv_registers, backend=backend)
 
     def forward(self, x):
         return x + self.attn(self.norm(x).out)
 
 
 class Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, backend=BACKEND):
         super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.blocks = nn.ModuleList([Block(backend=backend) for _ in range(2)])
 
     def forward(self, x):
         for block in self.blocks:
@@ -127,6 +127,37 @@ def test_figures_on_a_planted_outlier(tmp_path):
     assert rec["int8_sqnr_db"] < int8_sqnr_db(clean) - 10  # the outlier stretches the int8 scale
 
 
+# float64 where the backend takes it; the cpu kernel's fp32 sums: a few fp32 ulps of a sum
+# over 12 queries, far below the 1e-5 asked of the figures
+@pytest.mark.parametrize(("backend", "dtype", "rel"), [("torch", torch.float64, 1e-9), ("cpu", torch.float32, 1e-5)])
+def test_key_mass_from_the_backward(tmp_path, backend, dtype, rel):
+    """key_mass="backward": the figures of the key mass the dK/dV pass sums equal the forward's
+    (attention on a backend with that backward; the norm on the reference)."""
+    if backend == "cpu" and (why := dsr_kernels.explain("attention", "cpu")["cpu"]) != "available":
+        pytest.skip(f"the cpu kernel: {why}")
+    torch.manual_seed(0)
+    model = Tiny(backend).to(dtype)
+    x = torch.randn(2, 12, 32, dtype=dtype)
+    x[:, 4, 7] = 30.0  # an uneven key mass, so that the figures are not those of a flat one
+    records = {}
+    for mode in ("forward", "backward"):
+        monitor = Monitor(model, every=1, out=tmp_path / mode, tensorboard=False, key_mass=mode)
+        _run(monitor, model, 1, x)
+        records[mode] = monitor.records
+        assert [r["key_mass_from"] for r in monitor.records] == [mode, mode]
+    for fwd, bwd in zip(records["forward"], records["backward"], strict=True):
+        assert fwd["layer"] == bwd["layer"]
+        for figure in ("top1pct_key_share", "key_gini", "register_share", "norm_max"):
+            assert bwd[figure] == pytest.approx(fwd[figure], rel=rel, abs=1e-12), figure
+    monitor = Monitor(model, every=1, out=tmp_path / "early", tensorboard=False, key_mass="backward")
+    with pytest.raises(RuntimeError, match=r"loss.backward\(\) inside the with block"):
+        with monitor.step(0):
+            model(x)  # no backward inside the step: the key mass was never summed
+    assert monitor.records == []
+    with pytest.raises(ValueError, match="'key_mass'"):
+        Monitor(model, every=1, out=tmp_path / "bad", key_mass="both")
+
+
 def test_gini():
     assert float(gini(torch.ones(8))) == pytest.approx(0.0)
     assert float(gini(torch.tensor([0.0, 0.0, 0.0, 5.0]))) == pytest.approx(3 / 4)
@@ -192,6 +223,10 @@ def test_train_with_monitor(tmp_path):
     monitor = Monitor(model, every=2, out=tmp_path, tensorboard=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     losses = train(model, FlowMatching(), batches, optimizer=optimizer, monitor=monitor)
+    # train() runs the backward inside the step too: the key mass can come from it
+    backward = Monitor(model, every=2, out=tmp_path / "bwd", tensorboard=False, key_mass="backward")
+    train(model, FlowMatching(), batches[:1], optimizer=optimizer, monitor=backward)
+    assert {r["key_mass_from"] for r in backward.records if r["register_share"] is not None} == {"backward"}
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     recorded = {(r["step"], r["layer"]) for r in monitor.records if r["register_share"] is not None}
     assert recorded == {(s, f"blocks.{i}") for s in (0, 2) for i in range(2)}

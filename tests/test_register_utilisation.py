@@ -86,3 +86,27 @@ def test_kv_registers_and_layers_without_registers():
     with pytest.raises(ValueError, match="no layer of DiT attended to registers"):
         register_utilisation(create_model("DiT-S/2", input_size=8, hidden_size=D, depth=1, num_heads=HEADS),
                              (torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0])))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["VideoDiT-S/2", "Latte-S/2"])
+@pytest.mark.parametrize("placement", ["global", "per_frame"])
+def test_video_models_global_and_per_frame_registers(name, placement):
+    """The video models' registers, read where they sit: a layer's register mass sums to the
+    register share its attention reports (collect()), per-frame groups counted as R registers."""
+    torch.manual_seed(0)
+    T, R = 3, 4
+    model = create_model(
+        name, num_frames=T, input_size=8, hidden_size=D, num_heads=HEADS, depth=4, num_classes=5,
+        num_registers=R, register_placement=placement, register_block=1, backend="reference",
+    ).eval()  # fmt: skip
+    batch = (torch.randn(2, model.in_channels, T, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    result = register_utilisation(model, batch)
+    # Latte's per-frame registers lead each frame's sequence in its spatial blocks (even
+    # index); in its temporal blocks the tokens' sequences hold none
+    layers = ["blocks.2"] if (name, placement) == ("Latte-S/2", "per_frame") else ["blocks.1", "blocks.2", "blocks.3"]
+    assert result.layers == layers and result.num_registers.tolist() == [R] * len(layers)
+    with dsr_kernels.outliers.collect(model, sqnr=False) as report, torch.no_grad():
+        model(*batch)
+    share = {r.layer: r.register_share for r in report.records() if r.register_share is not None}
+    assert result.share.tolist() == pytest.approx([share[ly] for ly in layers], rel=1e-5)
+    assert 0 < float(result.share.min()) and float(result.effective.max()) <= R + 1e-6

@@ -424,6 +424,17 @@ class Latte(VideoDenoiser):
         R = self.num_registers if block >= self.register_block else 0
         return (R, 0) if self.register_placement == "global" else (0, R)
 
+    def sequence_registers(self) -> dict[str, tuple[int, int, int]]:
+        """{layer: (first key, R, 1)} of the in-sequence registers, for
+        :func:`~dsr_kernels.outliers.register_utilisation`: per-frame registers lead each
+        frame's sequence in the spatial blocks. Global registers are kv registers (counted
+        as such), and in the temporal blocks the tokens' sequences hold no registers."""
+        return {
+            f"blocks.{i}": (0, Rf, 1)
+            for i in range(self.depth)
+            if (Rf := self.registers_at(i)[1]) and not self.blocks[i].temporal
+        }
+
     def macs_by_part(self) -> dict[str, int]:
         """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
         (T, h, w), D = self.grid, self.hidden_size
@@ -570,6 +581,14 @@ class VideoDiT(VideoDenoiser):
         R = self.num_registers
         frames = (-1,) * R if self.register_placement == "global" else tuple(f for f in range(T) for _ in range(R))
         return VideoLayout(T, h, w, prefix_frames=frames)
+
+    def sequence_registers(self) -> dict[str, tuple[int, int, int]]:
+        """{layer: (first key, R, groups)} of the in-sequence registers, for
+        :func:`~dsr_kernels.outliers.register_utilisation`: the first R keys of the sequence
+        (global), or T groups of R, frame-major (per frame), from ``register_block`` on."""
+        R, T = self.num_registers, self.grid[0]
+        groups = T if self.register_placement == "per_frame" else 1
+        return {f"blocks.{i}": (0, R, groups) for i in range(self.register_block, self.depth)} if R else {}
 
     def macs_by_part(self) -> dict[str, int]:
         """Multiply-adds per sample of each part (see :mod:`dsr_kernels.models.flops`)."""
