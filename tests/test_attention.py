@@ -905,8 +905,11 @@ def test_a_nan_key_reaches_every_row_in_any_vector_lane(backend):
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize(
     "plant",
-    ["register key", "float mask entry", "+inf key", "nan sink", "+inf sink", "masked nan key", "nan query row"],
-)
+    [
+        "register key", "float mask entry", "+inf key", "nan sink", "+inf sink", "masked nan key", "nan query row",
+        "-inf sink, nothing to attend",
+    ],
+)  # fmt: skip
 def test_nan_contract(backend, plant):
     """Each planted value against the reference: NaN where it is NaN, equal elsewhere, and the
     same gradients (docs/attention.md, "NaN and inf")."""
@@ -927,20 +930,25 @@ def test_nan_contract(backend, plant):
         k[0, 1, 7, 3] = float("nan")
         key_mask = torch.ones(1, 19, dtype=torch.bool)
         key_mask[0, 7] = False
+    elif plant == "-inf sink, nothing to attend":  # head 0's rows attend nothing: lse -inf, out 0, dsinks 0
+        sinks[0] = float("-inf")
+        rk = rv = None  # (registers are always attended)
+        key_mask = torch.ones(1, 19, dtype=torch.bool)
+        key_mask[0, :] = False
     else:
         q[0, 1, 11, 2] = float("nan")
-    wrt = [t.requires_grad_() for t in (q, k, v, rk, rv, sinks)]
+    wrt = [t.requires_grad_() for t in (q, k, v, rk, rv, sinks) if t is not None]
     dout = torch.randn(1, 2, 19, 8, generator=g)
 
     def run(be):
         out, stats = attention(
-            q, k, v, kv_registers=(rk, rv), sinks=sinks, attn_mask=mask, key_mask=key_mask,
+            q, k, v, kv_registers=None if rk is None else (rk, rv), sinks=sinks, attn_mask=mask, key_mask=key_mask,
             num_prefix_tokens=2, return_stats=True, backend=be,
         )  # fmt: skip
         grads = torch.autograd.grad(out, wrt, dout)
         return [out, *stats, *grads]
 
-    names = ["out", *AttentionStats._fields, "dq", "dk", "dv", "drk", "drv", "dsinks"]
+    names = ["out", *AttentionStats._fields, "dq", "dk", "dv", *(["drk", "drv"] if rk is not None else []), "dsinks"]
     for name, got, ref in zip(names, run(backend), run("reference"), strict=True):
         assert_close(name, got, ref, atol=1e-4)
 

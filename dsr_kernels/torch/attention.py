@@ -308,8 +308,10 @@ def attention_varlen_torch(call: AttentionCall) -> tuple[Tensor, AttentionStats]
 
 
 def _sink_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
-    """d sinks_h = -sum_{b,i} p_sink,bhi * delta_bhi, with p_sink = exp(sinks - lse)."""
-    p_sink = torch.exp(sinks.to(delta.dtype)[None, :, None] - lse.to(delta.dtype))
+    """d sinks_h = -sum_{b,i} p_sink,bhi * delta_bhi, with p_sink = exp(sinks - lse), 0 in a
+    row that attends nothing (lse = -inf: every key hidden and the sink -inf)."""
+    lse = lse.to(delta.dtype)
+    p_sink = torch.exp(sinks.to(delta.dtype)[None, :, None] - lse).masked_fill(lse == float("-inf"), 0.0)
     return -(p_sink * delta).sum((0, 2))
 
 

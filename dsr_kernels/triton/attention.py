@@ -462,7 +462,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + stat_offs, delta, mask=rows < NQ)
     if HAS_SINKS:
         lse = tl.load(LSE + stat_offs, mask=rows < NQ, other=float("inf"))
-        p_sink = tl.exp(tl.load(SINKS + h64).to(tl.float32) - lse)
+        # a row that attends nothing (lse = -inf: every key hidden, sink -inf) gives the sink nothing
+        p_sink = tl.where(lse == float("-inf"), 0.0, tl.exp(tl.load(SINKS + h64).to(tl.float32) - lse))
         tl.store(DSINK_PARTIAL + bh.to(tl.int64) * tl.num_programs(0) + pid_m, -tl.sum(p_sink * delta, 0))
 
 
