@@ -156,7 +156,7 @@ def attention_calls(draw):
         for name, ndim in (("q", 4), ("k", 4), ("v", 4), ("rk", 4), ("rv", 4), ("sinks", 1), ("key_mask", 2),
                            ("attn_mask", 4), ("dout", 4))
     }  # fmt: skip
-    operands = ["q", "k", "v", "sinks", "attn_mask"] + (["rk", "rv"] if R else [])
+    operands = ["q", "k", "v", "sinks", "attn_mask", "dout"] + (["rk", "rv"] if R else [])
     target = draw(st.sampled_from([None, None, None] + operands))
     if target == "attn_mask" and call["attn_mask"] != "float":
         target = None
@@ -245,7 +245,8 @@ def test_attention_layouts_and_values(c):
     ref = _run_attention(c, ops, "reference", torch.float64)
     eager = _run_attention(c, ops, "eager", dtype)
     special = c["special"]
-    loose = special is not None and special[0] in ("v", "rv") and math.isinf(special[2])
+    # (an inf in the values or the incoming gradient: inf or NaN by the order of the sums)
+    loose = special is not None and special[0] in ("v", "rv", "dout") and math.isinf(special[2])
     hides_keys = c["key_mask"] or c["causal"] or c["attn_mask"] == "bool"
     extra_nan = special is not None and special[0] == "v" and hides_keys
     reduction = max(c["Nq"], c["Nk"] + c["R"], c["D"])
@@ -267,15 +268,25 @@ def varlen_calls(draw):
     same = draw(st.booleans())
     lengths_k = lengths_q if same else draw(st.lists(st.integers(0, 12), min_size=S, max_size=S))
     D = draw(st.sampled_from([1, 8, 16, 24]))
-    target = draw(st.sampled_from([None, None, "q", "k", "v"]))
+    sinks = draw(st.booleans())
+    target = draw(
+        st.sampled_from(
+            [None, None, "q", "k", "v", "dout"] + (["rk", "rv"] if R else []) + (["sinks"] if sinks else [])
+        )
+    )
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
     return dict(
-        dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+        dtype=dtype,
         S=S, H=Hk * G, Hk=Hk, D=D, Dv=draw(st.sampled_from([D, 5])), R=R,
         lengths_q=lengths_q, lengths_k=lengths_k,
-        per_sequence=R > 0 and draw(st.booleans()), sinks=draw(st.booleans()),
-        causal=draw(st.booleans()), prefix=draw(st.integers(0, 16)),
+        per_sequence=R > 0 and draw(st.booleans()), sinks=sinks,
+        # also through flash_attn_varlen_func (which has no prefix tokens: prefix 0 then)
+        dropin=(dropin := draw(st.booleans())),
+        causal=draw(st.booleans()), prefix=0 if dropin else draw(st.integers(0, 16)),
         extra_max_k=draw(st.sampled_from([0, 0, 3])),  # a generous max_seqlen_k (flash-attn's callers pass one)
-        layouts={n: draw(layouts(3)) for n in ("q", "k", "v", "dout")},
+        logit_scale=draw(st.sampled_from([1.0, 1.0, 2.0] + ([4.0] if dtype == torch.float32 else []))),
+        layouts={n: draw(layouts(nd)) for n, nd in (("q", 3), ("k", 3), ("v", 3), ("dout", 3), ("rk", 4), ("rv", 4),
+                                                    ("sinks", 1))},  # fmt: skip
         special=None if target is None else (
             target, draw(st.sampled_from(["element", "row", "column"])), draw(st.sampled_from(SPECIALS)),
             tuple(draw(st.lists(st.integers(0, 99), min_size=3, max_size=3))),
@@ -328,6 +339,12 @@ def _run_varlen(c: dict, ops: dict, backend: str, dtype: torch.dtype):
             views["q"], views["k"], views["v"], cu_q, cu_k, regs, sinks, c["causal"], c["prefix"], max_k,
             torch.float64 if backend == "reference" else dtype,
         )  # fmt: skip
+    elif backend == "flash_attn_varlen_func":  # the drop-in, on "auto"
+        out, stats = dsr_kernels.flash_attn_varlen_func(
+            views["q"], views["k"], views["v"], torch.tensor(cu_q, dtype=torch.int32),
+            torch.tensor(cu_k, dtype=torch.int32), max(c["lengths_q"]), max_k, causal=c["causal"],
+            kv_registers=regs, sinks=sinks, return_stats=True,
+        )  # fmt: skip
     else:
         out, stats = dsr_kernels.attention_varlen(
             views["q"], views["k"], views["v"], torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k),
@@ -351,19 +368,26 @@ def test_attention_varlen_layouts_and_values(c):
     if R:
         shapes["rk"], shapes["rv"] = ((S, H, R, D), (S, H, R, Dv)) if c["per_sequence"] else ((H, R, D), (H, R, Dv))
     vals = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    for n in ("q", "rk"):
+        if n in vals:
+            vals[n] = vals[n] * c["logit_scale"]
     if c["special"] is not None and vals[c["special"][0]].numel():
         target, where, value, index = c["special"]
         vals[target] = plant(vals[target], where, value, index)
-    lays = {n: c["layouts"].get(n, Layout()) for n in vals}
+    lays = {n: c["layouts"][n] for n in vals}
+    for n in ("rk", "rv"):  # [H, R, D] when shared by the sequences
+        if n in vals and vals[n].dim() == 3:
+            lays[n] = Layout(lays[n].kind, min(lays[n].dim, 2))
     ops = {n: (lays[n], lays[n].values(x)) for n, x in vals.items()}
     ref = _run_varlen(c, ops, "reference", torch.float64)
     eager = _run_varlen(c, ops, "eager", dtype)
     special = c["special"]
-    loose = special is not None and special[0] == "v" and math.isinf(special[2])
+    # (an inf in the values or the incoming gradient: inf or NaN by the order of the sums)
+    loose = special is not None and special[0] in ("v", "rv", "dout") and math.isinf(special[2])
     extra_nan = special is not None and special[0] == "v" and c["causal"]
     reduction = max(max(c["lengths_q"] + [1]), max(c["lengths_k"] + [1]) + R, D)
     terms = _grad_terms(D**-0.5, Dv, ops)
-    for backend in _backends("attention", dtype):
+    for backend in _backends("attention", dtype) + (["flash_attn_varlen_func"] if c["dropin"] else []):
         got = _run_varlen(c, ops, backend, dtype)
         _compare_attention(f"{backend} {c}", got, ref, eager, dtype, reduction, loose, extra_nan, terms)
 
@@ -384,8 +408,7 @@ def sdpa_calls(draw):
         scale=draw(st.sampled_from([None, 0.5, 2.0])),
         layouts={n: draw(layouts(4)) for n in ("query", "key", "value", "attn_mask", "dout")},
         special=None if target is None else (
-            target, draw(st.sampled_from(["element", "row", "column"])),
-            draw(st.sampled_from([float("nan"), float("inf")])),
+            target, draw(st.sampled_from(["element", "row", "column"])), draw(st.sampled_from(SPECIALS)),
             tuple(draw(st.lists(st.integers(0, 99), min_size=4, max_size=4))),
         ),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -497,6 +520,65 @@ def test_flash_attn_func_layouts_and_values(c, causal):
                  loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms)  # fmt: skip
 
 
+@given(c=sdpa_calls(), packing=st.sampled_from(["kv", "qkv"]), causal=st.booleans(), layout=layouts(5))
+def test_flash_attn_packed_layouts_and_values(c, packing, causal, layout):
+    """flash_attn_kvpacked_func ([B, Sk, 2, H, E]) and flash_attn_qkvpacked_func ([B, N, 3, H, E]),
+    the packed tensor in every layout, against the definition on the same views (auto backend)."""
+    from dsr_kernels import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+    dtype, B, H, L, E = (c[n] for n in ("dtype", "B", "H", "L", "E"))
+    Sk = L if packing == "qkv" else c["S"]
+    g = torch.Generator().manual_seed(c["seed"])
+    n_packed = 3 if packing == "qkv" else 2
+    vals = {
+        "query": torch.randn(B, L, H, E, generator=g, dtype=torch.float64),
+        "packed": torch.randn(B, Sk, n_packed, H, E, generator=g, dtype=torch.float64),
+        "dout": torch.randn(B, L, H, E, generator=g, dtype=torch.float64),
+    }
+    special = c["special"] if c["special"] is not None and c["special"][0] != "attn_mask" else None
+    if special is not None:  # into q, k or v, wherever it is packed
+        target, where, value, index = special
+        part = {"query": 0, "key": n_packed - 2, "value": n_packed - 1}[target]
+        if target == "query" and packing == "kv":
+            vals["query"] = plant(vals["query"], where, value, index)
+        else:
+            vals["packed"][:, :, part] = plant(vals["packed"][:, :, part], where, value, index)
+    lays = {"query": c["layouts"]["query"], "packed": layout, "dout": c["layouts"]["dout"]}
+    ops = {n: (lays[n], lays[n].values(x)) for n, x in vals.items()}
+
+    def run(backend, cdtype):
+        bases, views = {}, {}
+        for n, (lay, x) in ops.items():
+            bases[n] = lay.base(x.to(cdtype)).requires_grad_(n != "dout")
+            views[n] = lay.build(bases[n], x.shape)
+        parts = views["packed"].unbind(2)
+        q, k, v = parts if packing == "qkv" else (views["query"], *parts)
+        if backend in ("reference", "eager"):
+            out, _ = attention_ref(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal_offset=Sk - L if causal else None,
+                scale=c["scale"], compute_dtype=torch.float64 if backend == "reference" else cdtype,
+            )  # fmt: skip
+            out = out.transpose(1, 2)
+        elif packing == "qkv":
+            out = flash_attn_qkvpacked_func(views["packed"], softmax_scale=c["scale"], causal=causal)
+        else:
+            out = flash_attn_kvpacked_func(views["query"], views["packed"], softmax_scale=c["scale"], causal=causal)
+        out.backward(views["dout"])
+        return out, {n: bases[n].grad for n in (["packed"] if packing == "qkv" else ["query", "packed"])}
+
+    ref, eager, got = run("reference", torch.float64), run("eager", dtype), run("auto", dtype)
+    loose = special is not None and special[0] == "value" and math.isinf(special[2])
+    extra_nan = special is not None and special[0] == "value" and causal
+    parts = vals["packed"].unbind(2)
+    terms = (c["scale"] or E**-0.5) * E * _finite_max(vals["dout"]) * _finite_max(parts[-1])
+    terms *= _finite_max(vals["query"], *parts[:-1])
+    where = f"{c} {packing} causal={causal} {layout}"
+    _compare(f"out ({where})", got[0], ref[0], eager[0], dtype, reduction=max(L, Sk, E), loose=loose)
+    for n in ref[1]:
+        _compare(f"d{n} ({where})", got[1][n], ref[1][n], eager[1][n], dtype, reduction=max(L, Sk, E),
+                 loose=loose and not extra_nan, extra_nan=extra_nan, terms=terms)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- norm_modulate
 
 
@@ -529,6 +611,7 @@ def test_norm_modulate_layouts_and_values(c):
     if c["special"] is not None:
         target, where, value, index = c["special"]
         vals[target] = plant(vals[target], where, value, index)
+    vals = {n: v.to(dtype).double() for n, v in vals.items()}  # every run (the reference too) sees the same inputs
     lays = {n: Layout(c["layouts"][n].kind, min(c["layouts"][n].dim, len(s) - 1)) for n, s in shapes.items()}
     ops = {n: (lays[n], lays[n].values(x)) for n, x in vals.items()}
 
@@ -610,6 +693,7 @@ def test_ttr_activation_layouts_and_values(c):
         where, value, index = c["special"]
         h = plant(h, where, value, index)
     dout = torch.randn(shape, generator=g, dtype=torch.float64)
+    h, dout = h.to(dtype).double(), dout.to(dtype).double()  # every run (the reference too) sees the same inputs
     lay, dlay = c["layout"], c["dout_layout"]
     h, dout = lay.values(h), dlay.values(dout)
     neurons = torch.tensor(c["neurons"], dtype=torch.long)
@@ -623,7 +707,9 @@ def test_ttr_activation_layouts_and_values(c):
             out = ttr_activation_ref(x, neurons, compute_dtype=cd, **kw)
         else:
             out = dsr_kernels.ttr_activation(x, neurons, backend=backend, **kw)
-        out.backward(dlay.build(dlay.base(dout.to(out.dtype)), shape))
+        grad = dlay.build(dlay.base(dout.to(out.dtype)), shape)
+        # (eager's GELU backward, on oneDNN, cannot take overlapping rows: its baseline gets a copy)
+        out.backward(grad.contiguous() if backend == "eager" else grad)
         return out, base.grad
 
     ref, eager = run("reference", torch.float64), run("eager", dtype)

@@ -97,12 +97,16 @@ def _load_qk(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, COS
     x = _load_tile(BASE, rows, n_rows, stride_row, offs_d, HEAD_DIM, ALIGNED)
     if ROPE != 0 and not IS_REGISTER:
         if ROPE == 1:
+            # the partner of column 2i is 2i + 1 and back: the pairs of the tile just loaded,
+            # swapped in registers (a column block starts on an even column, so no pair
+            # straddles two blocks) instead of a second, gathered (scalar) load
             first = (offs_d % 2) == 0
-            partner = offs_d ^ 1
+            even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+            xp = tl.reshape(tl.join(odd, even), [x.shape[0], x.shape[1]])
         else:
-            first = offs_d < HEAD_DIM // 2
+            first = offs_d < HEAD_DIM // 2  # (this gather compiles to vector loads: two shifted ranges)
             partner = tl.where(first, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
-        xp = _load_tile(BASE, rows, n_rows, stride_row, partner, HEAD_DIM, ALIGNED)
+            xp = _load_tile(BASE, rows, n_rows, stride_row, partner, HEAD_DIM, ALIGNED)
         in_tab = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
         tab = rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
         c = tl.load(COS + tab, mask=in_tab, other=1.0)
