@@ -339,3 +339,26 @@ def test_device_neurons_are_read_back_once_per_version():
     assert check_neurons("f", n, 8).tolist() == [1, 4]
     with pytest.raises(NotImplementedError):
         check_neurons("f", n, 9)  # another width: checked again, which means reading the tensor back
+
+
+@requires_extension
+def test_register_neuron_gelu_hands_the_op_a_host_copy(monkeypatch):
+    """RegisterNeuronGELU gives the fused op a CPU copy of its neurons (on a GPU: no read-back
+    per forward, compiled or not), taken again after an in-place change."""
+    from dsr_kernels.models import vit
+
+    act = vit.RegisterNeuronGELU(backend="cpu")
+    act.neurons, act.settings, act.num_prefix_tokens = torch.tensor([3, 9]), vit.TestTimeRegisterSettings(), 1
+    seen = []
+    op = vit.ttr_activation_op
+    monkeypatch.setattr(vit, "ttr_activation_op", lambda h, n, **kw: seen.append(n) or op(h, n, **kw))
+    h = torch.randn(2, 6, 16)
+    kw = dict(num_prefix_tokens=1, patch_values="zero", register_value="signed_max")
+    torch.testing.assert_close(act(h), ttr_activation_ref(h, torch.tensor([3, 9]), **kw))
+    act.neurons[0] = 5  # in place: the copy follows
+    torch.testing.assert_close(act(h), ttr_activation_ref(h, torch.tensor([5, 9]), **kw))
+    act.neurons = torch.tensor([1])
+    torch.testing.assert_close(act(h), ttr_activation_ref(h, torch.tensor([1]), **kw))
+    assert all(n.device.type == "cpu" for n in seen) and seen[-1].tolist() == [1]
+    compiled = torch.compile(act, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(h), act(h))

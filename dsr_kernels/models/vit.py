@@ -76,14 +76,39 @@ class RegisterNeuronGELU(nn.Module):
     timm's ``mlp.act``: where the released test-time register code hooks. ``neurons`` [K]
     (a non-persistent buffer, None when this layer has none) and ``settings`` are set by
     :func:`dsr_kernels.registers.apply_test_time_registers`.
+
+    A host copy of ``neurons`` is taken when they are assigned (and again after an in-place
+    change, outside torch.compile): the fused op checks that copy (range, duplicates) and
+    sends it to the device asynchronously, so a forward on a GPU never waits for the device
+    to read the neurons back, compiled or not. Under torch.compile, assign new neurons
+    rather than editing them in place.
     """
 
     def __init__(self, approximate: str = "none", *, backend: str = "auto") -> None:
         super().__init__()
         self.approximate, self.backend = approximate, backend
-        self.register_buffer("neurons", None, persistent=False)
+        self.register_buffer("_neurons", None, persistent=False)
+        self._neurons_host: tuple[int, Tensor] | None = None  # (the buffer's version, its [K] int64 CPU copy)
         self.settings: TestTimeRegisterSettings | None = None
         self.num_prefix_tokens = 0  # rows left alone: the encoder's prefix tokens (or 1, released indexing)
+
+    @property
+    def neurons(self) -> Tensor | None:
+        """[K] int64 register neurons on the module's device, or None."""
+        return self._neurons
+
+    @neurons.setter
+    def neurons(self, value: Tensor | None) -> None:
+        self._neurons = value
+        self._neurons_host = None if value is None else (value._version, value.detach().to("cpu", torch.long))
+
+    def _host_neurons(self) -> Tensor:
+        """The host copy of ``neurons``, taken again (one read-back) when they changed in place."""
+        version, host = self._neurons_host
+        if not torch.compiler.is_compiling() and version != self._neurons._version:
+            self.neurons = self._neurons
+            host = self._neurons_host[1]
+        return host
 
     def forward(self, h: Tensor) -> Tensor:
         """h [B, T, F] (fc1 output) -> [B, T, F]."""
@@ -99,11 +124,9 @@ class RegisterNeuronGELU(nn.Module):
         )
         if self.backend == "eager":
             return ttr_activation_ref(h, self.neurons, compute_dtype=h.dtype, **kw)
-        neurons = self.neurons
+        neurons = self._host_neurons()  # (the op checks it and copies it to h's device without a sync)
         if not torch.compiler.is_compiling():
-            # The validated host copy (read back once per buffer, then cached on it): the
-            # compiled op then checks and copies it without waiting for the device.
-            neurons = check_neurons("RegisterNeuronGELU", neurons, h.shape[2])
+            neurons = check_neurons("RegisterNeuronGELU", neurons, h.shape[2])  # the Python error types
         return ttr_activation_op(h, neurons, backend=resolve("ttr_activation", self.backend, h), **kw)
 
     def extra_repr(self) -> str:
