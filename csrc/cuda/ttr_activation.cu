@@ -38,14 +38,19 @@
 namespace dsr_kernels {
 namespace {
 
-// Shared memory for "mean"'s cached patch keys (static, so at most 48 KiB): up to 8192
-// float / 4096 double patches; more patches recompute the activations on each pass. The
-// kernel is compiled for caches of 2, 8 and 32 KiB, and a launch takes the smallest that
-// holds its patches, so a short sequence does not reserve what it does not use (blocks
-// per SM are bounded by 228 KiB / the cache).
+// Shared memory for "mean"'s cached patch keys: dynamic, exactly P keys (P * 4 bytes for
+// float, P * 8 for double), so a launch reserves what it uses and no more (blocks per SM
+// are bounded by 228 KiB / the cache); up to 32 KiB (8192 float / 4096 double patches,
+// under the 48 KiB a launch may take without opting in); more patches recompute the
+// activations on each pass.
 constexpr int kMeanCacheBytes = 32 * 1024;
-constexpr int kMeanCacheSizes[] = {2 * 1024, 8 * 1024, kMeanCacheBytes};
 constexpr int kMaxThreads = 256;
+
+// The block's dynamic shared memory, as bytes (tools/cuda_emu defines its own: a buffer of
+// exactly the launch's size, so that its sanitizers see a read past it).
+#ifndef DSR_DYNAMIC_SHARED
+#define DSR_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 // Stage 2: vectors per block (whole rows; one row when a row has more).
 constexpr int64_t kTileVectors = 1024;
 
@@ -185,9 +190,10 @@ struct ColumnParams {
   bool same;      // patch_values "same" (kPatch 0 only): threshold +inf
 };
 
-// kPatch: 0 zero / same (or no patches), 1 only_outliers, 2 mean with the patch keys in
-// kCacheBytes of shared memory, 3 mean recomputing the activations on each pass. 1-3 need P > 0.
-template <typename scalar_t, int kPatch, int kCacheBytes = 0>
+// kPatch: 0 zero / same (or no patches), 1 only_outliers, 2 mean with the P patch keys in
+// the launch's dynamic shared memory (P * sizeof(U) bytes), 3 mean recomputing the
+// activations on each pass. 1-3 need P > 0.
+template <typename scalar_t, int kPatch>
 __global__ void ttr_column_values_kernel(ColumnParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   using Key = OrderedKey<acc_t>;
@@ -209,9 +215,8 @@ __global__ void ttr_column_values_kernel(ColumnParams<scalar_t> p) {
 
   U* cache = nullptr;
   if constexpr (kPatch == 2) {
-    static_assert(kCacheBytes >= static_cast<int>(sizeof(U)), "kPatch 2 needs a cache");
-    __shared__ U keys[kCacheBytes / sizeof(U)];
-    cache = keys;
+    DSR_DYNAMIC_SHARED(dsr_mean_keys);
+    cache = reinterpret_cast<U*>(dsr_mean_keys);
   }
 
   acc_t hi = -inf, lo = inf;
@@ -449,12 +454,8 @@ void ttr_column_values_cuda(const TtrActivationArgs& a, TtrColumnValues& values)
       ttr_column_values_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(p);
     } else if (a.patch_values == PatchValues::Mean && P > 0) {
       const int64_t bytes = P * static_cast<int64_t>(sizeof(U));
-      if (bytes <= kMeanCacheSizes[0]) {
-        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[0]><<<grid, threads, 0, stream>>>(p);
-      } else if (bytes <= kMeanCacheSizes[1]) {
-        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[1]><<<grid, threads, 0, stream>>>(p);
-      } else if (bytes <= kMeanCacheSizes[2]) {
-        ttr_column_values_kernel<scalar_t, 2, kMeanCacheSizes[2]><<<grid, threads, 0, stream>>>(p);
+      if (bytes <= kMeanCacheBytes) {
+        ttr_column_values_kernel<scalar_t, 2><<<grid, threads, static_cast<size_t>(bytes), stream>>>(p);
       } else {
         ttr_column_values_kernel<scalar_t, 3><<<grid, threads, 0, stream>>>(p);
       }
