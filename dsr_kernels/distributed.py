@@ -273,10 +273,23 @@ _FIELDS = {
     "stats": "return_stats",
     "grad": "whether gradients are recorded (grad mode and an input that requires grad)",
     "backend": "the backend",
+    "values": "the values of kv_registers and sinks (a checksum: parameters, the same on every rank)",
     "Nq": None,
     "Nk": None,
 }
 _DEVICES = ("cpu", "cuda")
+
+
+def _values_checksum(opts: _Options, device: torch.device) -> Tensor:
+    """A float64 0-d tensor on ``device`` that differs between ranks whose kv_registers or sinks
+    differ (position-weighted sums; NaN and inf as large finite stand-ins), without a sync."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, t in enumerate(t for t in (*(opts.kv_registers or ()), opts.sinks) if t is not None):
+        x = t.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        x = x.nan_to_num(nan=7.0e299, posinf=3.0e299, neginf=-5.0e299)
+        weights = (torch.arange(x.numel(), device=device, dtype=torch.float64) % 13 + 1) * (i + 1)
+        total = total + (x * weights).sum()
+    return total
 
 
 def _local_meta(fn: str, q, k, v, opts: _Options, backend_names: tuple[str, ...]) -> dict:
@@ -342,7 +355,8 @@ def _local_meta(fn: str, q, k, v, opts: _Options, backend_names: tuple[str, ...]
         sinks=int(opts.sinks is not None), key_mask=int(opts.key_mask is not None), rope=int(opts.rope is not None),
         rope_style=int(RopeStyle.parse(opts.rope_style)), causal=int(bool(opts.causal)), balanced=int(opts.balanced),
         prefix=opts.num_prefix_tokens, scale=scale, stats=int(bool(opts.return_stats)),
-        grad=int(_records_grad(q, k, v, opts)), backend=names("attention").index(backend), Nq=Nq, Nk=Nk,
+        grad=int(_records_grad(q, k, v, opts)), backend=names("attention").index(backend),
+        values=_values_checksum(opts, q.device), Nq=Nq, Nk=Nk,
     )  # fmt: skip
 
 
@@ -358,8 +372,13 @@ def _agree(fn: str, group, q, k, v, opts: _Options, backend_names: tuple[str, ..
     except (TypeError, ValueError, RuntimeError) as e:  # (BackendUnavailable is a RuntimeError)
         error, meta = f"{type(e).__name__}: {e}", {name: 0 for name in _FIELDS}
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    table = _all_gather_ints(torch.tensor([float(meta[f]) for f in _FIELDS], dtype=torch.float64), group, device)
-    rows = [dict(zip(_FIELDS, row.tolist(), strict=True)) for row in table]
+    vector = torch.tensor([float(meta[f]) for f in _FIELDS if f != "values"], dtype=torch.float64)
+    # (the checksum stays on the device: one transfer, no sync before the all_gather)
+    values = meta["values"] if isinstance(meta["values"], Tensor) else torch.zeros((), dtype=torch.float64)
+    vector = torch.cat([vector.to(values.device), values.reshape(1)])
+    order = [f for f in _FIELDS if f != "values"] + ["values"]
+    table = _all_gather_ints(vector, group, device)
+    rows = [dict(zip(order, row.tolist(), strict=True)) for row in table]
     if not all(row["ok"] for row in rows):
         messages = [None] * len(rows)
         dist.all_gather_object(messages, error, group=group)
@@ -396,7 +415,7 @@ def _show(field: str, value: float) -> str:
     if field == "registers":
         return ("none", "shared", "per sample")[int(value)]
     if field == "rope_style":
-        return repr(ROPE_STYLES[int(value)])
+        return repr(RopeStyle(int(value)).label)
     if field in ("sinks", "key_mask", "rope", "causal", "balanced", "stats", "grad"):
         return str(bool(value))
     return f"{value:g}"

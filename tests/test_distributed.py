@@ -236,6 +236,18 @@ def _bad_inputs(rank: int, world: int) -> dict:
         "one-rank-bad-key-mask": (ring_attention, dict(mine, key_mask=torch.ones(2, 5 + rank, dtype=torch.bool))),
         "reference-backend-in-a-ring": (ring_attention, dict(mine, backend="reference")),
         "unshard-shapes-differ": (unshard_sequence, dict(x=torch.zeros(2, 3 + rank, 4 + rank), dim=2)),
+        # parameters that are not the same on every rank (a seed per rank): silently wrong otherwise
+        "sinks-differ": (ring_attention, dict(mine, sinks=torch.full((4,), 0.5 + rank))),
+        "registers-differ": (
+            ulysses_attention,
+            dict(
+                mine, kv_registers=(torch.ones(4, 2, 8), torch.ones(4, 2, 8).index_fill(1, torch.tensor([rank]), 2.0))
+            ),
+        ),
+        "rope-style-differs": (
+            ring_attention,
+            dict(mine, rope=(torch.ones(5, 8), torch.zeros(5, 8)), rope_style=("interleaved", "half")[rank % 2]),
+        ),
     }
 
 
@@ -248,6 +260,9 @@ BAD_WORDS = {
     "one-rank-bad-key-mask": ["rank 1", "key_mask"],
     "reference-backend-in-a-ring": ["'reference'", "backend"],
     "unshard-shapes-differ": ["rank 0 [2, 3, -1", "rank 1 [2, 4, -1"],
+    "sinks-differ": ["values of kv_registers and sinks", "rank 0", "rank 1"],
+    "registers-differ": ["values of kv_registers and sinks", "rank 0", "rank 1"],
+    "rope-style-differs": ["rope_style", "rank 0 'interleaved'", "rank 1 'half'"],
 }
 
 
