@@ -1015,3 +1015,21 @@ def test_cpu_statistics_memory_does_not_grow_as_n_squared():
     without = _peak_rss_growth_mib(lambda: attention(q, k, v, backend="cpu"))
     with_stats = _peak_rss_growth_mib(lambda: attention(q, k, v, return_stats=True, backend="cpu"))
     assert with_stats - without < 16, f"statistics took {with_stats - without:.1f} MiB more at N = 24,000"
+
+
+@pytest.mark.parametrize("backend", ["torch", CPU])
+def test_a_last_dim_of_one_takes_any_stride(backend):
+    """Head dim 1 sliced from a wider tensor (last stride 2, as a step slice gives it), in the
+    operands and in the incoming gradient: a size-1 dim's stride means nothing."""
+    g = torch.Generator().manual_seed(5)
+    wide = [torch.randn(1, 2, 5, 2, generator=g) for _ in range(4)]
+    dout = wide[3][..., ::2]
+    grads = {}
+    for be in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in wide[:3]]
+        views = [t[..., ::2] for t in leaves]
+        assert views[0].stride(-1) == 2 and dout.stride(-1) == 2
+        out = attention(*views, backend=be)
+        grads[be] = (out, *torch.autograd.grad(out, leaves, dout))
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), grads[backend], grads["reference"], strict=True):
+        assert_close(name, got, ref, atol=1e-5)

@@ -155,8 +155,8 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim_lo, int64_t di
   TORCH_CHECK(t.scalar_type() == at::kFloat, "attention (cpu): ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= dim_lo && t.dim() <= dim_hi, "attention (cpu): ", name, " has ", t.dim(),
               " dims, expected ", dim_lo == dim_hi ? std::to_string(dim_lo) : "3 or 4");
-  TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, "attention (cpu): ", name,
-              " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) == 1 || t.stride(-1) == 1, "attention (cpu): ", name,
+              " must have a contiguous last dim, got strides ", t.strides());  // (a last dim of 1: any stride)
   // Rows are handed to BLAS with their stride as the leading dimension: it must not be
   // below the row length (an expanded stride 0 or the overlapping rows of unfold).
   TORCH_CHECK(t.numel() == 0 || t.size(-2) <= 1 || t.stride(-2) >= t.size(-1), "attention (cpu): ", name,
