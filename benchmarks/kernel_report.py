@@ -837,8 +837,8 @@ def stale(new: Path, committed: Path, cases: set[str] | None = None) -> list[str
     out = [f"{c} {k}: in {committed}/report.csv, not made by this run" for c, k in want.keys() - got.keys()]
     out += [f"{c} {k}: made by this run, not in {committed}/report.csv" for c, k in got.keys() - want.keys()]
     for key in sorted(got.keys() & want.keys()):
-        old, new = want[key], got[key]
-        diff = [f"{col} {old[col]} -> {new.get(col)}" for col in old if old[col] != new.get(col)]
+        before, after = want[key], got[key]
+        diff = [f"{col} {before[col]} -> {after.get(col)}" for col in before if before[col] != after.get(col)]
         if diff:
             out.append(f"{key[0]} {key[1]}: differs from {committed}/report.csv ({'; '.join(diff[:6])})")
     if out:
