@@ -22,39 +22,20 @@ processor, versions, commit, date). Timings on a shared machine are noisy: read 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import json
 from pathlib import Path
 
-import torch
+from training_step import parse_args, print_rows, setup, timing_rows
 
-from dsr_kernels.benchmark.common import environment, overhead_fields, time_interleaved, timing_fields
-from dsr_kernels.diffusion import FlowMatching
-from dsr_kernels.models import create_model
+from dsr_kernels.benchmark.common import environment, time_interleaved
 from dsr_kernels.outliers import collect, record_training_statistics
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    config = dict(
-        input_size=16, in_channels=4, depth=args.depth, num_classes=10, learn_sigma=False,
-        num_registers=4, register_start=1,
-    )  # fmt: skip
-    model = create_model("DiT-S/2", **config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective = FlowMatching()
-    x = torch.randn(args.batch, 4, 16, 16, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    args = parse_args(__doc__, str(Path(__file__).parent / "results"))
+    device, _, model, optimizer, objective, x, y = case = setup(args)
     layers: dict[str, int] = {}
 
     def step(recorder):
@@ -77,13 +58,7 @@ def main() -> None:
     }
     timing = time_interleaved(fns, device, budget_s=args.budget, min_reps=10, max_reps=400)
 
-    rows = []
-    for name in fns:
-        row = {"provider": name, "model": "DiT-S/2", **config, "batch": args.batch, "tokens": 64}
-        row.update(timing_fields(timing, name))
-        if name != "step":
-            row.update(overhead_fields(timing.times[name], timing.times["step"], "overhead"))
-        rows.append(row)
+    rows = timing_rows(timing, fns, case, args.batch)
     env = environment(device)
     result = {
         "environment": env,
@@ -109,9 +84,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         writer.writeheader()
         writer.writerows(flat)
-    for r in rows:
-        extra = f"  overhead {r['overhead_pct']:+.1f}%" if "overhead_pct" in r else ""
-        print(f"{r['provider']:24s} {r['median_ms']:8.2f} ms (p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f}){extra}")
+    print_rows(rows, 24)
     print(f"-> {stem}.json, .csv")
 
 

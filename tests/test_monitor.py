@@ -56,19 +56,6 @@ class FailingWriter(FakeWriter):
         raise RuntimeError("disk full")
 
 
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """The figures Monitor.plot saves, to look at their axes."""
-    import matplotlib.figure
-
-    figures = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(
-        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k)
-    )
-    return figures
-
-
 def _run(monitor, model, steps, x):
     for step in range(steps):
         with monitor.step(step):

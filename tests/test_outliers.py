@@ -155,19 +155,6 @@ def _patched_timm_vit():
     return model, torch.randn(1, 3, 32, 32)
 
 
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """The figures OutlierReport.plot saves, to look at their panels."""
-    import matplotlib.figure
-
-    figures = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(
-        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k)
-    )
-    return figures
-
-
 NORM_COLUMNS = ("tokens", "norm_max", "norm_median", "norm_p99", "outlier_count", "outlier_fraction")
 
 

@@ -203,10 +203,8 @@ class EncoderSection(Section):
         for r in rows:
             if r.get("latency_overhead_pct") is None or r["provider"] not in names:
                 continue
-            lines.append(
-                f"{r['shape']}, {names[r['provider']]}: {r['token_overhead_pct']:.2f}% more tokens; the latency "
-                f"they add on {report.where(env)}: {report.overhead_clause(r, 'latency_overhead')}."
-            )
+            what = f"{r['shape']}, {names[r['provider']]}: {r['token_overhead_pct']:.2f}% more tokens"
+            lines.append(report.latency_cost_line(what, r, env))
         for r in rows:
             if r.get("hooks_vs_fused_pct") is not None:
                 clause = report.overhead_clause(r, "hooks_vs_fused")

@@ -157,10 +157,8 @@ class ModelsSection(Section):
             R = 36 if 36 in Rs else max(Rs)
             fused = next((r for r in sel if r["provider"] == "fused" and r["R"] == R), None)
             if fused and fused.get("latency_overhead_pct") is not None:
-                lines.append(
-                    f"{name} {mode}, fused: {R} registers add {fused['flop_overhead_pct']:.1f}% FLOPs; the latency "
-                    f"they add on {report.where(env)}: {report.overhead_clause(fused, 'latency_overhead')}."
-                )
+                what = f"{name} {mode}, fused: {R} registers add {fused['flop_overhead_pct']:.1f}% FLOPs"
+                lines.append(report.latency_cost_line(what, fused, env))
             if fused and fused.get("speedup") is not None:
                 sentence = report.faster_sentence("the fused model", fused, "the eager model")
                 lines.append(f"{name} {mode}, R={R}: {sentence}.")

@@ -235,10 +235,8 @@ class ScalingSection(Section):
                 continue
             R = 64 if 64 in Rs else max(Rs)
             row = sel[R]
-            lines.append(
-                f"scaling {name}, batch 1 fwd: {R} registers add {row['flop_overhead_pct']:.1f}% FLOPs; the latency "
-                f"they add on {report.where(env)}: {report.overhead_clause(row, 'latency_overhead')}."
-            )
+            what = f"scaling {name}, batch 1 fwd: {R} registers add {row['flop_overhead_pct']:.1f}% FLOPs"
+            lines.append(report.latency_cost_line(what, row, env))
         return lines
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:

@@ -240,10 +240,8 @@ class VideoSection(Section):
         for r in models:
             if r.get("latency_overhead_pct") is None:
                 continue
-            lines.append(
-                f"video {r['shape']}, {_variant(r)} registers add {r['flop_overhead_pct']:.2f}% FLOPs; the latency "
-                f"they add on {report.where(env)}: {report.overhead_clause(r, 'latency_overhead')}."
-            )
+            what = f"video {r['shape']}, {_variant(r)} registers add {r['flop_overhead_pct']:.2f}% FLOPs"
+            lines.append(report.latency_cost_line(what, r, env))
         return lines
 
     def plots(self, rows: list[dict], env: dict, folder: Path) -> list[Path]:
